@@ -1,0 +1,360 @@
+"""Data: COCO-format datasets, PennFudanPed, a synthetic "shapes" set, resize + flip, batching, samplers.
+
+Mask R-CNN (He et al. 2017, arXiv:1703.06870) Sec. 3.1: the shorter image side is resized to 800 px (Detectron caps
+the longer side at 1333). Rethinking ImageNet Pre-training (He, Girshick, Dollar 2019, arXiv:1811.08883) Sec. 4:
+horizontal flip is the only training augmentation. Sec. 5 adds scale jitter, the shorter side drawn from
+[640, 800] (5.1, enhanced baselines, Fig. 5) or [512, 800] (5.2, the 35k-image recipe).
+Resizing and normalization happen here, visible to the reader, not inside the model.
+
+Shapes: N images in a batch, G objects in an image, H0,W0 original image size, h,w resized size,
+        H,W padded batch size (multiples of 32), K classes including background (label 0).
+A target is {"boxes" (G,4) float32 xyxy in resized pixels, "labels" (G,) int64 in 1..K-1, "masks" (G,h,w) uint8,
+             "image_id" int, "orig_size" (H0, W0), "size" (h, w)}.
+"""
+import contextlib
+import glob
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools.coco import COCO
+
+IMAGE_MEAN = (0.485, 0.456, 0.406)  # RGB in [0, 1], the ImageNet statistics torchvision uses
+IMAGE_STD = (0.229, 0.224, 0.225)
+SHAPES_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 3, "name": "square"}, {"id": 7, "name": "triangle"})
+
+
+class DataError(ValueError):
+    """Bad input data. The message is one line naming the culprit (file, annotation id, image id)."""
+
+
+def _read_image(path, mode="RGB"):
+    """(H0, W0, 3) uint8 array for mode "RGB"; mode None keeps the stored values; PIL errors become DataError."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert(mode) if mode else image)
+    except FileNotFoundError:
+        raise DataError(f"missing image file {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for truncated or garbage files
+        raise DataError(f"unreadable or corrupt image {path}: {e}") from None
+
+
+def resized_size(h, w, min_size=800, max_size=1333):
+    """Mask R-CNN Sec. 3.1: shorter side -> min_size, unless the longer side would pass max_size (Detectron rule).
+    Sizes are rounded to the nearest pixel, as Detectron2 does (torchvision floors: 1066 instead of 1067 for 640 px)."""
+    scale = min(min_size / min(h, w), max_size / max(h, w))
+    return int(round(h * scale)), int(round(w * scale))
+
+
+def transform(image, boxes, masks, min_size=800, max_size=1333, flip=False):
+    """Resize (bilinear image, nearest masks), optionally flip horizontally, normalize.
+    image (3,H0,W0) float in [0,1], boxes (G,4) xyxy, masks (G,H0,W0) uint8 -> (3,h,w) normalized, (G,4), (G,h,w)."""
+    h0, w0 = image.shape[-2:]
+    h, w = resized_size(h0, w0, min_size, max_size)
+    image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]  # (3, h, w)
+    masks = F.interpolate(masks[None], size=(h, w), mode="nearest")[0] if len(masks) else masks.new_zeros((0, h, w))
+    boxes = boxes * torch.tensor([w / w0, h / h0, w / w0, h / h0])  # x by w'/w, y by h'/h
+    if flip:
+        image, masks = image.flip(-1), masks.flip(-1)
+        boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)  # x1' = w - x2
+    mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]  # (3, 1, 1)
+    return (image - mean) / std, boxes, masks
+
+
+class _CocoStyleDataset(torch.utils.data.Dataset):
+    """Ground truth held in a pycocotools COCO (so COCOeval works unchanged); shared by CocoDataset and PennFudan.
+
+    Categories map to contiguous labels 1..K-1 (0 = background): label i + 1 <-> original id cat_ids[i].
+    Training targets exclude crowd regions and boxes of zero or negative size; `self.coco` keeps every annotation.
+    An item is an int index or (index, aug_seed): all augmentation randomness (flip, scale jitter) comes from a
+    torch.Generator seeded with aug_seed, so it does not depend on worker count or process (exact resume).
+    """
+
+    def _setup(self, data, source, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed):
+        missing = [key for key in ("images", "annotations", "categories") if key not in data]
+        if missing:
+            raise DataError(f"{source}: missing key(s) {', '.join(missing)} (needs images, annotations, categories)")
+        if not os.path.isdir(image_dir):
+            raise DataError(f"image folder {image_dir} does not exist (for {source})")
+        self.cat_ids = sorted(c["id"] for c in data["categories"])
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        self.class_names = [names[c] for c in self.cat_ids]
+        self.num_classes = len(self.cat_ids) + 1  # + background
+        self._label = {cat_id: i + 1 for i, cat_id in enumerate(self.cat_ids)}
+        self._anns = {image["id"]: [] for image in data["images"]}  # training targets per image id
+        dropped = []
+        for ann in data["annotations"]:
+            culprit = f"{source}: annotation id {ann.get('id')}"
+            if ann.get("category_id") not in self._label:
+                raise DataError(f"{culprit} has unknown category_id {ann.get('category_id')}")
+            if ann.get("image_id") not in self._anns:
+                raise DataError(f"{culprit} refers to unknown image id {ann.get('image_id')}")
+            if len(ann.get("bbox", ())) != 4:
+                raise DataError(f"{culprit} has no [x, y, w, h] bbox")
+            if ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
+                dropped.append(ann["id"])
+            elif not ann.get("iscrowd", 0):  # crowd regions are only "ignore" areas for COCOeval
+                self._anns[ann["image_id"]].append(ann)
+        if dropped:
+            ids = ", ".join(map(str, dropped[:20])) + (", ..." if len(dropped) > 20 else "")
+            print(f"dropped {len(dropped)} annotations with zero or negative size in {source}: ids {ids}")
+        with contextlib.redirect_stdout(io.StringIO()):  # silence pycocotools' "creating index..."
+            self.coco = COCO()
+            self.coco.dataset = data
+            self.coco.createIndex()
+        image_ids = sorted(self._anns)  # images without annotations are kept: they are negatives
+        if subset is not None:  # a deterministic random subset, e.g. Rethinking's 35k/10k/1k-image experiments
+            order = torch.randperm(len(image_ids), generator=torch.Generator().manual_seed(subset_seed))
+            image_ids = sorted(image_ids[i] for i in order[:subset].tolist())
+        if not image_ids:
+            after = f" after subset={subset}" if subset is not None else ""
+            raise DataError(f"{source}: empty dataset, 0 images{after}")
+        self.image_ids = image_ids
+        for image_id in image_ids:
+            path = os.path.join(image_dir, self.coco.imgs[image_id]["file_name"])
+            if not os.path.isfile(path):  # fail before training starts, not at iteration 40k
+                raise DataError(f"missing image file {path} (image id {image_id} in {source})")
+        self.image_dir, self.train, self.flip_prob = image_dir, train, flip_prob
+        self.min_size, self.max_size = min_size, max_size
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def _mask(self, ann):
+        try:  # polygons and (un)compressed RLE -> (H0, W0) uint8, via pycocotools frPyObjects
+            return self.coco.annToMask(ann)
+        except (TypeError, ValueError, IndexError, KeyError) as e:
+            raise DataError(f"annotation id {ann['id']}: unreadable segmentation ({e!r})") from None
+
+    def __getitem__(self, item):
+        index, aug_seed = item if isinstance(item, tuple) else (item, item)
+        generator = torch.Generator().manual_seed(int(aug_seed))
+        image_id = self.image_ids[index]
+        info = self.coco.imgs[image_id]
+        path = os.path.join(self.image_dir, info["file_name"])
+        pixels = _read_image(path)
+        h0, w0 = pixels.shape[:2]
+        if (h0, w0) != (info["height"], info["width"]):
+            raise DataError(f"{path} is {w0}x{h0} but image id {image_id} says {info['width']}x{info['height']}")
+        image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255  # (H0, W0, 3) -> (3, H0, W0) in [0, 1]
+        anns = self._anns[image_id]
+        boxes = torch.tensor([ann["bbox"] for ann in anns], dtype=torch.float32).reshape(-1, 4)  # (G, 4) xywh
+        boxes[:, 2:] += boxes[:, :2]  # [x, y, w, h] -> [x1, y1, x2, y2]
+        labels = torch.tensor([self._label[ann["category_id"]] for ann in anns], dtype=torch.int64)
+        masks = np.stack([self._mask(ann) for ann in anns]) if anns else np.zeros((0, h0, w0), np.uint8)
+        masks = torch.from_numpy(masks)  # (G, H0, W0)
+        lo, hi = self.min_size if isinstance(self.min_size, (tuple, list)) else (self.min_size, self.min_size)
+        flip, min_size = False, hi  # test time: no flip, the largest training scale (800 in the paper)
+        if self.train:  # Rethinking Sec. 4: horizontal flip; Sec. 5.1/5.2: shorter side uniform in [lo, hi]
+            flip = torch.rand((), generator=generator).item() < self.flip_prob
+            min_size = int(torch.randint(lo, hi + 1, (), generator=generator))
+        image, boxes, masks = transform(image, boxes, masks, min_size, self.max_size, flip)
+        return image, {"boxes": boxes, "labels": labels, "masks": masks, "image_id": int(image_id),
+                       "orig_size": (h0, w0), "size": tuple(image.shape[-2:])}
+
+
+class CocoDataset(_CocoStyleDataset):
+    """A COCO instances json + its image folder (COCO 2017, coco_subset, or the shapes set)."""
+
+    def __init__(self, ann_file, image_dir, train=False, min_size=800, max_size=1333, flip_prob=0.5, subset=None,
+                 subset_seed=0):
+        try:
+            with open(ann_file) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read annotation file {ann_file}: {e}") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{ann_file}: expected a json object with images, annotations, categories")
+        self._setup(data, ann_file, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed)
+
+
+class PennFudanDataset(_CocoStyleDataset):
+    """Penn-Fudan pedestrians (Wang et al. 2007), native layout root/PNGImages, root/PedMasks; one class "person".
+
+    PedMasks pixel value k > 0 is pedestrian k; its box is the tight box of its mask. Split (as in measured.md):
+    image names sorted; validation = every 4th image (index % 4 == 0, 43 images), training = the rest (127).
+    The ground truth becomes an in-memory COCO (RLE masks, image id = sorted index + 1, annotation id =
+    100 * image id + k) so COCOeval treats it exactly like COCO.
+    """
+
+    def __init__(self, root, split="train", train=False, min_size=800, max_size=1333, flip_prob=0.5, subset=None,
+                 subset_seed=0):
+        image_dir, mask_dir = os.path.join(root, "PNGImages"), os.path.join(root, "PedMasks")
+        if not (os.path.isdir(image_dir) and os.path.isdir(mask_dir)):
+            raise DataError(f"{root} is not a PennFudanPed folder (needs PNGImages/ and PedMasks/)")
+        if split not in ("train", "val"):
+            raise DataError(f"PennFudanPed split must be 'train' or 'val', got {split!r}")
+        names = sorted(name for name in os.listdir(image_dir) if name.endswith(".png"))
+        images, annotations = [], []
+        for i, name in enumerate(names):
+            if (i % 4 == 0) != (split == "val"):
+                continue
+            # (H0, W0) instance ids, 0 = background; raw values, as the masks may be mode "L" or palette "P"
+            ped = _read_image(os.path.join(mask_dir, name[:-4] + "_mask.png"), mode=None)
+            images.append({"id": i + 1, "file_name": name, "height": ped.shape[0], "width": ped.shape[1]})
+            for k in np.unique(ped)[1:].tolist():
+                rle = mask_utils.encode(np.asfortranarray(ped == k, dtype=np.uint8))
+                annotations.append({"id": 100 * (i + 1) + k, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                                    "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist()})
+        data = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "person"}]}
+        source = f"{root} ({split} split)"
+        self._setup(data, source, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed)
+
+
+def _draw_shapes(rng, h, w, num_objects):
+    """One synthetic image (h, w, 3) uint8 and its objects [(category id, polygon or None, visible mask (h, w))]."""
+    coarse = rng.uniform(20, 120, (4, 5, 3)).astype(np.uint8)  # a low-frequency colour field as texture
+    image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), np.float32)
+    image = image + rng.normal(0, 12, (h, w, 3))  # pixel noise
+    owner = np.full((h, w), -1)  # which object is visible at each pixel: later shapes paint over earlier ones
+    yy, xx = np.mgrid[:h, :w] + 0.5  # pixel centres
+    objects = []
+    for k in range(num_objects):
+        cat_id = SHAPES_CATEGORIES[rng.integers(3)]["id"]
+        s = rng.uniform(20, 60)  # object size in pixels, large enough for a tiny model
+        cx, cy = rng.uniform(s / 2, w - s / 2), rng.uniform(s / 2, h - s / 2)
+        if cat_id == 1:  # circle, stored as RLE
+            polygon, full = None, (xx - cx) ** 2 + (yy - cy) ** 2 <= (s / 2) ** 2
+        else:  # square or triangle, stored as a polygon and rasterized by pycocotools, so pixels == annotation
+            corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)] if cat_id == 3 else [(0, -1), (1, 1), (-1, 1)]
+            polygon = [round(float(c + d * s / 2), 1) for dx, dy in corners for c, d in ((cx, dx), (cy, dy))]
+            full = mask_utils.decode(mask_utils.frPyObjects([polygon], h, w))[:, :, 0].astype(bool)
+        colour = rng.permutation([rng.uniform(180, 255), rng.uniform(0, 60), rng.uniform(0, 255)])  # saturated
+        image[full] = colour + rng.normal(0, 8, (int(full.sum()), 3))
+        owner[full] = k
+        objects.append((cat_id, polygon, full))
+    objects = [(cat_id, polygon if (owner[full] == k).all() else None, owner == k)  # polygon only if unoccluded
+               for k, (cat_id, polygon, full) in enumerate(objects)]
+    return np.clip(image, 0, 255).astype(np.uint8), objects
+
+
+def make_shapes(root, num_train=300, num_val=50, image_size=(128, 160), seed=0, min_visible=60):
+    """Write a deterministic synthetic COCO-format set: annotations/instances_{train,val}.json, {train,val}/*.png.
+
+    Classes circle, square, triangle with non-contiguous ids 1, 3, 7 (to exercise the label mapping); 1-4 objects of
+    20-60 px and random colour on a noisy textured background; every 25th image is empty; train image 2's last object
+    is an iscrowd region. Occlusion: masks and boxes are the visible part; objects with fewer than min_visible
+    visible pixels are not annotated. Unoccluded squares/triangles are stored as polygons, the rest as RLE.
+    Idempotent: a shapes.json stamp of the parameters, written last, means the folder is complete and reused.
+    """
+    h, w = image_size
+    params = {"generator": 1, "num_train": num_train, "num_val": num_val, "image_size": [h, w], "seed": seed,
+              "min_visible": min_visible}
+    stamp = os.path.join(root, "shapes.json")
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            if json.load(f) == params:
+                return root
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    for split, count, split_key in (("train", num_train, 0), ("val", num_val, 1)):
+        rng = np.random.default_rng([seed, split_key])
+        shutil.rmtree(os.path.join(root, split), ignore_errors=True)
+        os.makedirs(os.path.join(root, split))
+        images, annotations = [], []
+        for i in range(count):
+            image, objects = _draw_shapes(rng, h, w, 0 if i % 25 == 0 else int(rng.integers(1, 5)))
+            file_name = f"{i + 1:06d}.png"
+            Image.fromarray(image).save(os.path.join(root, split, file_name))
+            images.append({"id": i + 1, "file_name": file_name, "height": h, "width": w})
+            for k, (cat_id, polygon, visible) in enumerate(objects):
+                if visible.sum() < min_visible:
+                    continue  # too occluded to annotate (its few pixels stay painted, as in real data)
+                crowd = int(split == "train" and i == 1 and k == len(objects) - 1)
+                rle = mask_utils.encode(np.asfortranarray(visible, dtype=np.uint8))
+                segmentation = [polygon] if polygon is not None and not crowd else {
+                    "size": rle["size"], "counts": rle["counts"].decode("ascii")}
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat_id,
+                                    "segmentation": segmentation, "area": float(visible.sum()),
+                                    "bbox": mask_utils.toBbox(rle).tolist(), "iscrowd": crowd})
+        with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": list(SHAPES_CATEGORIES)}, f)
+    with open(stamp, "w") as f:
+        json.dump(params, f)
+    return root
+
+
+def collate(batch, size_divisible=32):
+    """[(image (3,h,w), target)] -> (images (N,3,H,W) zero-padded bottom/right to multiples of 32, [(h, w)], [target]).
+    32 = the largest FPN stride of C5/P5, so every level's feature map aligns with the padded image."""
+    images, targets = zip(*batch)
+    H = -(-max(image.shape[1] for image in images) // size_divisible) * size_divisible  # ceil to a multiple
+    W = -(-max(image.shape[2] for image in images) // size_divisible) * size_divisible
+    padded = images[0].new_zeros((len(images), 3, H, W))  # zero = the mean colour after normalization
+    for i, image in enumerate(images):
+        padded[i, :, : image.shape[1], : image.shape[2]] = image
+    return padded, [(int(image.shape[1]), int(image.shape[2])) for image in images], list(targets)
+
+
+def _seed(*keys):
+    """A well-mixed 32-bit seed from integers (numpy SeedSequence): the same in every process and worker."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+class TrainSampler(torch.utils.data.Sampler):
+    """An endless stream of (index, aug_seed) for an iteration-based loop with exact resume.
+
+    The global stream concatenates epochs; epoch e is a permutation drawn from a generator seeded by (seed, e),
+    and item i of epoch e gets aug_seed from (seed, e, i). Rank r takes global items r, r + world_size, ...
+    `start` skips the first `start` items of this rank's stream: resuming at iteration k with batch b is start = k * b.
+    """
+
+    def __init__(self, size, seed=0, start=0, rank=0, world_size=1):
+        super().__init__()
+        assert size > 0 and 0 <= rank < world_size, f"size {size}, rank {rank}, world_size {world_size}"
+        self.size, self.seed, self.start, self.rank, self.world_size = size, seed, start, rank, world_size
+
+    def __iter__(self):
+        position, epoch, order = self.start * self.world_size + self.rank, -1, None  # position in the global stream
+        while True:
+            e, i = divmod(position, self.size)
+            if e != epoch:
+                epoch, generator = e, torch.Generator().manual_seed(_seed(self.seed, e))
+                order = torch.randperm(self.size, generator=generator)
+            yield int(order[i]), _seed(self.seed, e, i)
+            position += self.world_size
+
+
+def make_train_loader(dataset, batch_size, seed=0, start_iter=0, workers=2, rank=0, world_size=1):
+    """An endless iterator of collated batches; batch k is the same whatever `workers` is or where training resumed."""
+    sampler = TrainSampler(len(dataset), seed, start=start_iter * batch_size, rank=rank, world_size=world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
+    return iter(loader)
+
+
+def make_eval_loader(dataset, batch_size=1, workers=2, rank=0, world_size=1):
+    """Images rank, rank + world_size, ... in order: every image evaluated exactly once (no padding duplicates)."""
+    indices = list(range(rank, len(dataset), world_size))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate,
+                                       num_workers=workers)
+
+
+def build_dataset(data, split, train, min_size=800, max_size=1333, subset=None, subset_seed=0, ann=None,
+                  images=None):
+    """Resolve train.py's --data: "shapes", a PennFudanPed folder, a COCO root; explicit --ann/--images override."""
+    kw = dict(train=train, min_size=min_size, max_size=max_size, subset=subset, subset_seed=subset_seed)
+    if ann or images:
+        if not (ann and images):
+            raise DataError(f"--ann and --images must be given together (got ann={ann}, images={images})")
+        return CocoDataset(ann, images, **kw)
+    if data == "shapes":
+        root = make_shapes(os.path.join("data_cache", "shapes"))
+        ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
+        return CocoDataset(ann_file, os.path.join(root, split), **kw)
+    if os.path.isdir(os.path.join(data, "PNGImages")):
+        return PennFudanDataset(data, split, **kw)
+    ann_pattern = os.path.join(data, "annotations", f"instances_{split}*.json")
+    for ann_file in sorted(glob.glob(ann_pattern), reverse=True):  # newest year first: instances_val2017.json
+        image_dir = os.path.join(data, os.path.basename(ann_file)[len("instances_"):-len(".json")])
+        if os.path.isdir(image_dir):
+            return CocoDataset(ann_file, image_dir, **kw)
+    raise DataError(f"--data {data} is not 'shapes', a PennFudanPed folder (no {os.path.join(data, 'PNGImages')}) "
+                    f"or a COCO root (looked for {ann_pattern} with a matching {os.path.join(data, split)}* folder)")

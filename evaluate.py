@@ -1,0 +1,132 @@
+"""COCO evaluation: run the model over a dataset, write COCO results json, score it with pycocotools' COCOeval.
+
+The metrics are the paper's: box AP and mask AP (AP at IoU 0.5:0.95, plus AP50, AP75, small/medium/large and AR),
+Lin et al., "Microsoft COCO" (2014) and cocodataset.org/#detection-eval.
+
+    python evaluate.py --checkpoint runs/demo/model_0001000.pth            # data flags default to the run's own
+
+Results json (COCO results format): bbox as [x, y, w, h] in original image pixels, segmentation as RLE of the
+mask thresholded at 0.5 (Mask R-CNN Sec. 3), category_id the dataset's original id (not the contiguous label).
+"""
+import argparse
+import contextlib
+import io
+import json
+import sys
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+import data
+
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+@torch.no_grad()
+def predict(model, dataset, device, amp="none", workers=2, batch_size=1):
+    """Inference over the dataset; returns a list of COCO-format result dicts (boxes and masks)."""
+    model.eval()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    results = []
+    for images, image_sizes, targets in tqdm(data.make_eval_loader(dataset, batch_size, workers=workers),
+                                             desc="eval", leave=False, dynamic_ncols=True):
+        original_sizes = [tuple(t["orig_size"]) for t in targets]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(images.to(device), image_sizes, original_sizes=original_sizes)
+        for out, target in zip(outputs, targets):
+            results.extend(to_coco_results(out, target["image_id"], dataset.cat_ids))
+    return results
+
+
+def to_coco_results(out, image_id, cat_ids):
+    boxes = out["boxes"].float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()   # (x1, y1, x2, y2) -> (x, y, w, h)
+    scores, labels = out["scores"].float().tolist(), out["labels"].tolist()
+    rles = [None] * len(scores)
+    if "masks" in out and len(scores):
+        binary = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)           # (R, h, w), threshold 0.5
+        rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))        # (h, w, R), Fortran order
+        for rle in rles:
+            rle["counts"] = rle["counts"].decode("ascii")
+    results = []
+    for box, score, label, rle in zip(xywh, scores, labels, rles):
+        r = {"image_id": int(image_id), "category_id": cat_ids[label - 1], "bbox": box, "score": score}
+        if rle is not None:
+            r["segmentation"] = rle
+        results.append(r)
+    return results
+
+
+def coco_eval(coco_gt, results, iou_types=("bbox", "segm"), image_ids=None):
+    """COCOeval summaries, printed as pycocotools prints them and returned as {'bbox/AP': ..., 'segm/AR100': ...}."""
+    metrics = {}
+    for iou_type in iou_types:
+        dets = [r for r in results if iou_type == "bbox" or "segmentation" in r]
+        if not dets:  # pycocotools cannot load an empty result list; nothing detected scores zero
+            print(f"{iou_type}: no detections, AP = 0")
+            metrics.update({f"{iou_type}/{m}": 0.0 for m in METRICS})
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = coco_gt.loadRes(dets)
+            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            if image_ids is not None:
+                evaluator.params.imgIds = list(image_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+        print(f"--- {iou_type} ---")
+        evaluator.summarize()
+        metrics.update({f"{iou_type}/{m}": float(v) for m, v in zip(METRICS, evaluator.stats)})
+    return metrics
+
+
+def evaluate(model, dataset, device, amp="none", workers=2, results_file=None):
+    results = predict(model, dataset, device, amp=amp, workers=workers)
+    if results_file:
+        with open(results_file, "w") as f:
+            json.dump(results, f)
+    return coco_eval(dataset.coco, results, image_ids=dataset.image_ids)
+
+
+def main(argv=None):
+    from model import build_model
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a model_*.pth written by train.py")
+    p.add_argument("--data", help="as in train.py (default: the checkpoint's own --data)")
+    p.add_argument("--val-ann", help="COCO json to evaluate on (overrides --data)")
+    p.add_argument("--val-images", help="image folder for --val-ann")
+    p.add_argument("--min-size", type=int, help="shorter side at test (default: the checkpoint's; paper: 800)")
+    p.add_argument("--max-size", type=int, help="cap on the longer side (default: the checkpoint's; paper: 1333)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--results", help="write the COCO results json here")
+    args = p.parse_args(argv)
+
+    try:
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as e:
+        sys.exit(f"error: cannot read checkpoint {args.checkpoint}: {e}")
+    run = ckpt["args"]
+    try:
+        dataset = data.build_dataset(args.data or run["data"], "val", train=False,
+                                     min_size=args.min_size or run["min_size"], max_size=args.max_size or run["max_size"],
+                                     ann=args.val_ann or (None if args.data else run["val_ann"]),
+                                     images=args.val_images or (None if args.data else run["val_images"]))
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    model = build_model(run["preset"], num_classes=dataset.num_classes, norm=run["norm"], fpn_norm=run["norm"],
+                        head_norm=run["norm"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        sys.exit(f"error: checkpoint {args.checkpoint} does not fit preset {run['preset']} with "
+                 f"{dataset.num_classes} classes: {str(e).splitlines()[0]}")
+    device = torch.device(args.device)
+    evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers, results_file=args.results)
+
+
+if __name__ == "__main__":
+    main()

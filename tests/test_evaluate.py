@@ -1,0 +1,67 @@
+"""COCO results format and COCOeval wiring, on hand-made ground truth whose answers can be read off."""
+import numpy as np
+import pytest
+import pycocotools.mask as mask_util
+import torch
+from pycocotools.coco import COCO
+
+import evaluate
+
+
+def make_coco_gt():
+    """Two 40x60 images; image 1 has a category-7 square, image 2 a category-3 rectangle (original COCO ids)."""
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 1, "height": 40, "width": 60, "file_name": "a.png"},
+                   {"id": 2, "height": 40, "width": 60, "file_name": "b.png"}],
+        "categories": [{"id": 3, "name": "three"}, {"id": 7, "name": "seven"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 5, 20, 20], "area": 400, "iscrowd": 0,
+             "segmentation": [[10, 5, 30, 5, 30, 25, 10, 25]]},
+            {"id": 2, "image_id": 2, "category_id": 3, "bbox": [20, 10, 30, 20], "area": 600, "iscrowd": 0,
+             "segmentation": [[20, 10, 50, 10, 50, 30, 20, 30]]},
+        ]}
+    gt.createIndex()
+    return gt
+
+
+def box_mask(h, w, x1, y1, x2, y2):
+    m = torch.zeros(1, h, w)
+    m[0, y1:y2, x1:x2] = 1.0
+    return m
+
+
+def test_results_use_xywh_original_ids_and_rle():
+    out = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]), "scores": torch.tensor([0.9]),
+           "labels": torch.tensor([2]), "masks": box_mask(64, 48, 10, 20, 30, 60)[None] * 0.8}
+    (r,) = evaluate.to_coco_results(out, image_id=5, cat_ids=[3, 7])
+    assert r["bbox"] == [10.0, 20.0, 20.0, 40.0]
+    assert r["category_id"] == 7 and r["image_id"] == 5 and r["score"] == np.float32(0.9).item()
+    decoded = mask_util.decode(r["segmentation"])
+    assert decoded.shape == (64, 48) and decoded.sum() == 20 * 40 and decoded[20:60, 10:30].all()
+
+
+def test_perfect_predictions_score_ap_one():
+    gt = make_coco_gt()
+    # Contiguous labels: 1 <-> id 3, 2 <-> id 7. Soft masks at 0.9 pass the 0.5 threshold.
+    outs = {1: {"boxes": torch.tensor([[10.0, 5.0, 30.0, 25.0]]), "scores": torch.tensor([0.99]),
+                "labels": torch.tensor([2]), "masks": 0.9 * box_mask(40, 60, 10, 5, 30, 25)[None]},
+            2: {"boxes": torch.tensor([[20.0, 10.0, 50.0, 30.0]]), "scores": torch.tensor([0.98]),
+                "labels": torch.tensor([1]), "masks": 0.9 * box_mask(40, 60, 20, 10, 50, 30)[None]}}
+    results = [r for i, o in outs.items() for r in evaluate.to_coco_results(o, i, cat_ids=[3, 7])]
+    metrics = evaluate.coco_eval(gt, results)
+    assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
+    assert set(metrics) == {f"{t}/{m}" for t in ("bbox", "segm") for m in evaluate.METRICS}
+
+
+def test_wrong_category_scores_zero():
+    gt = make_coco_gt()
+    out = {"boxes": torch.tensor([[10.0, 5.0, 30.0, 25.0]]), "scores": torch.tensor([0.99]),
+           "labels": torch.tensor([1]), "masks": 0.9 * box_mask(40, 60, 10, 5, 30, 25)[None]}
+    metrics = evaluate.coco_eval(gt, evaluate.to_coco_results(out, 1, cat_ids=[3, 7]))
+    assert metrics["bbox/AP"] == 0.0
+
+
+def test_no_detections_scores_zero():
+    metrics = evaluate.coco_eval(make_coco_gt(), [])
+    assert metrics["bbox/AP"] == 0.0 and metrics["segm/AR100"] == 0.0
