@@ -1,0 +1,206 @@
+"""Region Proposal Network on a feature pyramid.
+
+Faster R-CNN, Ren et al. 2015 (arXiv:1506.01497), Sec. 3.1: a 3x3 conv slides over the feature map and two sibling
+1x1 convs predict, for k anchors per location, an objectness score and 4 box deltas (Sec. 3.1.1); anchor labels and
+the loss of Eq. (1) (Sec. 3.1.2); 256 sampled anchors per image, N(0, 0.01) init (Sec. 3.1.3); NMS at IoU 0.7
+(Sec. 3.3).
+FPN, Lin et al. 2017 (arXiv:1612.03144), Sec. 4.1: the same head, shared, on every level P2..P6, with one anchor
+size per level {32, 64, 128, 256, 512} and aspect ratios {1:2, 1:1, 2:1}, so 15 anchors over the pyramid.
+The numerics follow torchvision's RegionProposalNetwork (our tests compare against it).
+
+Shapes: N images, L pyramid levels, A anchors/location, H,W size of one level, T = sum over levels of H*W*A
+(all anchors of one image), G ground-truth boxes of one image, R proposals of one image.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from boxes import (IGNORE, NEGATIVE, POSITIVE, BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes,
+                   remove_small_boxes)
+
+
+class AnchorGenerator(nn.Module):
+    """Anchors of one size and several aspect ratios (h / w) at every location of every level (FPN Sec. 4.1)."""
+
+    def __init__(self, sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0)):
+        super().__init__()
+        self.sizes = sizes
+        self.aspect_ratios = aspect_ratios
+        self.cell_anchors = [self._cell_anchors(size, aspect_ratios) for size in sizes]  # L x (A, 4), no parameters
+
+    @staticmethod
+    def _cell_anchors(size, aspect_ratios):
+        """(A, 4) anchors centred on (0, 0): area size**2, h / w = ratio, corners rounded to integers as torchvision."""
+        ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
+        h_ratios = torch.sqrt(ratios)
+        w_ratios = 1 / h_ratios
+        ws = w_ratios * size
+        hs = h_ratios * size
+        return (torch.stack((-ws, -hs, ws, hs), dim=1) / 2).round()  # (A, 4)
+
+    def num_anchors_per_location(self):
+        return len(self.aspect_ratios)
+
+    def forward(self, image_shape, feature_shapes, device, dtype):
+        """image_shape (H, W) of the padded batch, feature_shapes [(h, w)] per level -> L x (h*w*A, 4) anchors."""
+        assert len(feature_shapes) == len(self.sizes), f"{len(self.sizes)} sizes but {len(feature_shapes)} levels"
+        anchors = []
+        for (h, w), cell in zip(feature_shapes, self.cell_anchors):
+            stride_y, stride_x = image_shape[0] // h, image_shape[1] // w
+            shift_x = torch.arange(w, device=device, dtype=dtype) * stride_x  # (w,) top-left corner of each cell
+            shift_y = torch.arange(h, device=device, dtype=dtype) * stride_y  # (h,)
+            shift_y, shift_x = torch.meshgrid(shift_y, shift_x, indexing="ij")  # (h, w) each
+            shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=-1).reshape(-1, 1, 4)  # (h*w, 1, 4)
+            cell = cell.to(device=device, dtype=dtype).reshape(1, -1, 4)  # (1, A, 4)
+            anchors.append((shifts + cell).reshape(-1, 4))  # (h*w, A, 4) -> (h*w*A, 4): location-major, anchor-minor
+        return anchors
+
+
+class RPNHead(nn.Module):
+    """Faster R-CNN Sec. 3.1: 3x3 conv + ReLU, then sibling 1x1 convs for objectness (A) and box deltas (4A).
+
+    One sigmoid logit per anchor: the paper's cls layer is a 2-way softmax (2k outputs) but it notes that logistic
+    regression with k scores is an alternative; Detectron and torchvision use the k-logit version.
+    """
+
+    def __init__(self, in_channels=256, num_anchors=3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
+        for conv in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(conv.weight, std=0.01)  # Faster R-CNN Sec. 3.1.3: zero-mean Gaussian, std 0.01
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, features):
+        """features L x (N, C, H, W) -> (L x (N, A, H, W) objectness logits, L x (N, 4A, H, W) box deltas)."""
+        pred_objectness, pred_deltas = [], []
+        for feature in features:  # the same weights on every level (FPN Sec. 4.1)
+            t = F.relu(self.conv(feature))
+            pred_objectness.append(self.cls_logits(t))
+            pred_deltas.append(self.bbox_pred(t))
+        return pred_objectness, pred_deltas
+
+
+def flatten_predictions(pred_objectness, pred_deltas):
+    """Per-level head outputs -> (N, T) logits and (N, T, 4) deltas, in the anchor order of AnchorGenerator."""
+    flat_objectness, flat_deltas = [], []
+    for objectness, deltas in zip(pred_objectness, pred_deltas):
+        n, a, h, w = objectness.shape
+        flat_objectness.append(objectness.permute(0, 2, 3, 1).reshape(n, -1))  # (N, A, H, W) -> (N, H*W*A)
+        deltas = deltas.view(n, a, 4, h, w)  # (N, A*4, H, W) -> (N, A, 4, H, W)
+        deltas = deltas.permute(0, 3, 4, 1, 2)  # (N, H, W, A, 4)
+        flat_deltas.append(deltas.reshape(n, -1, 4))  # (N, H*W*A, 4)
+    return torch.cat(flat_objectness, dim=1), torch.cat(flat_deltas, dim=1)  # (N, T), (N, T, 4)
+
+
+class RPN(nn.Module):
+    """Anchors + head -> proposals per image (and, when training with targets, loss_rpn_cls and loss_rpn_box)."""
+
+    def __init__(self, in_channels=256, anchor_sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0),
+                 fg_iou=0.7, bg_iou=0.3, batch_size_per_image=256, positive_fraction=0.5,
+                 pre_nms_top_n_train=2000, post_nms_top_n_train=1000, pre_nms_top_n_test=1000,
+                 post_nms_top_n_test=1000, nms_thresh=0.7, min_size=1e-3, score_thresh=0.0):
+        super().__init__()
+        self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios)
+        self.head = RPNHead(in_channels, self.anchor_generator.num_anchors_per_location())
+        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        # Sec. 3.1.2: positive if IoU >= 0.7 or the best anchor of a gt box (low-quality match), negative if < 0.3.
+        self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=True)
+        self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)  # Sec. 3.1.3: 256 anchors, up to 1:1
+        # Pre-NMS top-n is per level and per image, as in Detectron and torchvision (the papers do not specify it).
+        self.pre_nms_top_n = {"train": pre_nms_top_n_train, "test": pre_nms_top_n_test}
+        # Post-NMS top-n is per image. Training keeps 1000 per image as Detectron2 does: Detectron (used by the paper)
+        # keeps 2000 per batch of 2 images, i.e. ~1000 per image; torchvision keeps 2000 per image.
+        self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}
+        self.nms_thresh = nms_thresh  # Faster R-CNN Sec. 3.3: NMS at IoU 0.7
+        self.min_size = min_size
+        self.score_thresh = score_thresh
+
+    def forward(self, features, image_shape, image_sizes, targets=None):
+        """features L x (N, C, H, W), image_shape (H, W) of the padded batch, image_sizes N x (h, w) of the real images.
+
+        Returns (proposals N x (R, 4) detached, losses dict).
+        """
+        assert len(features) == len(self.anchor_generator.sizes), (
+            f"expected {len(self.anchor_generator.sizes)} pyramid levels, got {len(features)}")
+        pred_objectness, pred_deltas = self.head(features)
+        anchors = self.anchor_generator(image_shape, [f.shape[-2:] for f in features], features[0].device,
+                                        features[0].dtype)  # L x (H*W*A, 4)
+        num_anchors_per_level = [a.shape[0] for a in anchors]
+        anchors = torch.cat(anchors, dim=0)  # (T, 4), the same for every image
+        pred_objectness, pred_deltas = flatten_predictions(pred_objectness, pred_deltas)  # (N, T), (N, T, 4)
+        n = pred_objectness.shape[0]
+
+        # Faster R-CNN Sec. 3.2 ("approximate joint training"): no gradient flows through the proposal coordinates.
+        proposals = self.box_coder.decode(pred_deltas.detach().reshape(-1, 4), anchors.repeat(n, 1))  # (N*T, 4)
+        proposals = self.select_proposals(proposals.view(n, -1, 4), pred_objectness.detach(), image_sizes,
+                                          num_anchors_per_level)
+
+        losses = {}
+        if self.training and targets is not None:
+            losses = self.losses(anchors, pred_objectness, pred_deltas, targets)
+        return proposals, losses
+
+    def select_proposals(self, proposals, objectness, image_sizes, num_anchors_per_level):
+        """proposals (N, T, 4), objectness logits (N, T) -> N x (R, 4): per-level top-k, clip, filter, per-level NMS."""
+        mode = "train" if self.training else "test"
+        top_idx, levels, offset = [], [], 0
+        for level, num in enumerate(num_anchors_per_level):  # top-k on logits within each level, as torchvision
+            k = min(self.pre_nms_top_n[mode], num)
+            top_idx.append(objectness[:, offset:offset + num].topk(k, dim=1).indices + offset)  # (N, k)
+            levels.append(torch.full((k,), level, dtype=torch.int64, device=objectness.device))
+            offset += num
+        top_idx = torch.cat(top_idx, dim=1)  # (N, sum of k)
+        levels = torch.cat(levels)  # (sum of k,)
+        batch_idx = torch.arange(proposals.shape[0], device=proposals.device)[:, None]  # (N, 1)
+        scores = torch.sigmoid(objectness[batch_idx, top_idx])  # (N, sum of k)
+        proposals = proposals[batch_idx, top_idx]  # (N, sum of k, 4)
+
+        selected = []
+        for boxes, scores_i, image_size in zip(proposals, scores, image_sizes):  # loop over images
+            boxes = clip_boxes(boxes, image_size)
+            keep = remove_small_boxes(boxes, self.min_size)
+            boxes, scores_i, levels_i = boxes[keep], scores_i[keep], levels[keep]
+            keep = torch.where(scores_i >= self.score_thresh)[0]
+            boxes, scores_i, levels_i = boxes[keep], scores_i[keep], levels_i[keep]
+            keep = batched_nms(boxes, scores_i, levels_i, self.nms_thresh)  # NMS within each level, as torchvision
+            selected.append(boxes[keep[:self.post_nms_top_n[mode]]])  # (R, 4), by decreasing score
+        return selected
+
+    def label_anchors(self, anchors, gt_boxes):
+        """anchors (T, 4), gt_boxes (G, 4) -> labels (T,) in {1, 0, -1}, matched gt box (T, 4) for every anchor.
+
+        Departure from Faster R-CNN Sec. 3.3, which ignores anchors crossing the image border during training: as in
+        torchvision (and Detectron2), every anchor is labelled, also those over the padding.
+        """
+        if gt_boxes.numel() == 0:  # an image without objects: every anchor is a negative
+            return (torch.full((anchors.shape[0],), NEGATIVE, dtype=torch.float32, device=anchors.device),
+                    torch.zeros_like(anchors))
+        matched = self.matcher(box_iou(gt_boxes, anchors))  # (T,)
+        labels = torch.full((anchors.shape[0],), POSITIVE, dtype=torch.float32, device=anchors.device)
+        labels[matched == Matcher.BELOW_LOW_THRESHOLD] = NEGATIVE
+        labels[matched == Matcher.BETWEEN_THRESHOLDS] = IGNORE
+        return labels, gt_boxes[matched.clamp(min=0)]
+
+    def losses(self, anchors, pred_objectness, pred_deltas, targets):
+        """Faster R-CNN Eq. (1) over sampled anchors, normalised as in Detectron/torchvision (see below)."""
+        num_anchors = anchors.shape[0]
+        labels, pos_idx, neg_idx, gt_deltas = [], [], [], []
+        for i, target in enumerate(targets):  # loop over images: match, sample, encode
+            labels_i, matched_gt_i = self.label_anchors(anchors, target["boxes"])
+            pos, neg = self.sampler(labels_i)
+            gt_deltas.append(self.box_coder.encode(matched_gt_i[pos], anchors[pos]))  # Eq. (2) targets t*
+            labels.append(labels_i)
+            pos_idx.append(pos + i * num_anchors)  # indices into the (N*T) flattening
+            neg_idx.append(neg + i * num_anchors)
+        labels = torch.cat(labels)  # (N*T,)
+        pos_idx = torch.cat(pos_idx)
+        sampled = torch.cat([pos_idx, torch.cat(neg_idx)])
+        # Departure from Eq. (1), as Detectron and torchvision: instead of 1/N_cls and lambda/N_reg (lambda = 10,
+        # N_reg ~ 2400 anchor locations), the classification loss is the mean over sampled anchors and the box loss is
+        # summed over positives and divided by the number of sampled anchors, with smooth-L1 beta = 1/9.
+        loss_rpn_cls = F.binary_cross_entropy_with_logits(pred_objectness.reshape(-1)[sampled], labels[sampled])
+        loss_rpn_box = F.smooth_l1_loss(pred_deltas.reshape(-1, 4)[pos_idx], torch.cat(gt_deltas),
+                                        beta=1 / 9, reduction="sum") / sampled.numel()
+        return {"loss_rpn_cls": loss_rpn_cls, "loss_rpn_box": loss_rpn_box}
