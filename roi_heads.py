@@ -1,0 +1,365 @@
+"""RoI heads of Mask R-CNN: RoIAlign, FPN level assignment, the box head and the RoIHeads module.
+
+Fast R-CNN, Girshick 2015 (arXiv:1504.08083) Sec. 2: RoI features -> fc layers -> two sibling outputs (class scores
+and per-class box deltas), multi-task loss Eq. 1, RoI sampling (25% foreground at IoU >= 0.5).
+Mask R-CNN, He et al. 2017 (arXiv:1703.06870) Sec. 3: RoIAlign (Fig. 3), the mask branch (in masks.py) and L_mask.
+FPN, Lin et al. 2017 (arXiv:1612.03144) Sec. 4.2, Eq. 1: the pyramid level an RoI is pooled from.
+Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 4: the box head is "4conv1fc" with GN (Wu & He 2018).
+Sampling, losses and post-processing follow torchvision's RoIHeads, the reference of tests/test_roi_heads.py.
+
+Shapes: N images, C channels, H, W feature map, R RoIs, S, Q pooled height and width (7 box, 14 mask),
+GY, GX sampling points per bin along y and x, K classes incl. background, G ground-truth boxes, D detections.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from boxes import BalancedSampler, BoxCoder, Matcher, batched_nms, box_area, box_iou, clip_boxes, remove_small_boxes
+from masks import MaskHead, mask_loss, paste_masks
+from norm import make_norm
+
+__all__ = ["roi_align", "map_levels", "multilevel_roi_align", "mask_targets", "BoxHead", "BoxPredictor", "MaskHead",
+           "RoIHeads", "fast_rcnn_loss", "paste_masks"]
+
+OUTSIDE = -3.0  # a normalized grid_sample coordinate off the map: the sample reads the zero padding, i.e. adds 0
+BACKGROUND = 0  # class 0 (Fast R-CNN Sec. 2: "K object classes plus a catch-all background class")
+
+
+def as_rois(boxes):
+    """(R, 5) rois (batch index, x1, y1, x2, y2), or a list of (R_i, 4) boxes per image -> (R, 5) rois."""
+    if isinstance(boxes, torch.Tensor):
+        assert boxes.dim() == 2 and boxes.shape[1] == 5, f"rois must be (R, 5), got {tuple(boxes.shape)}"
+        return boxes
+    index = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]  # (R_i, 1) image index of each box
+    return torch.cat([torch.cat(index), torch.cat(boxes)], dim=1)  # (R, 5)
+
+
+def sample_points(start, size, bins, grid, max_grid, length):
+    """RoIAlign's regular sampling points along one axis (Mask R-CNN Fig. 3), as torchvision's kernel places them.
+
+    start, size (R,): RoI start and extent in feature-map pixels; bins: pooled cells; grid (R,): points per cell.
+    Returns points (R, bins, max_grid) clamped into [0, length - 1], and keep (R, bins, max_grid): False for the
+    padding points beyond an RoI's own grid and for points outside [-1, length], which torchvision counts as 0.
+    """
+    bin_size = size / bins  # (R,)
+    cell = torch.arange(bins, device=start.device, dtype=start.dtype)  # (bins,)
+    point = torch.arange(max_grid, device=start.device, dtype=start.dtype)  # (max_grid,)
+    # bin start + (i + 1/2) * bin_size / grid: `grid` points spread evenly inside each cell, none on its border
+    pts = (start[:, None, None] + cell[None, :, None] * bin_size[:, None, None]
+           + (point[None, None, :] + 0.5) * bin_size[:, None, None] / grid.clamp(min=1)[:, None, None])
+    keep = (point[None, None, :] < grid[:, None, None]) & (pts >= -1.0) & (pts <= length)
+    return pts.clamp(min=0, max=length - 1), keep
+
+
+def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+    """RoIAlign (Mask R-CNN Sec. 3, Fig. 3) with the signature and semantics of torchvision.ops.roi_align.
+
+    input (N, C, H, W); boxes (R, 5) as (batch index, x1, y1, x2, y2) or a list of (R_i, 4) per image, in image
+    pixels (times spatial_scale gives map pixels). Each RoI is cut into S x Q cells; each cell averages the bilinear
+    values at GY x GX regular points (sampling_ratio each, or ceil(RoI side / cells) per RoI when <= 0).
+    aligned=False is Mask R-CNN's original RoIAlign (no half-pixel shift, RoI sides at least 1 pixel);
+    aligned=True shifts by -0.5 so that pixel centres are at integer + 0.5 (Detectron2's ROIAlignV2).
+    Returns (R, C, S, Q).
+
+    All points are sampled by one grid_sample per image (no loop over RoIs): a point x in map pixels is at the
+    normalized coordinate (2x + 1) / W - 1 for align_corners=False, and bilinear weights then equal torchvision's.
+    """
+    S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    rois = as_rois(boxes)
+    N, C, H, W = input.shape
+    # grid_sample's grid has the input's dtype; fp16/bf16 coordinates would be off by up to a pixel, so sample in fp32.
+    feats = input if input.dtype in (torch.float32, torch.float64) else input.float()
+    rois = rois.to(feats.dtype)
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (rois[:, 1:] * spatial_scale - offset).unbind(dim=1)  # (R,) each, in map pixels
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)  # Mask R-CNN: no RoI thinner than one pixel
+    if sampling_ratio > 0:
+        grid_y = grid_x = torch.full_like(roi_h, sampling_ratio)
+        GY = GX = sampling_ratio
+    else:
+        # adaptive: ceil(side / cells) points per cell, per RoI; all RoIs use the largest grid, masked per RoI
+        grid_y, grid_x = torch.ceil(roi_h / S).clamp(min=0), torch.ceil(roi_w / Q).clamp(min=0)
+        GY = max(int(grid_y.max()), 1) if rois.shape[0] else 1
+        GX = max(int(grid_x.max()), 1) if rois.shape[0] else 1
+    ys, keep_y = sample_points(y1, roi_h, S, grid_y, GY, H)  # (R, S, GY)
+    xs, keep_x = sample_points(x1, roi_w, Q, grid_x, GX, W)  # (R, Q, GX)
+    # A dropped point goes off the map on one axis, so grid_sample's zero padding makes it count 0 (any other axis).
+    gy = torch.where(keep_y, (2 * ys + 1) / H - 1, OUTSIDE)  # (R, S, GY)
+    gx = torch.where(keep_x, (2 * xs + 1) / W - 1, OUTSIDE)  # (R, Q, GX)
+    R = rois.shape[0]
+    grid = torch.stack([gx[:, None, :, None, :].expand(R, S, Q, GY, GX),
+                        gy[:, :, None, :, None].expand(R, S, Q, GY, GX)], dim=-1)  # (R, S, Q, GY, GX, 2) as (x, y)
+    grid = grid.reshape(R, S * Q, GY * GX, 2)  # (R, S*Q, GY*GX, 2): a cell's points side by side, to average
+    # adaptive: torchvision divides the sum over an RoI's points by its own count grid_y * grid_x (at least 1)
+    rescale = None if sampling_ratio > 0 else (GY * GX) / (grid_y * grid_x).clamp(min=1)  # (R,)
+
+    batch_index = rois[:, 0].long()
+    pooled = []
+    order = []
+    for n in range(N):  # one grid_sample per image: grid_sample pairs grid and input batch entries one to one
+        idx = torch.where(batch_index == n)[0]
+        if idx.numel() == 0:
+            continue
+        points = grid[idx].reshape(1, -1, GY * GX, 2)  # (1, R_n*S*Q, GY*GX, 2): image n's RoIs as one grid
+        samples = F.grid_sample(feats[n:n + 1], points, mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # (1, C, R_n*S*Q, GY*GX)
+        cells = samples.mean(dim=-1).reshape(C, idx.numel(), S, Q).permute(1, 0, 2, 3)  # (R_n, C, S, Q)
+        pooled.append(cells if rescale is None else cells * rescale[idx, None, None, None])
+        order.append(idx)
+    if not pooled:
+        return feats.new_zeros((R, C, S, Q)).to(input.dtype)
+    order = torch.cat(order)
+    assert order.numel() == R, f"roi batch indices must lie in [0, {N}); got {rois[:, 0].unique().tolist()}"
+    out = torch.cat(pooled).index_select(0, torch.argsort(order))  # (R, C, S, Q) back in the order of rois
+    return out.to(input.dtype)
+
+
+def map_levels(boxes, k_min=2, k_max=5, canonical_size=224, canonical_level=4):
+    """FPN Eq. 1: the pyramid level P_k an RoI (R, 4) is pooled from -> (R,) int64 level k in [k_min, k_max]."""
+    side = torch.sqrt(box_area(boxes))  # (R,) sqrt(w * h)
+    # FPN Eq. (1): k = floor(k0 + log2(sqrt(wh) / 224)), k0 = 4; +1e-6 as torchvision, so 448 maps exactly to 5
+    level = torch.floor(canonical_level + torch.log2(side / canonical_size) + 1e-6)
+    return level.clamp(min=k_min, max=k_max).to(torch.int64)
+
+
+def multilevel_roi_align(features, boxes, image_shape, output_size, sampling_ratio=2, aligned=False):
+    """RoIAlign each RoI from its FPN level (Eq. 1): features [P2..P5] (N, C, H_k, W_k), boxes [(R_i, 4) per image]
+    in pixels of the padded batch of size image_shape (H, W) -> (sum R_i, C, S, S), as torchvision MultiScaleRoIAlign.
+    """
+    rois = as_rois(boxes)  # (R, 5)
+    # level scale = 1 / stride, recovered from the sizes and rounded to a power of two (H / 4 -> 1/4 for P2, ...)
+    scales = [2.0 ** round(math.log2(f.shape[-2] / image_shape[0])) for f in features]
+    if len(features) == 1:
+        return roi_align(features[0], rois, output_size, scales[0], sampling_ratio, aligned)
+    k_min, k_max = round(-math.log2(scales[0])), round(-math.log2(scales[-1]))
+    levels = map_levels(rois[:, 1:], k_min=k_min, k_max=k_max)  # (R,)
+    S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    out = features[0].new_zeros((rois.shape[0], features[0].shape[1], S, Q))
+    for k, (feature, scale) in enumerate(zip(features, scales), start=k_min):  # loop over levels, not RoIs
+        idx = torch.where(levels == k)[0]
+        out[idx] = roi_align(feature, rois[idx], (S, Q), scale, sampling_ratio, aligned)
+    return out
+
+
+def mask_targets(gt_masks, rois, gt_index, M):
+    """Mask R-CNN Sec. 3: an RoI's mask target is its matched GT mask cut out by the RoI and resized to M x M.
+
+    gt_masks (G, h, w), rois (P, 4), gt_index (P,) -> (P, M, M) float in [0, 1]; equal to torchvision's
+    project_masks_on_boxes, i.e. roi_align(gt_masks, rois, M, aligned=False, sampling_ratio=-1).
+    RoIAlign is separable: its points form a grid ys x xs and a bilinear weight is wy * wx, so a cell's average is
+    (Ay @ mask @ Bx^T)[cell] with Ay (M, h), Bx (M, w) each axis's interpolation weights averaged over the cell's
+    points. For one-channel masks this is two matrix products instead of up to ~30 x 30 points per cell for big
+    objects. Ay is sparse and picks each RoI's own GT mask: it is one (P*M, G*h) sparse matrix.
+    """
+    P, (G, h, w) = rois.shape[0], gt_masks.shape
+    if P == 0:
+        return rois.new_zeros((0, M, M))
+    x1, y1, x2, y2 = rois.unbind(dim=1)  # (P,) each
+    roi_w, roi_h = (x2 - x1).clamp(min=1.0), (y2 - y1).clamp(min=1.0)  # aligned=False: at least one pixel
+    grid_y, grid_x = torch.ceil(roi_h / M), torch.ceil(roi_w / M)  # (P,) adaptive sampling, at least 1
+    ys, keep_y = sample_points(y1, roi_h, M, grid_y, int(grid_y.max()), h)  # (P, M, GY)
+    xs, keep_x = sample_points(x1, roi_w, M, grid_x, int(grid_x.max()), w)  # (P, M, GX)
+
+    def interpolation(pts, keep, grid, length):  # -> (P, M, 2*G*) pixel indices and averaged bilinear weights
+        low = pts.floor()
+        frac = pts - low
+        weight = keep / grid[:, None, None]  # each point's share of the cell's average
+        index = torch.cat([low, (low + 1).clamp(max=length - 1)], dim=-1).to(torch.int64)
+        return index, torch.cat([(1 - frac) * weight, frac * weight], dim=-1)
+
+    iy, wy = interpolation(ys, keep_y, grid_y, h)  # (P, M, 2GY)
+    ix, wx = interpolation(xs, keep_x, grid_x, w)  # (P, M, 2GX)
+    Bx = wx.new_zeros((P, M, w)).scatter_add_(2, ix, wx)  # (P, M, w)
+    row = torch.arange(P * M, device=rois.device).repeat_interleave(iy.shape[-1])  # (P*M*2GY,) (RoI, cell) row
+    col = (gt_index.to(torch.int64)[:, None, None] * h + iy).reshape(-1)  # (P*M*2GY,) row of the stacked GT masks
+    Ay = torch.sparse_coo_tensor(torch.stack([row, col]), wy.reshape(-1), (P * M, G * h),
+                                 check_invariants=False)  # (P*M, G*h); indices in range by construction; duplicates add
+    rows_pooled = torch.sparse.mm(Ay, gt_masks.reshape(G * h, w).to(wy.dtype))  # (P*M, w)
+    return rows_pooled.reshape(P, M, w) @ Bx.transpose(1, 2)  # (P, M, w) @ (P, w, M) -> (P, M, M)
+
+
+class BoxHead(nn.Module):
+    """RoI feature -> box feature: num_convs x (3x3 conv + norm + ReLU), flatten, num_fcs x (fc + ReLU).
+
+    Rethinking Sec. 4 uses "4conv1fc" with GN (num_convs=4, num_fcs=1, the default); num_convs=0, num_fcs=2,
+    norm="none" is the "2fc" head of FPN Sec. 4.2 and torchvision's TwoMLPHead (its fc6, fc7 = fcs.0, fcs.1).
+    """
+
+    def __init__(self, in_channels=256, resolution=7, num_convs=4, conv_dim=256, num_fcs=1, fc_dim=1024, norm="gn",
+                 num_groups=32):
+        super().__init__()
+        blocks, channels = [], in_channels
+        for _ in range(num_convs):
+            conv = nn.Conv2d(channels, conv_dim, 3, padding=1, bias=norm == "none")  # a norm's shift replaces bias
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # MSRA, as Detectron2/torchvision
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+            blocks.append(nn.Sequential(conv, make_norm(norm, conv_dim, num_groups), nn.ReLU(inplace=True)))
+            channels = conv_dim
+        self.convs = nn.Sequential(*blocks)
+        self.fcs = nn.ModuleList()
+        features = channels * resolution * resolution
+        for _ in range(num_fcs):
+            fc = nn.Linear(features, fc_dim)
+            if num_convs > 0:  # Detectron2's conv+fc head: c2_xavier_fill (kaiming uniform, a=1), bias 0
+                nn.init.kaiming_uniform_(fc.weight, a=1)
+                nn.init.zeros_(fc.bias)
+            # the 2fc head keeps nn.Linear's default init, as torchvision's TwoMLPHead
+            self.fcs.append(fc)
+            features = fc_dim
+        self.out_channels = features
+
+    def forward(self, x):
+        """x (R, C, S, S) -> (R, out_channels)."""
+        x = self.convs(x).flatten(start_dim=1)  # (R, C'*S*S)
+        for fc in self.fcs:
+            x = F.relu(fc(x))
+        return x
+
+
+class BoxPredictor(nn.Module):
+    """Fast R-CNN Sec. 2 sibling outputs: K class scores (background = 0 included) and 4 deltas per class."""
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+        # Fast R-CNN Sec. 2.3 (and Detectron/Detectron2): N(0, 0.01^2) scores, N(0, 0.001^2) deltas, biases 0;
+        # torchvision's FastRCNNPredictor keeps nn.Linear's default init instead.
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x):
+        """x (R, F) -> class logits (R, K), box deltas (R, K*4)."""
+        x = x.flatten(start_dim=1)  # (R, F)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets):
+    """Fast R-CNN Eq. 1: L = L_cls + [u >= 1] L_loc; logits (R, K), deltas (R, K*4), labels (R,), targets (R, 4).
+
+    L_cls is the mean cross-entropy over the sampled RoIs. L_loc is smooth-L1 on the ground-truth class's deltas of the
+    foreground RoIs, summed and divided by all R sampled RoIs (torchvision; Detectron does the same).
+    """
+    loss_cls = F.cross_entropy(class_logits, labels)
+    fg = torch.where(labels > BACKGROUND)[0]  # (P,) Iverson bracket [u >= 1]
+    box_deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)  # (R, K, 4)
+    # Fast R-CNN Eq. 3 smooth-L1 has beta = 1; torchvision uses beta = 1/9 (a narrower quadratic zone)
+    loss_box = F.smooth_l1_loss(box_deltas[fg, labels[fg]], regression_targets[fg], beta=1 / 9, reduction="sum")
+    return loss_cls, loss_box / labels.numel()
+
+
+class RoIHeads(nn.Module):
+    """Sample RoIs, pool them, run the box head (and mask head); losses in training, detections in eval."""
+
+    def __init__(self, box_head, box_predictor, mask_head=None, fg_iou=0.5, bg_iou=0.5, batch_size_per_image=512,
+                 positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
+                 detections_per_img=100, box_resolution=7, mask_resolution=14, sampling_ratio=2, aligned=False):
+        super().__init__()
+        self.box_head, self.box_predictor, self.mask_head = box_head, box_predictor, mask_head
+        # Fast R-CNN Sec. 2.3: foreground at IoU >= 0.5; Detectron/torchvision make everything below 0.5 background
+        # (the paper's background is [0.1, 0.5)). No low-quality matches: GT boxes are among the proposals anyway.
+        self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
+        # Mask R-CNN Sec. 3.1: 512 RoIs per image for FPN, positive-to-negative 1:3 (Fast R-CNN's 25% foreground)
+        self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+        # (10, 10, 5, 5) replaces Fast R-CNN's normalisation of the targets to zero mean and unit variance
+        self.box_coder = BoxCoder(weights=bbox_reg_weights)
+        self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
+        self.box_resolution, self.mask_resolution = box_resolution, mask_resolution
+        self.sampling_ratio, self.aligned = sampling_ratio, aligned
+
+    def sample_rois(self, proposals, targets):
+        """Per image: add the GT boxes, match, sample. Returns RoIs [(R_i, 4)], labels (R,), matched GT [(R_i,)]
+        and regression targets (R, 4), R = sum R_i."""
+        rois, labels, matched, regression_targets = [], [], [], []
+        for props, target in zip(proposals, targets):  # loop over images
+            gt_boxes, gt_labels = target["boxes"].to(props.dtype), target["labels"]
+            # GT boxes join the proposals (Detectron, torchvision): every GT has a perfect positive RoI from the start
+            props = torch.cat([props.detach(), gt_boxes])  # detach: approximate joint training (Faster R-CNN Sec. 3.2)
+            if gt_boxes.shape[0] == 0:  # no objects: every RoI is background
+                gt_idx = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
+                cls = torch.zeros_like(gt_idx)
+            else:
+                match = self.matcher(box_iou(gt_boxes, props))  # (P,) GT index or a negative sentinel
+                gt_idx = match.clamp(min=0)
+                cls = gt_labels[gt_idx].to(torch.int64)
+                cls[match == Matcher.BELOW_LOW_THRESHOLD] = BACKGROUND
+                cls[match == Matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
+            pos, neg = self.sampler(cls.clamp(max=1))  # sampler labels: 1 positive, 0 negative, -1 ignore
+            keep = torch.sort(torch.cat([pos, neg])).values  # (R_i,) in proposal order, as torchvision
+            props, gt_idx, cls = props[keep], gt_idx[keep], cls[keep]
+            # a GT-free image has no box to regress to; its RoIs are all background, so their (zero) targets are unused
+            gt_for_roi = gt_boxes[gt_idx] if gt_boxes.shape[0] else props  # (R_i, 4)
+            rois.append(props)
+            labels.append(cls)
+            matched.append(gt_idx)
+            regression_targets.append(self.box_coder.encode(gt_for_roi, props))  # Faster R-CNN Eq. 2 targets
+        return rois, torch.cat(labels), matched, torch.cat(regression_targets)
+
+    def postprocess(self, class_logits, box_deltas, rois, image_sizes):
+        """Per image: per-class boxes, drop background and scores <= score_thresh, class-wise NMS, keep the top
+        detections_per_img (Mask R-CNN Sec. 3.1 "Inference"; torchvision's postprocess_detections)."""
+        K = class_logits.shape[1]
+        boxes = self.box_coder.decode(box_deltas.reshape(box_deltas.shape[0], K, 4), torch.cat(rois))  # (R, K, 4)
+        scores = F.softmax(class_logits, dim=-1)  # (R, K)
+        detections = []
+        per_image = [r.shape[0] for r in rois]
+        for b, s, size in zip(boxes.split(per_image), scores.split(per_image), image_sizes):  # loop over images
+            b = clip_boxes(b, size)[:, 1:].reshape(-1, 4)  # (R_i*(K-1), 4): background column dropped
+            labels = torch.arange(1, K, device=s.device).repeat(s.shape[0])  # (R_i*(K-1),) class of each row
+            s = s[:, 1:].reshape(-1)  # (R_i*(K-1),)
+            keep = torch.where(s > self.score_thresh)[0]
+            b, s, labels = b[keep], s[keep], labels[keep]
+            keep = remove_small_boxes(b, min_size=1e-2)  # torchvision: drop boxes under 0.01 pixel
+            b, s, labels = b[keep], s[keep], labels[keep]
+            keep = batched_nms(b, s, labels, self.nms_thresh)[:self.detections_per_img]  # NMS per class
+            detections.append({"boxes": b[keep], "labels": labels[keep], "scores": s[keep]})
+        return detections
+
+    def forward(self, features, proposals, image_shape, image_sizes, targets=None):
+        """features [P2..P5] (N, C, H/4, W/4) ...; proposals [(R_i, 4)]; image_shape (H, W) of the padded batch;
+        image_sizes [(h, w)] before padding; targets [{"boxes" (G, 4), "labels" (G,), "masks" (G, h, w)}].
+        Returns (detections, losses): ([], {"loss_cls", "loss_box", "loss_mask"}) in training;
+        ([{"boxes" (D, 4), "labels" (D,), "scores" (D,), "mask_probs" (D, 1, M, M)}], {}) in eval."""
+        if self.training:
+            assert targets is not None, "RoIHeads needs targets in training"
+            proposals, labels, matched, regression_targets = self.sample_rois(proposals, targets)
+        box_features = multilevel_roi_align(features, proposals, image_shape, self.box_resolution,
+                                            self.sampling_ratio, self.aligned)  # (R, C, 7, 7)
+        class_logits, box_deltas = self.box_predictor(self.box_head(box_features))  # (R, K), (R, K*4)
+
+        if self.training:
+            loss_cls, loss_box = fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)
+            losses = {"loss_cls": loss_cls, "loss_box": loss_box}
+            if self.mask_head is not None:
+                # Mask R-CNN Sec. 3: L_mask is defined on positive RoIs only
+                fg = [torch.where(lab > BACKGROUND)[0] for lab in labels.split([p.shape[0] for p in proposals])]
+                fg_rois = [p[i] for p, i in zip(proposals, fg)]
+                mask_logits = self.predict_masks(features, fg_rois, image_shape)  # (P, K, M, M)
+                gt = [mask_targets(t["masks"], r, m[i], mask_logits.shape[-1])
+                      for t, r, m, i in zip(targets, fg_rois, matched, fg)]  # [(P_i, M, M)] per image
+                losses["loss_mask"] = mask_loss(mask_logits, labels[labels > BACKGROUND], torch.cat(gt))
+            return [], losses
+
+        detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes)
+        if self.mask_head is not None:
+            # Mask R-CNN Sec. 3.1 "Inference": the mask branch runs on the final detection boxes
+            mask_logits = self.predict_masks(features, [d["boxes"] for d in detections], image_shape)  # (D, K, M, M)
+            labels = torch.cat([d["labels"] for d in detections])  # (D,)
+            # Mask R-CNN Sec. 3: only the mask of the predicted class k is used, as a per-pixel sigmoid
+            probs = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels].sigmoid()  # (D, M, M)
+            for d, p in zip(detections, probs[:, None].split([d["labels"].shape[0] for d in detections])):
+                d["mask_probs"] = p  # (D_i, 1, M, M)
+        return detections, {}
+
+    def predict_masks(self, features, boxes, image_shape):
+        """[(R_i, 4)] boxes -> (R, K, 2*mask_resolution, 2*mask_resolution) mask logits."""
+        pooled = multilevel_roi_align(features, boxes, image_shape, self.mask_resolution, self.sampling_ratio,
+                                      self.aligned)  # (R, C, 14, 14)
+        return self.mask_head(pooled)
