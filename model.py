@@ -1,0 +1,154 @@
+"""Mask R-CNN: backbone -> FPN -> RPN -> RoI heads, and the named presets of the paper.
+
+He, Girshick, Dollár, "Rethinking ImageNet Pre-training" (arXiv:1811.08883), Sec. 4: Mask R-CNN with a ResNet or
+ResNeXt + FPN backbone, with GroupNorm (or SyncBN) in the backbone, the FPN and both heads, trained from random
+initialization. He et al., "Mask R-CNN" (arXiv:1703.06870) Sec. 3 for the heads.
+
+Shapes: N images, (H, W) the padded batch, (h, w) one image's size before padding, R detections per image.
+
+    images (N, 3, H, W) --backbone--> C2..C5 --fpn--> P2..P6 --rpn--> proposals --roi_heads--> detections
+"""
+import re
+
+from torch import nn
+
+from backbone import ResNet
+from fpn import FPN
+from roi_heads import BoxHead, BoxPredictor, MaskHead, RoIHeads, paste_masks
+from rpn import RPN
+
+RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+# Every preset is a plain set of keyword arguments for `build_model`; `**overrides` replaces any of them.
+_PAPER = dict(
+    depth=50, groups=1, width_per_group=64, stem_channels=64,
+    norm="gn", num_groups=32, freeze_at=0,             # Sec. 4: GN everywhere, nothing frozen (scratch)
+    fpn_channels=256, fpn_norm="gn",                    # GN in the FPN-specific layers [Detectron GN baselines]
+    anchor_sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0),
+    rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000,
+    rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
+    rpn_batch_size_per_image=256, roi_batch_size_per_image=512,
+    box_num_convs=4, box_num_fcs=1, box_conv_dim=256, box_fc_dim=1024, head_norm="gn",  # 4conv1fc + GN
+    mask_num_convs=4, mask_conv_dim=256,
+    aligned=False,                                      # Detectron's RoIAlign (not D2's ROIAlignV2)
+)
+
+PRESETS = {
+    "r50_fpn_gn": _PAPER,
+    "r101_fpn_gn": dict(_PAPER, depth=101),
+    "r50_fpn_syncbn": dict(_PAPER, norm="syncbn", fpn_norm="syncbn", head_norm="syncbn"),
+    # The classic pre-trained baseline: frozen BN in the backbone, no norm in FPN and heads, stem + res2 frozen.
+    "r50_fpn_frozenbn": dict(_PAPER, norm="frozen_bn", freeze_at=2, fpn_norm="none", head_norm="none"),
+    # torchvision's maskrcnn_resnet50_fpn (v1) exactly: FrozenBN, 2fc box head, plain mask head, aligned=False,
+    # and its RPN keeps 2000 proposals per image in training.
+    "tv_maskrcnn_v1": dict(_PAPER, norm="frozen_bn", freeze_at=2, fpn_norm="none", head_norm="none",
+                           box_num_convs=0, box_num_fcs=2, rpn_post_nms_top_n_train=2000),
+    # Small enough to train on a 2-core CPU in minutes; same architecture, fewer and thinner layers.
+    # Departures: one block per stage, 16-wide bottlenecks, 8 GN groups (so they divide 16 channels),
+    # 64-channel FPN and heads, 2-conv heads, anchors halved for the small synthetic images.
+    "tiny": dict(_PAPER, depth=None, layers=(1, 1, 1, 1), width_per_group=16, stem_channels=32, num_groups=8,
+                 fpn_channels=64, anchor_sizes=(16, 32, 64, 128, 256),
+                 rpn_pre_nms_top_n_train=500, rpn_post_nms_top_n_train=250,
+                 rpn_pre_nms_top_n_test=250, rpn_post_nms_top_n_test=250,
+                 rpn_batch_size_per_image=128, roi_batch_size_per_image=128,
+                 box_num_convs=2, box_conv_dim=64, box_fc_dim=256, mask_num_convs=2, mask_conv_dim=64),
+}
+
+
+class MaskRCNN(nn.Module):
+    def __init__(self, backbone, fpn, rpn, roi_heads):
+        super().__init__()
+        self.backbone, self.fpn, self.rpn, self.roi_heads = backbone, fpn, rpn, roi_heads
+
+    def forward(self, images, image_sizes, targets=None, original_sizes=None):
+        """images: (N, 3, H, W), normalized and padded; image_sizes: [(h, w)] before padding.
+
+        Training returns a dict of named losses. Evaluation returns, per image, a dict with boxes (R, 4) as
+        (x1, y1, x2, y2), labels (R,), scores (R,) and soft masks (R, 1, h, w) pasted into the image, all in the
+        pixels of image_sizes, or of original_sizes when given (the sizes before the data pipeline resized).
+        """
+        if self.training and targets is None:
+            raise ValueError("MaskRCNN in training mode needs targets; call model.eval() for inference")
+        image_shape = tuple(images.shape[-2:])
+        features = self.fpn(self.backbone(images))                    # {"P2": (N, C, H/4, W/4), ..., "P6"}
+        features = list(features.values())
+        proposals, rpn_losses = self.rpn(features, image_shape, image_sizes, targets)
+        # FPN Sec. 4.2: the RoI heads pool from P2..P5; P6 only feeds the RPN.
+        detections, roi_losses = self.roi_heads(features[:4], proposals, image_shape, image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return self.postprocess(detections, image_sizes, original_sizes or image_sizes)
+
+    @staticmethod
+    def postprocess(detections, image_sizes, output_sizes):
+        """Rescale boxes from the network's input size to output_sizes and paste the 28x28 masks there."""
+        results = []
+        for det, (h, w), (out_h, out_w) in zip(detections, image_sizes, output_sizes):
+            scale = det["boxes"].new_tensor([out_w / w, out_h / h, out_w / w, out_h / h])
+            boxes = det["boxes"] * scale
+            result = {"boxes": boxes, "labels": det["labels"], "scores": det["scores"]}
+            if "mask_probs" in det:
+                result["masks"] = paste_masks(det["mask_probs"], boxes, (out_h, out_w))  # (R, 1, out_h, out_w)
+            results.append(result)
+        return results
+
+
+def build_model(preset, num_classes, **overrides):
+    """Build a named preset (see PRESETS) for num_classes classes, background included (81 for COCO)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    unknown = set(overrides) - set(PRESETS[preset]) - {"layers"}
+    if unknown:
+        raise ValueError(f"unknown model option(s) {sorted(unknown)} for preset {preset!r}")
+    cfg = dict(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    layers = cfg.get("layers") or RESNET_LAYERS[cfg["depth"]]
+
+    backbone = ResNet(layers=layers, groups=cfg["groups"], width_per_group=cfg["width_per_group"],
+                      stem_channels=cfg["stem_channels"], norm=cfg["norm"], num_groups=cfg["num_groups"],
+                      freeze_at=cfg["freeze_at"])
+    fpn = FPN(in_channels=backbone.out_channels, out_channels=cfg["fpn_channels"], norm=cfg["fpn_norm"],
+              num_groups=cfg["num_groups"])
+    rpn = RPN(in_channels=cfg["fpn_channels"], anchor_sizes=cfg["anchor_sizes"], aspect_ratios=cfg["aspect_ratios"],
+              batch_size_per_image=cfg["rpn_batch_size_per_image"],
+              pre_nms_top_n_train=cfg["rpn_pre_nms_top_n_train"], post_nms_top_n_train=cfg["rpn_post_nms_top_n_train"],
+              pre_nms_top_n_test=cfg["rpn_pre_nms_top_n_test"], post_nms_top_n_test=cfg["rpn_post_nms_top_n_test"])
+    box_head = BoxHead(in_channels=cfg["fpn_channels"], num_convs=cfg["box_num_convs"], conv_dim=cfg["box_conv_dim"],
+                       num_fcs=cfg["box_num_fcs"], fc_dim=cfg["box_fc_dim"], norm=cfg["head_norm"],
+                       num_groups=cfg["num_groups"])
+    mask_head = MaskHead(in_channels=cfg["fpn_channels"], num_convs=cfg["mask_num_convs"],
+                         conv_dim=cfg["mask_conv_dim"], norm=cfg["head_norm"], num_groups=cfg["num_groups"],
+                         num_classes=num_classes)
+    roi_heads = RoIHeads(box_head, BoxPredictor(box_head.out_channels, num_classes), mask_head,
+                         batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"])
+    return MaskRCNN(backbone, fpn, rpn, roi_heads)
+
+
+# torchvision's maskrcnn_resnet50_fpn names -> ours (older torchvision names the mask convs mask_fcn1..4).
+_TORCHVISION_NAMES = [
+    (r"^backbone\.body\.", "backbone."),
+    (r"^backbone\.fpn\.inner_blocks\.(\d)\.(0\.)?", r"fpn.lateral_convs.\1.0."),
+    (r"^backbone\.fpn\.layer_blocks\.(\d)\.(0\.)?", r"fpn.output_convs.\1.0."),
+    (r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv."),
+    (r"^roi_heads\.box_head\.fc6\.", "roi_heads.box_head.fcs.0."),
+    (r"^roi_heads\.box_head\.fc7\.", "roi_heads.box_head.fcs.1."),
+    (r"^roi_heads\.mask_head\.(\d)\.0\.", r"roi_heads.mask_head.convs.\1.0."),
+    (r"^roi_heads\.mask_head\.mask_fcn(\d)\.", lambda m: f"roi_heads.mask_head.convs.{int(m[1]) - 1}.0."),
+    (r"^roi_heads\.mask_predictor\.conv5_mask\.", "roi_heads.mask_head.deconv."),
+    (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.", "roi_heads.mask_head.mask_logits."),
+]
+
+
+def convert_torchvision_state_dict(state_dict):
+    """Map a torchvision maskrcnn_resnet50_fpn state dict onto build_model("tv_maskrcnn_v1", 91).
+
+    With torchvision's published COCO weights (37.9 box / 34.6 mask AP) this code gives the same detections.
+    BatchNorm's num_batches_tracked counters have no meaning for frozen BN and are dropped.
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        for pattern, replacement in _TORCHVISION_NAMES:
+            key = re.sub(pattern, replacement, key)
+        converted[key] = value
+    return converted

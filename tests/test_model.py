@@ -1,0 +1,153 @@
+"""The whole model against torchvision's maskrcnn_resnet50_fpn, converted into the tv_maskrcnn_v1 preset.
+
+Same random weights, same input: the same proposals, boxes, scores, labels and pasted masks, and in training the
+same losses. Then the paper's presets: they build, train on an image with no objects, and infer nothing gracefully.
+"""
+import pytest
+import torch
+
+from model import PRESETS, build_model, convert_torchvision_state_dict
+
+tv = pytest.importorskip("torchvision")
+from torchvision.models.detection import MaskRCNN as TVMaskRCNN            # noqa: E402
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor  # noqa: E402
+from torchvision.models.detection.image_list import ImageList              # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d                          # noqa: E402
+
+NUM_CLASSES = 3          # with 3 classes random weights score ~1/3 > 0.05, so detections survive the threshold
+SIZES = [(320, 416), (288, 384)]
+
+
+def randomize_frozen_bn(module, generator):
+    for m in module.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.copy_(torch.rand(m.weight.shape, generator=generator) * 0.5 + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+
+
+def make_pair():
+    """torchvision's v1 Mask R-CNN (FrozenBN ResNet-50, 3 trainable stages) and ours with its weights."""
+    torch.manual_seed(0)
+    body = tv.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    theirs = TVMaskRCNN(_resnet_fpn_extractor(body, trainable_layers=3), num_classes=NUM_CLASSES)
+    with torch.no_grad():
+        randomize_frozen_bn(theirs, torch.Generator().manual_seed(1))
+        theirs.rpn.head.cls_logits.weight.mul_(30)   # spread the objectness logits: fewer exact score ties
+    ours = build_model("tv_maskrcnn_v1", num_classes=NUM_CLASSES)
+    ours.load_state_dict(convert_torchvision_state_dict(theirs.state_dict()))
+    images = torch.zeros(2, 3, 320, 416)
+    torch.manual_seed(2)
+    for img, (h, w) in zip(images, SIZES):
+        img[:, :h, :w] = torch.randn(3, h, w)
+    return theirs, ours, images
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
+
+
+def by_box(boxes):
+    """Row order sorted by (x1, y1, x2, y2): outputs equal up to the order of exactly tied scores compare equal."""
+    order = torch.arange(len(boxes))
+    for col in (3, 2, 1, 0):
+        order = order[torch.sort(boxes[order, col], stable=True)[1]]
+    return order
+
+
+def test_parameter_count_matches_torchvision(pair):
+    theirs, ours, _ = pair
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    assert sum(p.numel() for p in build_model("tv_maskrcnn_v1", 91).parameters()) == 44_401_393  # torchvision docs
+
+
+@torch.no_grad()
+def test_inference_equals_torchvision(pair):
+    theirs, ours, images = pair
+    theirs.eval(), ours.eval()
+    image_list = ImageList(images, SIZES)
+    features = theirs.backbone(images)
+    tv_proposals, _ = theirs.rpn(image_list, features)
+    tv_detections, _ = theirs.roi_heads(features, tv_proposals, SIZES)
+    tv_detections = theirs.transform.postprocess(tv_detections, SIZES, SIZES)   # pastes the masks
+
+    P = list(ours.fpn(ours.backbone(images)).values())
+    for ours_p, tv_p in zip(P, features.values()):
+        torch.testing.assert_close(ours_p, tv_p, rtol=1e-4, atol=1e-4)
+    proposals, _ = ours.rpn(P, tuple(images.shape[-2:]), SIZES)
+    for a, b in zip(proposals, tv_proposals):
+        assert a.shape == b.shape and len(a) > 100
+        torch.testing.assert_close(a[by_box(a)], b[by_box(b)], rtol=1e-4, atol=1e-3)
+
+    detections = ours(images, SIZES)
+    for ours_d, tv_d in zip(detections, tv_detections):
+        assert len(ours_d["boxes"]) > 10
+        i, j = by_box(ours_d["boxes"]), by_box(tv_d["boxes"])
+        assert torch.equal(ours_d["labels"][i], tv_d["labels"][j])
+        torch.testing.assert_close(ours_d["boxes"][i], tv_d["boxes"][j], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(ours_d["scores"][i], tv_d["scores"][j], rtol=1e-4, atol=1e-5)
+        assert ours_d["masks"].shape == tv_d["masks"].shape
+        torch.testing.assert_close(ours_d["masks"][i], tv_d["masks"][j], rtol=1e-3, atol=1e-3)
+
+
+def test_training_losses_equal_torchvision(pair):
+    theirs, ours, images = pair
+    theirs.train(), ours.train()
+    targets = []
+    for h, w in SIZES:
+        boxes = torch.tensor([[20.0, 30.0, 180.0, 200.0], [150.0, 40.0, 300.0, 250.0]])
+        masks = torch.zeros(2, h, w, dtype=torch.uint8)
+        masks[0, 40:190, 30:170] = 1
+        masks[1, 50:240, 160:290] = 1
+        targets.append({"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks})
+    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                  "masks": torch.zeros(0, *SIZES[1], dtype=torch.uint8)}                 # an image with no objects
+    torch.manual_seed(3)  # both samplers draw the same random permutations in the same order
+    image_list = ImageList(images, SIZES)
+    features = theirs.backbone(images)
+    tv_proposals, tv_rpn = theirs.rpn(image_list, features, targets)
+    _, tv_roi = theirs.roi_heads(features, tv_proposals, SIZES, targets)
+    torch.manual_seed(3)
+    losses = ours(images, SIZES, targets)
+    names = {"loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_box", "loss_classifier": "loss_cls",
+             "loss_box_reg": "loss_box", "loss_mask": "loss_mask"}
+    assert set(losses) == set(names.values())
+    for tv_name, value in {**tv_rpn, **tv_roi}.items():
+        torch.testing.assert_close(losses[names[tv_name]], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "r50_fpn_gn"])
+def test_presets_train_on_empty_images_and_detect_nothing_gracefully(preset):
+    torch.manual_seed(0)
+    model = build_model(preset, num_classes=4)
+    images = torch.randn(1, 3, 64, 96)
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+              "masks": torch.zeros(0, 64, 96, dtype=torch.uint8)}]
+    losses = model(images, [(64, 96)], empty)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask"}
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    model.roi_heads.score_thresh = 1.1          # nothing can pass: zero detections
+    (out,) = model(images, [(64, 96)], original_sizes=[(32, 48)])
+    assert out["boxes"].shape == (0, 4) and out["masks"].shape == (0, 1, 32, 48)
+
+
+def test_presets_are_what_the_paper_says():
+    gn = build_model("r50_fpn_gn", num_classes=81)
+    names = {type(m).__name__ for m in gn.modules()}
+    assert "GroupNorm" in names and not names & {"FrozenBatchNorm2d", "BatchNorm2d"}
+    assert all(p.requires_grad for p in gn.parameters())                       # freeze_at = 0: scratch
+    assert len(gn.roi_heads.box_head.convs) > 0 and len(gn.roi_heads.box_head.fcs) == 1   # 4conv1fc
+    assert PRESETS["r101_fpn_gn"]["depth"] == 101
+    syncbn = build_model("r50_fpn_syncbn", num_classes=81)
+    assert "SyncBatchNorm" in {type(m).__name__ for m in syncbn.modules()}
+
+
+def test_unknown_preset_and_option_are_refused():
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_model("r50_fpn_nope", num_classes=3)
+    with pytest.raises(ValueError, match="unknown model option"):
+        build_model("tiny", num_classes=3, colour="red")
