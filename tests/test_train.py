@@ -1,0 +1,104 @@
+"""The training loop: schedule math, weight decay groups, exact resume, refusals and the non-finite-loss stop."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import data
+import train
+
+
+def test_schedule_at_batch_16():
+    # Rethinking Sec. 4: 2x = 180k iterations, LR drops at the last 60k and 20k; 6x drops at 480k and 520k.
+    assert train.schedule(2, 16) == (180_000, [120_000, 160_000])
+    assert train.schedule(6, 16) == (540_000, [480_000, 520_000])
+
+
+def test_schedule_scales_with_batch():
+    # Batch 2 sees 8x fewer images per iteration, so every count is 8x larger (linear scaling rule).
+    assert train.schedule(2, 2) == (1_440_000, [960_000, 1_280_000])
+    assert train.schedule(6, 2) == (4_320_000, [3_840_000, 4_160_000])
+
+
+def test_lr_warmup_and_steps():
+    lr = lambda it: train.lr_at(it, 0.02, steps=(100, 200), gamma=0.1, warmup_iters=50, warmup_factor=1 / 3)
+    assert lr(0) == pytest.approx(0.02 / 3)
+    assert lr(25) == pytest.approx(0.02 * (1 / 3 * 0.5 + 0.5))       # half-way along the linear ramp
+    assert lr(50) == pytest.approx(0.02)
+    assert lr(99) == pytest.approx(0.02)
+    assert lr(100) == pytest.approx(0.002)
+    assert lr(200) == pytest.approx(0.0002)
+
+
+def test_no_weight_decay_on_norm_parameters():
+    from model import build_model
+    model = build_model("tiny", num_classes=3)
+    decay, no_decay = train.param_groups(model, 1e-4)
+    norm_params = {id(p) for m in model.modules() if type(m).__name__ == "GroupNorm" for p in m.parameters()}
+    assert norm_params and {id(p) for p in no_decay["params"]} == norm_params
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len([p for p in model.parameters() if p.requires_grad])
+
+
+def test_scratch_with_frozen_bn_is_refused():
+    with pytest.raises(SystemExit, match="frozen"):
+        train.resolve(train.get_args(["--norm", "frozen_bn", "--device", "cpu"]))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    data.make_shapes(str(root), num_train=8, num_val=4, seed=0)
+    return root
+
+
+def run_args(shapes, out, *extra):
+    return ["--train-ann", str(shapes / "annotations" / "instances_train.json"), "--train-images", str(shapes / "train"),
+            "--val-ann", str(shapes / "annotations" / "instances_val.json"), "--val-images", str(shapes / "val"),
+            "--data", "custom", "--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--min-size", "96",
+            "--workers", "0", "--log-period", "1", "--warmup-iters", "2", "--output-dir", str(out), *extra]
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_resume_is_exact(shapes, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train.main(run_args(shapes, full, "--max-iters", "6", "--ckpt-period", "3", "--no-eval"))
+    resumed.mkdir()
+    shutil.copy(full / "model_0000003.pth", resumed / "model_0000003.pth")
+    train.main(run_args(shapes, resumed, "--max-iters", "6", "--ckpt-period", "3", "--no-eval", "--resume", "auto"))
+    a, b = read_rows(full / "metrics.jsonl"), read_rows(resumed / "metrics.jsonl")
+    assert [r["iter"] for r in b] == [4, 5, 6]
+    for ra, rb in zip(a[3:], b):
+        for k in ra:
+            if k.startswith("loss") or k.startswith("seen_") or k == "lr":
+                assert ra[k] == rb[k], (ra["iter"], k)
+    sa = torch.load(full / "model_0000006.pth", weights_only=False)["model"]
+    sb = torch.load(resumed / "model_0000006.pth", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_non_finite_loss_stops_with_the_iteration_and_term(shapes, tmp_path):
+    with pytest.raises(SystemExit, match=r"non-finite loss at iteration \d+: loss_"):
+        train.main(run_args(shapes, tmp_path, "--max-iters", "30", "--lr", "1e6", "--warmup-iters", "0",
+                            "--ckpt-period", "1", "--no-eval"))
+    # Every checkpoint on disk is complete and loadable (written atomically); no temp file is left over.
+    names = os.listdir(tmp_path)
+    assert not [n for n in names if n.endswith(".tmp")]
+    for n in names:
+        if n.endswith(".pth"):
+            torch.load(tmp_path / n, weights_only=False)
+
+
+def test_checkpoint_from_another_preset_is_refused(shapes, tmp_path):
+    train.main(run_args(shapes, tmp_path, "--max-iters", "1", "--no-eval"))
+    args = run_args(shapes, tmp_path / "other", "--max-iters", "2", "--no-eval",
+                    "--resume", str(tmp_path / "model_0000001.pth"))
+    args[args.index("tiny")] = "r50_fpn_gn"
+    with pytest.raises(SystemExit, match="preset 'tiny'"):
+        train.main(args)

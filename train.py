@@ -1,0 +1,285 @@
+"""Train Mask R-CNN from random initialization (or from ImageNet weights): one explicit loop, top to bottom.
+
+Rethinking ImageNet Pre-training (arXiv:1811.08883), Sec. 4 "Experimental Settings": SGD with momentum 0.9,
+weight decay 1e-4, LR 0.02 at batch 16 with linear warm-up (Goyal et al. 2017), the LR divided by 10 at the last
+60k and the last 20k iterations of an N x 90k-iteration schedule, horizontal flip only, shorter side 800.
+
+    python train.py                                   # synthetic shapes, tiny model, CPU-sized (the demo)
+    python train.py --data PennFudanPed --preset r50_fpn_gn --device cuda --amp bf16
+    python train.py --data /datasets/coco --preset r50_fpn_gn --schedule 3x --batch-size 16   # Table 1
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import evaluate
+from model import PRESETS, build_model
+from norm import GroupNorm, SyncBatchNorm
+
+ITERS_1X, BATCH_1X = 90_000, 16     # Detectron's "1x": 90k iterations at 16 images (~12 COCO epochs)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="shapes",
+                   help="'shapes' (generated synthetic COCO set, the default), a PennFudanPed folder, or a COCO root "
+                        "with annotations/instances_{train,val}*.json (paper: COCO train2017 / val2017)")
+    g.add_argument("--train-ann", help="COCO json for training (overrides --data)")
+    g.add_argument("--train-images", help="image folder for --train-ann")
+    g.add_argument("--val-ann", help="COCO json for evaluation (overrides --data)")
+    g.add_argument("--val-images", help="image folder for --val-ann")
+    g.add_argument("--min-size", type=int, help="shorter image side (paper: 800; default 800, or the native size "
+                                                "of the synthetic shapes)")
+    g.add_argument("--max-size", type=int, default=1333, help="cap on the longer side (Detectron: 1333)")
+    g.add_argument("--train-subset", type=int, help="train on a random subset of N images (Sec. 5.3: 1k..35k)")
+    g.add_argument("--subset-seed", type=int, default=0, help="seed that picks the subset")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="architecture (paper: r50_fpn_gn; default: tiny on CPU, r50_fpn_gn on GPU)")
+    g.add_argument("--norm", choices=["gn", "syncbn", "bn", "frozen_bn", "none"],
+                   help="normalization in backbone, FPN and heads, overriding the preset (paper: gn or syncbn)")
+    g.add_argument("--init", choices=["scratch", "imagenet"], default="scratch",
+                   help="random (MSRA) init, the paper's subject, or ImageNet weights from --pretrained")
+    g.add_argument("--pretrained", help="torchvision-format ImageNet checkpoint of the backbone, for --init imagenet")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, help="images per iteration (paper: 16 = 8 GPUs x 2; default: 4 on CPU)")
+    g.add_argument("--lr", type=float, help="base LR (paper: 0.02 at batch 16; default 0.02 x batch / 16)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="weight decay (paper: 1e-4), not applied to normalization parameters (Detectron)")
+    g.add_argument("--schedule", help="Nx = N x 90k iterations at batch 16, scaled to the batch; sets --max-iters "
+                                      "and the LR drops at the last 60k and 20k (paper: 2x..6x from scratch)")
+    g.add_argument("--max-iters", type=int, help="training iterations (default: the schedule, or 1000 on shapes)")
+    g.add_argument("--lr-steps", type=lambda s: [int(x) for x in s.split(",")],
+                   help="comma-separated iterations where the LR drops (default: from --schedule, else none)")
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="LR factor at each drop (paper: 0.1)")
+    g.add_argument("--warmup-iters", type=int, default=500, help="linear warm-up iterations (Detectron: 500)")
+    g.add_argument("--warmup-factor", type=float, default=1 / 3, help="warm-up starting LR factor (Detectron: 1/3)")
+
+    g = p.add_argument_group("run control")
+    g.add_argument("--eval-period", type=int, default=0, help="evaluate every N iterations (0: only at the end)")
+    g.add_argument("--ckpt-period", type=int, default=500, help="checkpoint every N iterations")
+    g.add_argument("--log-period", type=int, default=20, help="write a metrics row every N iterations")
+    g.add_argument("--output-dir", default="runs/demo", help="where checkpoints, metrics.jsonl and args.json go")
+    g.add_argument("--resume", help="checkpoint path, or 'auto' for the latest one in --output-dir")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, sampling and augmentation")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
+    g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    g.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    return p.parse_args(argv)
+
+
+def resolve(args):
+    """Fill the defaults that depend on the device, data and batch, and refuse combinations that make no sense."""
+    cpu = not args.device.startswith("cuda")
+    args.preset = args.preset or ("tiny" if cpu else "r50_fpn_gn")
+    args.batch_size = args.batch_size or (4 if cpu else 16)
+    args.lr = args.lr or 0.02 * args.batch_size / BATCH_1X                      # linear scaling rule (Goyal et al.)
+    if args.schedule:
+        n = float(args.schedule.rstrip("x"))
+        args.max_iters, args.lr_steps = schedule(n, args.batch_size)
+    args.max_iters = args.max_iters or (1000 if args.data == "shapes" else ITERS_1X * BATCH_1X // args.batch_size)
+    args.lr_steps = args.lr_steps or []
+    if args.min_size is None:
+        args.min_size = 128 if args.data == "shapes" and not args.train_ann else 800
+    norm = args.norm or PRESETS[args.preset]["norm"]
+    if args.init == "scratch" and norm == "frozen_bn":
+        sys.exit("error: --init scratch with frozen_bn: frozen BN keeps the random init's statistics and never "
+                 "normalizes (Rethinking Sec. 3.1); use --norm gn or --norm syncbn, or --init imagenet")
+    if args.init == "imagenet" and not args.pretrained:
+        sys.exit("error: --init imagenet needs --pretrained PATH (a torchvision ImageNet checkpoint; nothing is "
+                 "downloaded)")
+    if args.amp != "none" and cpu and args.amp == "fp16":
+        sys.exit("error: --amp fp16 needs --device cuda; use --amp bf16 on CPU")
+    return args
+
+
+def schedule(n, batch_size):
+    """Rethinking Sec. 4: an Nx schedule is N x 90k iterations at batch 16, with the LR divided at the last 60k and
+    the last 20k iterations whatever N is; at another batch, iterations scale by 16 / batch (Goyal et al.)."""
+    scale = BATCH_1X / batch_size
+    total = round(n * ITERS_1X * scale)
+    return total, [round((n * ITERS_1X - 60_000) * scale), round((n * ITERS_1X - 20_000) * scale)]
+
+
+def lr_at(it, base_lr, steps=(), gamma=0.1, warmup_iters=500, warmup_factor=1 / 3):
+    """The LR at iteration it: linear warm-up from base_lr * warmup_factor, then a 10x drop at each step."""
+    lr = base_lr * gamma ** sum(it >= s for s in steps)
+    if it < warmup_iters:
+        alpha = it / warmup_iters
+        lr *= warmup_factor * (1 - alpha) + alpha
+    return lr
+
+
+def param_groups(model, weight_decay):
+    """No weight decay on normalization parameters (Detectron WEIGHT_DECAY_GN = 0, detectron2 WEIGHT_DECAY_NORM)."""
+    norm_types = (GroupNorm, SyncBatchNorm, torch.nn.BatchNorm2d)
+    decay, no_decay = [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if isinstance(module, norm_types) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def latest_checkpoint(output_dir):
+    names = [f for f in os.listdir(output_dir) if f.startswith("model_") and f.endswith(".pth")] \
+        if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, max(names)) if names else None
+
+
+def save_checkpoint(path, model, optimizer, scaler, iteration, args, seen):
+    """Written atomically: a crash mid-write leaves the previous checkpoint intact."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+             "args": vars(args), "scaler": scaler.state_dict() if scaler else None, "seen": seen,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, preset):
+    if not os.path.isfile(path):
+        sys.exit(f"error: checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt["args"]["preset"] != preset:
+        sys.exit(f"error: checkpoint {path} is from preset {ckpt['args']['preset']!r}, not {preset!r}")
+    return ckpt
+
+
+def load_pretrained(backbone, path):
+    """Load a torchvision ImageNet checkpoint into the backbone; report what did not match (the fc is expected)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    result = backbone.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "classifier."))]
+    print(f"loaded {path}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
+          f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+
+
+def main(argv=None):
+    args = resolve(get_args(argv))
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device(args.device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    print("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+    # Data: resizing, flipping and normalization happen in data.py, in plain view.
+    try:
+        train_set = data.build_dataset(args.data, "train", train=True, min_size=args.min_size, max_size=args.max_size,
+                                       subset=args.train_subset, subset_seed=args.subset_seed,
+                                       ann=args.train_ann, images=args.train_images)
+        val_set = data.build_dataset(args.data, "val", train=False, min_size=args.min_size, max_size=args.max_size,
+                                     ann=args.val_ann, images=args.val_images)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+
+    model = build_model(args.preset, num_classes=train_set.num_classes, norm=args.norm,
+                        fpn_norm=args.norm, head_norm=args.norm).to(device)
+    if args.init == "imagenet":
+        load_pretrained(model.backbone, args.pretrained)
+    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.preset}: {len(train_set)} training images, {train_set.num_classes - 1} classes, "
+          f"{n_params / 1e6:.2f}M trainable parameters, init {args.init}, batch {args.batch_size}, lr {args.lr:g}, "
+          f"{args.max_iters} iterations, LR drops at {args.lr_steps}")
+
+    start_iter, ckpt = 0, None
+    resume = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
+    if resume:
+        ckpt = load_checkpoint(resume, args.preset)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_iter = ckpt["iteration"]
+        print(f"resumed from {resume} at iteration {start_iter}")
+
+    batches = data.make_train_loader(train_set, args.batch_size, seed=args.seed, start_iter=start_iter,
+                                     workers=args.workers)
+    if ckpt:  # restored after the loader exists, so the RNG streams continue exactly where they stopped
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+    seen = dict(ckpt["seen"]) if ckpt else {"images": 0, "instances": 0, "pixels": 0}
+    model.train()
+    bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, dynamic_ncols=True)
+    tic = time.perf_counter()
+    for it in bar:
+        lr = lr_at(it, args.lr, args.lr_steps, args.lr_gamma, args.warmup_iters, args.warmup_factor)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        images, image_sizes, targets = next(batches)
+        images = images.to(device, non_blocking=True)
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = model(images, image_sizes, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            bad = ", ".join(f"{k} = {v.item():.4g}" for k, v in losses.items() if not torch.isfinite(v))
+            last = latest_checkpoint(args.output_dir)
+            sys.exit(f"error: non-finite loss at iteration {it}: {bad}; the last good checkpoint is {last}")
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+        # Rethinking Sec. 3.2 / Fig. 2: count the images, instances and pixels the model has seen.
+        seen["images"] += len(targets)
+        seen["instances"] += sum(len(t["boxes"]) for t in targets)
+        seen["pixels"] += sum(h * w for h, w in image_sizes)
+        terms = {k: v.item() for k, v in losses.items()}
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2g}", **{k[5:]: f"{v:.3f}" for k, v in terms.items()})
+
+        done = it + 1
+        if done % args.log_period == 0 or done == args.max_iters:
+            row = {"iter": done, "lr": lr, "loss": loss.item(), **terms,
+                   "sec_per_iter": (time.perf_counter() - tic) / args.log_period, **{f"seen_{k}": v for k, v in seen.items()}}
+            if device.type == "cuda":
+                row["max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            tic = time.perf_counter()
+        if done % args.ckpt_period == 0 or done == args.max_iters:
+            save_checkpoint(os.path.join(args.output_dir, f"model_{done:07d}.pth"), model, optimizer, scaler, done, args,
+                            seen)
+        if (args.eval_period and done % args.eval_period == 0) or (done == args.max_iters and not args.no_eval):
+            results = evaluate.evaluate(model, val_set, device, amp=args.amp, workers=args.workers)
+            metrics.write(json.dumps({"iter": done, **results}) + "\n")
+            metrics.flush()
+            model.train()
+    metrics.close()
+
+
+if __name__ == "__main__":
+    main()
