@@ -176,10 +176,11 @@ def mask_targets(gt_masks, rois, gt_index, M):
     Bx = wx.new_zeros((P, M, w)).scatter_add_(2, ix, wx)  # (P, M, w)
     row = torch.arange(P * M, device=rois.device).repeat_interleave(iy.shape[-1])  # (P*M*2GY,) (RoI, cell) row
     col = (gt_index.to(torch.int64)[:, None, None] * h + iy).reshape(-1)  # (P*M*2GY,) row of the stacked GT masks
-    Ay = torch.sparse_coo_tensor(torch.stack([row, col]), wy.reshape(-1), (P * M, G * h),
-                                 check_invariants=False)  # (P*M, G*h); indices in range by construction; duplicates add
-    rows_pooled = torch.sparse.mm(Ay, gt_masks.reshape(G * h, w).to(wy.dtype))  # (P*M, w)
-    return rows_pooled.reshape(P, M, w) @ Bx.transpose(1, 2)  # (P, M, w) @ (P, w, M) -> (P, M, M)
+    Ay = torch.sparse_coo_tensor(torch.stack([row, col]), wy.reshape(-1).float(), (P * M, G * h),
+                                 check_invariants=True)  # (P*M, G*h)
+    with torch.autocast(rois.device.type, enabled=False):  # targets need no gradient; sparse mm has no bf16 kernel
+        rows_pooled = torch.sparse.mm(Ay, gt_masks.reshape(G * h, w).float())  # (P*M, w); duplicates add
+        return rows_pooled.reshape(P, M, w) @ Bx.float().transpose(1, 2)  # (P, M, w) @ (P, w, M) -> (P, M, M)
 
 
 class BoxHead(nn.Module):
