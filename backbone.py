@@ -87,14 +87,15 @@ class ResNet(nn.Module):
     """ResNet / ResNeXt trunk returning {"C2": .., "C3": .., "C4": .., "C5": ..} at strides 4, 8, 16, 32.
 
     layers: bottleneck blocks per stage (ResNet Table 1). groups, width_per_group: ResNeXt cardinality and width
-    (1, 64 is plain ResNet). norm: a make_norm kind used after every conv. freeze_at: 0 trains everything (the
+    (1, 64 is plain ResNet). base_planes: bottleneck planes of the first stage, doubled per stage (64 in ResNet;
+    smaller only for thin teaching models). norm: a make_norm kind used after every conv. freeze_at: 0 trains everything (the
     paper's scratch setting, Sec. 4); 1 freezes the stem (conv1, bn1); k >= 2 also freezes layer1..layer{k-1}.
     Freezing sets requires_grad=False; a "bn" layer in a frozen stage still updates its running statistics in
     training mode, which is why the fine-tuning baseline pairs freeze_at with norm="frozen_bn".
     """
 
     def __init__(self, layers=(3, 4, 6, 3), groups=1, width_per_group=64, stem_channels=64, norm="gn",
-                 num_groups=32, freeze_at=0):
+                 num_groups=32, freeze_at=0, base_planes=64):
         super().__init__()
         # Stem, ResNet Table 1 "conv1": 7x7/2 conv + norm + ReLU, then 3x3/2 max pool -> stride 4.
         self.conv1 = nn.Conv2d(3, stem_channels, 7, stride=2, padding=3, bias=norm == "none")
@@ -103,7 +104,8 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         in_channels, self.out_channels = stem_channels, []
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        for i, blocks in enumerate(layers):
+            planes = base_planes * 2**i  # 64, 128, 256, 512 in ResNet Table 1
             stride = 1 if i == 0 else 2  # conv2_x keeps stride 4 (after the pool); conv3_x..conv5_x halve
             stage = []
             for b in range(blocks):

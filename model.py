@@ -21,7 +21,7 @@ RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 # Every preset is a plain set of keyword arguments for `build_model`; `**overrides` replaces any of them.
 _PAPER = dict(
-    depth=50, groups=1, width_per_group=64, stem_channels=64,
+    depth=50, groups=1, width_per_group=64, stem_channels=64, base_planes=64,
     norm="gn", num_groups=32, freeze_at=0,             # Sec. 4: GN everywhere, nothing frozen (scratch)
     fpn_channels=256, fpn_norm="gn",                    # GN in the FPN-specific layers [Detectron GN baselines]
     anchor_sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0),
@@ -44,13 +44,13 @@ PRESETS = {
     "tv_maskrcnn_v1": dict(_PAPER, norm="frozen_bn", freeze_at=2, fpn_norm="none", head_norm="none",
                            box_num_convs=0, box_num_fcs=2, rpn_post_nms_top_n_train=2000),
     # Small enough to train on a 2-core CPU in minutes; same architecture, fewer and thinner layers.
-    # Departures: one block per stage, 16-wide bottlenecks, 8 GN groups (so they divide 16 channels),
-    # 64-channel FPN and heads, 2-conv heads, anchors halved for the small synthetic images.
-    "tiny": dict(_PAPER, depth=None, layers=(1, 1, 1, 1), width_per_group=16, stem_channels=32, num_groups=8,
+    # Departures: one block per stage, a quarter of the channels (C2..C5 = 64..512), 8 GN groups (so they divide
+    # 16 channels), 64-channel FPN and heads, 2-conv heads, anchors halved for the small synthetic images.
+    "tiny": dict(_PAPER, depth=None, layers=(1, 1, 1, 1), base_planes=16, stem_channels=16, num_groups=8,
                  fpn_channels=64, anchor_sizes=(16, 32, 64, 128, 256),
                  rpn_pre_nms_top_n_train=500, rpn_post_nms_top_n_train=250,
                  rpn_pre_nms_top_n_test=250, rpn_post_nms_top_n_test=250,
-                 rpn_batch_size_per_image=128, roi_batch_size_per_image=128,
+                 rpn_batch_size_per_image=128, roi_batch_size_per_image=64,
                  box_num_convs=2, box_conv_dim=64, box_fc_dim=256, mask_num_convs=2, mask_conv_dim=64),
 }
 
@@ -104,8 +104,8 @@ def build_model(preset, num_classes, **overrides):
     layers = cfg.get("layers") or RESNET_LAYERS[cfg["depth"]]
 
     backbone = ResNet(layers=layers, groups=cfg["groups"], width_per_group=cfg["width_per_group"],
-                      stem_channels=cfg["stem_channels"], norm=cfg["norm"], num_groups=cfg["num_groups"],
-                      freeze_at=cfg["freeze_at"])
+                      stem_channels=cfg["stem_channels"], base_planes=cfg["base_planes"], norm=cfg["norm"],
+                      num_groups=cfg["num_groups"], freeze_at=cfg["freeze_at"])
     fpn = FPN(in_channels=backbone.out_channels, out_channels=cfg["fpn_channels"], norm=cfg["fpn_norm"],
               num_groups=cfg["num_groups"])
     rpn = RPN(in_channels=cfg["fpn_channels"], anchor_sizes=cfg["anchor_sizes"], aspect_ratios=cfg["aspect_ratios"],
