@@ -125,7 +125,7 @@ def main(argv=None):
         sys.exit(f"error: checkpoint {args.checkpoint} does not fit preset {run['preset']} with "
                  f"{dataset.num_classes} classes: {str(e).splitlines()[0]}")
     device = torch.device(args.device)
-    evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers, results_file=args.results)
+    return evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers, results_file=args.results)
 
 
 if __name__ == "__main__":

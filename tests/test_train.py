@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 import train
 
 
@@ -102,3 +103,31 @@ def test_checkpoint_from_another_preset_is_refused(shapes, tmp_path):
     args[args.index("tiny")] = "r50_fpn_gn"
     with pytest.raises(SystemExit, match="preset 'tiny'"):
         train.main(args)
+
+
+def test_evaluate_cli_scores_a_training_checkpoint(shapes, tmp_path):
+    train.main(run_args(shapes, tmp_path, "--max-iters", "2", "--no-eval"))
+    results = tmp_path / "results.json"
+    metrics = evaluate.main(["--checkpoint", str(tmp_path / "model_0000002.pth"), "--device", "cpu",
+                             "--workers", "0", "--results", str(results)])
+    assert set(metrics) == {f"{t}/{m}" for t in ("bbox", "segm") for m in evaluate.METRICS}
+    assert all(0.0 <= v <= 1.0 or v == -1.0 for v in metrics.values())
+    assert isinstance(json.loads(results.read_text()), list)
+
+
+@pytest.mark.parametrize("flag", ["--train-ann", "--val-ann"])
+def test_missing_annotation_file_is_a_one_line_error(shapes, tmp_path, flag):
+    args = run_args(shapes, tmp_path, "--max-iters", "1", "--no-eval")
+    args[args.index(flag) + 1] = str(tmp_path / "missing.json")
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    message = str(e.value)
+    assert message.startswith("error:") and "missing.json" in message and "\n" not in message
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(shapes, tmp_path, capsys):
+    train.main(run_args(shapes, tmp_path, "--schedule", "2x", "--dry-run"))
+    out = capsys.readouterr().out
+    assert "1440000 iterations" in out and "[960000, 1280000]" in out        # 2x at batch 2
+    assert "8 training images" in out and "norm gn" in out
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".pth")]
