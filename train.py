@@ -41,6 +41,9 @@ def get_args(argv=None):
     g.add_argument("--min-size", type=int, help="shorter image side (paper: 800; default 800, or the native size "
                                                 "of the synthetic shapes)")
     g.add_argument("--max-size", type=int, default=1333, help="cap on the longer side (Detectron: 1333)")
+    g.add_argument("--train-scales", type=lambda s: tuple(int(x) for x in s.split(",")),
+                   help="LO,HI: training shorter side drawn from [LO, HI] (Sec. 5: 640,800 enhanced baselines; "
+                        "512,800 for 35k images); default: --min-size only")
     g.add_argument("--train-subset", type=int, help="train on a random subset of N images (Sec. 5.3: 1k..35k)")
     g.add_argument("--subset-seed", type=int, default=0, help="seed that picks the subset")
 
@@ -52,6 +55,8 @@ def get_args(argv=None):
     g.add_argument("--init", choices=["scratch", "imagenet"], default="scratch",
                    help="random (MSRA) init, the paper's subject, or ImageNet weights from --pretrained")
     g.add_argument("--pretrained", help="torchvision-format ImageNet checkpoint of the backbone, for --init imagenet")
+    g.add_argument("--save-backbone", help="at the end, save the backbone alone in torchvision format (a stand-in "
+                                           "pre-trained backbone for --pretrained)")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, help="images per iteration (paper: 16 = 8 GPUs x 2; default: 4 on CPU)")
@@ -192,7 +197,8 @@ def main(argv=None):
 
     # Data: resizing, flipping and normalization happen in data.py, in plain view.
     try:
-        train_set = data.build_dataset(args.data, "train", train=True, min_size=args.min_size, max_size=args.max_size,
+        train_set = data.build_dataset(args.data, "train", train=True, min_size=args.train_scales or args.min_size,
+                                       max_size=args.max_size,
                                        subset=args.train_subset, subset_seed=args.subset_seed,
                                        ann=args.train_ann, images=args.train_images)
         val_set = data.build_dataset(args.data, "val", train=False, min_size=args.min_size, max_size=args.max_size,
@@ -296,6 +302,8 @@ def main(argv=None):
             metrics.flush()
             model.train()
     metrics.close()
+    if args.save_backbone:
+        torch.save(model.backbone.state_dict(), args.save_backbone)  # torchvision key names: conv1, bn1, layer1..4
 
 
 if __name__ == "__main__":

@@ -131,3 +131,35 @@ def test_dry_run_prints_the_plan_and_trains_nothing(shapes, tmp_path, capsys):
     assert "1440000 iterations" in out and "[960000, 1280000]" in out        # 2x at batch 2
     assert "8 training images" in out and "norm gn" in out
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".pth")]
+
+
+def test_samples_seen_are_counted(shapes, tmp_path):
+    # Rethinking Sec. 3.2: images, instances and pixels seen. Recount them from the same batches.
+    train.main(run_args(shapes, tmp_path, "--max-iters", "3", "--no-eval"))
+    train_set = data.build_dataset("custom", "train", train=True, min_size=96, max_size=1333,
+                                   ann=str(shapes / "annotations" / "instances_train.json"), images=str(shapes / "train"))
+    batches = data.make_train_loader(train_set, batch_size=2, seed=0, workers=0)
+    images = instances = pixels = 0
+    for _ in range(3):
+        _, sizes, targets = next(batches)
+        images += len(targets)
+        instances += sum(len(t["boxes"]) for t in targets)
+        pixels += sum(h * w for h, w in sizes)
+    last = read_rows(tmp_path / "metrics.jsonl")[-1]
+    assert (last["seen_images"], last["seen_instances"], last["seen_pixels"]) == (images, instances, pixels)
+    assert images == 6 and instances > 0
+
+
+def test_train_scales_are_recorded(shapes, tmp_path):
+    train.main(run_args(shapes, tmp_path, "--train-scales", "64,96", "--max-iters", "1", "--no-eval"))
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args["train_scales"] == [64, 96] and args["min_size"] == 96
+
+
+def test_saved_backbone_loads_as_pretrained_weights(shapes, tmp_path, capsys):
+    backbone = tmp_path / "backbone.pth"
+    train.main(run_args(shapes, tmp_path / "a", "--max-iters", "1", "--no-eval", "--save-backbone", str(backbone)))
+    assert set(torch.load(backbone)) >= {"conv1.weight", "layer4.0.conv3.weight"}   # torchvision names
+    train.main(run_args(shapes, tmp_path / "b", "--max-iters", "1", "--no-eval", "--init", "imagenet",
+                        "--pretrained", str(backbone)))
+    assert "0 missing keys" in capsys.readouterr().out
