@@ -1,0 +1,300 @@
+"""Figures of Rethinking ImageNet Pre-training (He, Girshick, Dollar 2019, arXiv:1811.08883), drawn from our runs.
+
+    curves       Figs. 3-5 and 7: box AP and mask AP against iterations, one line per run (scratch and pre-trained on
+                 one figure), the LR drops of each run marked by dotted lines in its colour.
+    samples      Fig. 2 / Sec. 3.2: images, instances and pixels seen in pre-training + fine-tuning vs. from random
+                 initialization (log scale), also printed as a table.
+    predictions  ground truth (left) and a checkpoint's detections (right) on validation images: boxes, masks,
+                 class names and scores.
+
+    python plot.py curves runs/scratch_6x runs/pretrained_2x --out ap.png
+    python plot.py samples --out fig2.png                                 # the paper's 2x vs 6x COCO arithmetic
+    python plot.py samples --out fig2.png runs/pretrained_2x runs/scratch_6x   # counts measured in two runs
+    python plot.py predictions --checkpoint runs/demo/model_0000400.pth --out-dir runs/demo/predictions
+
+Every subcommand is one function that returns the numbers it drew, so the tests check data, not pixels.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+from model import build_model
+from train import BATCH_1X, ITERS_1X
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only, set before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+COUNTS = ("images", "instances", "pixels")
+COLOURS = plt.get_cmap("tab10").colors
+PRETRAINED_COLOUR, SCRATCH_COLOUR = "#4daf4a", "#984ea3"  # Fig. 2: green bars vs. purple bars
+
+
+def _read_run(run_dir):
+    """(args.json as a dict, or {} when absent; the rows of metrics.jsonl)."""
+    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        sys.exit(f"error: {run_dir} has no metrics.jsonl; expected a train.py --output-dir")
+    args = {}
+    if os.path.isfile(os.path.join(run_dir, "args.json")):
+        with open(os.path.join(run_dir, "args.json")) as f:
+            args = json.load(f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return args, rows
+
+
+def _last_per_iter(rows):
+    """A resumed run writes the iterations after its checkpoint again: the last row of each iteration wins."""
+    by_iter = {row["iter"]: row for row in rows}
+    return [by_iter[it] for it in sorted(by_iter)]
+
+
+def _run_label(run_dir, args):
+    """'scratch r50_fpn_gn 6x' from args.json; the folder name when the run has no args.json."""
+    words = [str(args[k]) for k in ("init", "preset", "schedule") if args.get(k)]
+    return " ".join(words) or os.path.basename(os.path.normpath(run_dir))
+
+
+def plot_curves(run_dirs, out, labels=None):
+    """Figs. 3-5, 7: box and mask AP (x100) of each run's evaluation rows against the iteration, LR drops dotted.
+
+    Returns {label: {"iters": [...], "bbox/AP": [...], "segm/AP": [...], "lr_steps": [...]}}.
+    """
+    labels = labels or [None] * len(run_dirs)
+    assert len(labels) == len(run_dirs), f"{len(labels)} labels for {len(run_dirs)} runs"
+    curves = {}
+    for run_dir, label in zip(run_dirs, labels):
+        args, rows = _read_run(run_dir)
+        evals = _last_per_iter([row for row in rows if "bbox/AP" in row])
+        label = label or _run_label(run_dir, args)
+        if label in curves:  # two runs of the same recipe, e.g. two seeds: tell them apart by folder
+            label = f"{label} ({os.path.basename(os.path.normpath(run_dir))})"
+        curves[label] = {"iters": [row["iter"] for row in evals],
+                         "bbox/AP": [100 * row["bbox/AP"] for row in evals],
+                         "segm/AP": [100 * row["segm/AP"] for row in evals],
+                         "lr_steps": list(args.get("lr_steps") or [])}
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in zip(axes, ("bbox/AP", "segm/AP"), ("bbox AP", "mask AP")):
+        for (label, curve), colour in zip(curves.items(), itertools.cycle(COLOURS)):
+            ax.plot(curve["iters"], curve[key], "o-", color=colour, markersize=3, label=label)
+            for step in curve["lr_steps"]:  # the paper's curves jump at each LR drop
+                ax.axvline(step, color=colour, linestyle=":", linewidth=1)
+        ax.set(title=title, xlabel="iterations", ylabel=f"{title} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("AP vs. iterations, LR drops dotted (Rethinking ImageNet Pre-training Figs. 3-5, 7)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    for label, curve in curves.items():
+        final = f"box {curve['bbox/AP'][-1]:.1f}, mask {curve['segm/AP'][-1]:.1f} at {curve['iters'][-1]}" \
+            if curve["iters"] else "no evaluation rows"
+        print(f"{label}: {final}")
+    print(f"wrote {out}")
+    return curves
+
+
+def sample_counts(run_dirs=None, imagenet_images=1_281_167, imagenet_epochs=100, imagenet_size=224,
+                  coco_images=118_287, instances_per_image=7, coco_pixels=800 * 1333, finetune_schedule=2,
+                  scratch_schedule=6):
+    """Sec. 3.2 / Fig. 2: images, instances and pixels seen in all training iterations.
+
+    The paper calls these three "rough definitions" of samples: one image seen for 100 epochs counts 100 times.
+    Pre-training is ImageNet-1k: imagenet_images x imagenet_epochs images, 1 instance each, imagenet_size^2 pixels.
+    Without run_dirs, COCO fine-tuning and the from-scratch run are Nx schedules of N x 90k iterations at batch 16,
+    each image with instances_per_image instances and coco_pixels pixels. The caption's per-image numbers (1 instance
+    at 224^2; ~7 instances at 800x1333) are recalled, not confirmed; the text gives the three definitions and 3x
+    more COCO iterations from scratch (6x vs. 2x, as it implies). With run_dirs = (pre-trained run, scratch run),
+    the COCO counts are the seen_images / seen_instances / seen_pixels of each run's last training row (resized,
+    unpadded pixels).
+
+    Returns {"pre-training", "fine-tuning", "random init": {"images", "instances", "pixels", "epochs"},
+             "pre-training + fine-tuning": {"images", "instances", "pixels"}}; epochs = images / coco_images.
+    """
+    pretrain_images = imagenet_images * imagenet_epochs
+    counts = {"pre-training": {"images": pretrain_images, "instances": pretrain_images,
+                               "pixels": pretrain_images * imagenet_size ** 2, "epochs": imagenet_epochs}}
+    if run_dirs:
+        assert len(run_dirs) == 2, f"expected (pre-trained run, scratch run), got {run_dirs}"
+        for name, run_dir, init in zip(("fine-tuning", "random init"), run_dirs, ("imagenet", "scratch")):
+            args, rows = _read_run(run_dir)
+            if args.get("init", init) != init:
+                print(f"note: {run_dir} is an --init {args['init']} run, drawn as {name}")
+            seen = [row for row in rows if "seen_images" in row]
+            if not seen:
+                sys.exit(f"error: {run_dir}/metrics.jsonl has no training rows with seen_images")
+            counts[name] = {k: seen[-1][f"seen_{k}"] for k in COUNTS}
+    else:
+        for name, schedule in (("fine-tuning", finetune_schedule), ("random init", scratch_schedule)):
+            images = round(schedule * ITERS_1X * BATCH_1X)
+            counts[name] = {"images": images, "instances": images * instances_per_image,
+                            "pixels": images * coco_pixels}
+    for name in ("fine-tuning", "random init"):
+        counts[name]["epochs"] = counts[name]["images"] / coco_images
+    counts["pre-training + fine-tuning"] = {k: counts["pre-training"][k] + counts["fine-tuning"][k] for k in COUNTS}
+    return counts
+
+
+def plot_samples(counts, out):
+    """Fig. 2: for each of images, instances, pixels, a green bar (pre-training + fine-tuning) and a purple bar
+    (random initialization) on a log axis. Prints the table. Returns {count: (pre-trained total, scratch total)}."""
+    columns = ("pre-training", "fine-tuning", "pre-training + fine-tuning", "random init")
+    print(f"{'':10s}" + "".join(f"{c:>27s}" for c in columns) + f"{'ratio':>10s}")
+    for k in COUNTS:
+        ratio = counts["pre-training + fine-tuning"][k] / counts["random init"][k]
+        print(f"{k:10s}" + "".join(f"{counts[c][k]:>27,}" for c in columns) + f" {ratio:>9.3g}")
+    print(f"{'epochs':10s}" + "".join(f"{counts[c]['epochs']:>27.1f}" if "epochs" in counts[c] else " " * 27
+                                      for c in columns))
+
+    bars = {k: (counts["pre-training + fine-tuning"][k], counts["random init"][k]) for k in COUNTS}
+    x, width = np.arange(len(COUNTS)), 0.38
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for offset, side, colour, name in ((-width / 2, 0, PRETRAINED_COLOUR, "pre-training + fine-tuning"),
+                                       (width / 2, 1, SCRATCH_COLOUR, "random init")):
+        values = [bars[k][side] for k in COUNTS]
+        ax.bar(x + offset, values, width, color=colour, label=name)
+        for xi, v in zip(x + offset, values):
+            exponent = int(np.floor(np.log10(v)))
+            ax.text(xi, v * 1.15, f"{v / 10 ** exponent:.2f}e{exponent}", ha="center", fontsize=8)  # 9.50e12
+    ax.set_yscale("log")
+    ax.set_xticks(x, COUNTS)
+    ax.set_ylabel("samples seen in all training iterations")
+    ax.set_title("Images, instances, pixels seen (Rethinking ImageNet Pre-training Fig. 2)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return bars
+
+
+def _draw_panel(ax, image, boxes, masks, label_ids, texts, title, mask_alpha=0.45):
+    """One image with xyxy boxes (D, 4), binary masks (D, H0, W0), contiguous label ids for colour and a caption."""
+    overlay = np.zeros((*image.shape[:2], 4))  # (H0, W0, RGBA): all masks of the panel, later ones on top
+    for mask, label_id in zip(masks, label_ids):
+        overlay[mask.astype(bool)] = (*COLOURS[label_id % len(COLOURS)], mask_alpha)
+    ax.imshow(image)
+    ax.imshow(overlay)
+    for (x1, y1, x2, y2), label_id, text in zip(boxes, label_ids, texts):
+        colour = COLOURS[label_id % len(COLOURS)]
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.2))
+        ax.text(x1, y1, text, fontsize=6, color="white", va="bottom",
+                bbox=dict(facecolor=colour, alpha=0.8, pad=0.5, edgecolor="none"))
+    ax.text(2, 2, title, fontsize=7, color="white", va="top", bbox=dict(facecolor="black", alpha=0.6, pad=1))
+    ax.set_axis_off()
+
+
+@torch.no_grad()
+def draw_predictions(checkpoint, out_dir, data_root=None, val_ann=None, val_images=None, num=8, score_thresh=0.5,
+                     mask_thresh=0.5, device="cpu", zoom=1):
+    """For the first num validation images, one PNG of 2 x zoom x W0 by zoom x H0 pixels: the ground truth on the
+    left, the checkpoint's detections with score >= score_thresh on the right, masks thresholded at mask_thresh
+    (Mask R-CNN Sec. 3). Data flags default to the checkpoint's own run, as in evaluate.py. Returns the paths."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    run = ckpt["args"]
+    dataset = data.build_dataset(data_root or run["data"], "val", train=False, min_size=run["min_size"],
+                                 max_size=run["max_size"], ann=val_ann or (None if data_root else run["val_ann"]),
+                                 images=val_images or (None if data_root else run["val_images"]))
+    model = build_model(run["preset"], num_classes=dataset.num_classes, norm=run["norm"], fpn_norm=run["norm"],
+                        head_norm=run["norm"])
+    model.load_state_dict(ckpt["model"])
+    device = torch.device(device)
+    model.to(device).eval()
+    os.makedirs(out_dir, exist_ok=True)
+    coco, paths = dataset.coco, []
+    for images, image_sizes, targets in itertools.islice(data.make_eval_loader(dataset, 1, workers=0), num):
+        image_id, orig_size = targets[0]["image_id"], tuple(targets[0]["orig_size"])
+        info = coco.imgs[image_id]
+        image = np.asarray(Image.open(os.path.join(dataset.image_dir, info["file_name"])).convert("RGB"))
+        (out,) = model(images.to(device), image_sizes, original_sizes=[orig_size])  # in original image pixels
+
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        gt_boxes = [(x, y, x + w, y + h) for x, y, w, h in (ann["bbox"] for ann in anns)]
+        gt_ids = [dataset.cat_ids.index(ann["category_id"]) for ann in anns]
+        gt_texts = [coco.cats[ann["category_id"]]["name"] + (" (crowd)" if ann.get("iscrowd") else "")
+                    for ann in anns]
+        keep = out["scores"] >= score_thresh
+        labels, scores = out["labels"][keep].tolist(), out["scores"][keep].tolist()
+        pred_masks = (out["masks"][keep, 0] > mask_thresh).cpu().numpy()  # (D, H0, W0)
+        pred_texts = [f"{dataset.class_names[label - 1]} {score:.2f}" for label, score in zip(labels, scores)]
+
+        h0, w0 = orig_size
+        dpi = 100
+        fig, axes = plt.subplots(1, 2, figsize=(2 * w0 * zoom / dpi, h0 * zoom / dpi), dpi=dpi)
+        fig.subplots_adjust(left=0, right=1, bottom=0, top=1, wspace=0)  # the two images fill the PNG exactly
+        _draw_panel(axes[0], image, gt_boxes, [coco.annToMask(ann) for ann in anns], gt_ids, gt_texts,
+                    f"ground truth: {len(anns)}")
+        _draw_panel(axes[1], image, out["boxes"][keep].tolist(), pred_masks, [label - 1 for label in labels],
+                    pred_texts, f"predictions, score >= {score_thresh:g}: {len(labels)}")
+        path = os.path.join(out_dir, f"predictions_{image_id:06d}.png")
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+        paths.append(path)
+    print(f"wrote {len(paths)} images to {out_dir}")
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("curves", help="Figs. 3-5, 7: box and mask AP vs. iterations of one or more runs")
+    c.add_argument("run_dirs", nargs="+", help="train.py --output-dir folders (args.json + metrics.jsonl)")
+    c.add_argument("--out", default="ap.png", help="output PNG")
+    c.add_argument("--labels", nargs="+", help="one legend label per run (default: init, preset, schedule)")
+
+    s = sub.add_parser("samples", help="Fig. 2: images, instances, pixels seen, pre-trained vs. from scratch")
+    s.add_argument("run_dirs", nargs="*", help="optional: PRETRAINED_RUN SCRATCH_RUN, to count what they saw")
+    s.add_argument("--out", default="fig2.png", help="output PNG")
+    s.add_argument("--imagenet-images", type=int, default=1_281_167, help="ImageNet-1k train images (1,281,167)")
+    s.add_argument("--imagenet-epochs", type=int, default=100, help="pre-training epochs (paper: 100)")
+    s.add_argument("--imagenet-size", type=int, default=224, help="pre-training crop side, 1 instance per image (224)")
+    s.add_argument("--coco-images", type=int, default=118_287,
+                   help="training set size, for epochs (COCO train2017: 118,287; give yours with run dirs)")
+    s.add_argument("--instances-per-image", type=int, default=7, help="COCO instances per image (caption: ~7)")
+    s.add_argument("--coco-pixels", type=int, default=800 * 1333, help="COCO pixels per image (caption: 800x1333)")
+    s.add_argument("--finetune-schedule", type=float, default=2, help="fine-tuning schedule, N x 90k at batch 16 (2)")
+    s.add_argument("--scratch-schedule", type=float, default=6, help="from-scratch schedule (paper: 6, 3x longer)")
+
+    r = sub.add_parser("predictions", help="ground truth vs. a checkpoint's detections on validation images")
+    r.add_argument("--checkpoint", required=True, help="a model_*.pth written by train.py")
+    r.add_argument("--out-dir", required=True, help="folder for one PNG per image")
+    r.add_argument("--data", help="as in train.py (default: the checkpoint's own --data)")
+    r.add_argument("--val-ann", help="COCO json of the images to draw (overrides --data)")
+    r.add_argument("--val-images", help="image folder for --val-ann")
+    r.add_argument("--num", type=int, default=8, help="how many validation images, from the first")
+    r.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+    r.add_argument("--mask-thresh", type=float, default=0.5, help="mask probability threshold (Mask R-CNN: 0.5)")
+    r.add_argument("--zoom", type=int, default=1, help="enlarge small images, e.g. 4 for the 128x160 shapes")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+
+    if args.command == "curves":
+        return plot_curves(args.run_dirs, args.out, labels=args.labels)
+    if args.command == "samples":
+        if len(args.run_dirs) not in (0, 2):
+            p.error("samples takes no run dirs, or two: PRETRAINED_RUN SCRATCH_RUN")
+        counts = sample_counts(args.run_dirs, imagenet_images=args.imagenet_images,
+                               imagenet_epochs=args.imagenet_epochs, imagenet_size=args.imagenet_size,
+                               coco_images=args.coco_images, instances_per_image=args.instances_per_image,
+                               coco_pixels=args.coco_pixels, finetune_schedule=args.finetune_schedule,
+                               scratch_schedule=args.scratch_schedule)
+        plot_samples(counts, args.out)
+        return counts
+    return draw_predictions(args.checkpoint, args.out_dir, data_root=args.data, val_ann=args.val_ann,
+                            val_images=args.val_images, num=args.num, score_thresh=args.score_thresh,
+                            mask_thresh=args.mask_thresh, device=args.device, zoom=args.zoom)
+
+
+if __name__ == "__main__":
+    main()

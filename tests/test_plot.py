@@ -1,0 +1,130 @@
+"""plot.py: the numbers behind the curves (Figs. 3-5, 7), the sample counts (Fig. 2) and the drawn predictions."""
+import json
+
+import pytest
+from PIL import Image
+
+import data
+import plot
+import train
+
+
+def write_run(run_dir, args, rows):
+    run_dir.mkdir()
+    if args is not None:
+        (run_dir / "args.json").write_text(json.dumps(args))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return run_dir
+
+
+def train_row(it, images, instances, pixels):
+    return {"iter": it, "lr": 0.02, "loss": 1.0, "seen_images": images, "seen_instances": instances,
+            "seen_pixels": pixels}
+
+
+def eval_row(it, box, mask):
+    return {"iter": it, "bbox/AP": box, "bbox/AP50": 2 * box, "segm/AP": mask}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """A scratch run resumed at iteration 200 (its eval at 200 is written twice; the second one counts) and a
+    pre-trained run without args.json (labelled by its folder)."""
+    scratch = write_run(tmp_path / "scratch6x", {"init": "scratch", "preset": "tiny", "schedule": None,
+                                                 "lr_steps": [240, 280], "batch_size": 4},
+                        [train_row(100, 400, 1200, 400 * 128 * 160), eval_row(100, 0.10, 0.08),
+                         eval_row(200, 0.20, 0.15),
+                         train_row(200, 800, 2400, 800 * 128 * 160),               # resumed from iteration 100
+                         eval_row(200, 0.25, 0.18), eval_row(300, 0.40, 0.35),
+                         train_row(300, 1200, 3600, 1200 * 128 * 160)])
+    pretrained = write_run(tmp_path / "pretrained2x", None,
+                           [eval_row(100, 0.30, 0.25), train_row(100, 400, 1000, 400 * 100 * 100)])
+    return scratch, pretrained
+
+
+def test_curves_one_line_per_run_last_row_wins(runs, tmp_path):
+    scratch, pretrained = runs
+    out = tmp_path / "ap.png"
+    curves = plot.plot_curves([str(scratch), str(pretrained)], str(out))
+    assert out.stat().st_size > 0
+    assert list(curves) == ["scratch tiny", "pretrained2x"]
+    assert curves["scratch tiny"]["iters"] == [100, 200, 300]
+    assert curves["scratch tiny"]["bbox/AP"] == pytest.approx([10.0, 25.0, 40.0])    # 0.25 replaced 0.20 at 200
+    assert curves["scratch tiny"]["segm/AP"] == pytest.approx([8.0, 18.0, 35.0])
+    assert curves["scratch tiny"]["lr_steps"] == [240, 280]
+    assert curves["pretrained2x"] == {"iters": [100], "bbox/AP": [30.0], "segm/AP": [25.0], "lr_steps": []}
+
+
+def test_curves_labels_from_the_command_line(runs, tmp_path):
+    curves = plot.main(["curves", *map(str, runs), "--out", str(tmp_path / "ap.png"),
+                        "--labels", "scratch", "pretrained"])
+    assert list(curves) == ["scratch", "pretrained"]
+
+
+def test_a_folder_that_is_not_a_run_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        plot.plot_curves([str(tmp_path)], str(tmp_path / "ap.png"))
+
+
+def test_sample_counts_with_the_paper_defaults():
+    counts = plot.sample_counts()
+    # ImageNet: 1,281,167 images x 100 epochs, 1 instance and 224 x 224 pixels each.
+    assert counts["pre-training"] == {"images": 128_116_700, "instances": 128_116_700,
+                                      "pixels": 128_116_700 * 224 * 224, "epochs": 100}
+    # COCO: 2x = 180k iterations x 16 = 2.88M images; 6x = 540k x 16 = 8.64M; 7 instances, 800 x 1333 pixels each.
+    assert counts["fine-tuning"]["images"] == 2_880_000 and counts["random init"]["images"] == 8_640_000
+    assert counts["fine-tuning"]["instances"] == 20_160_000 and counts["random init"]["instances"] == 60_480_000
+    assert counts["random init"]["pixels"] == 8_640_000 * 1_066_400 == 9_213_696_000_000          # 9.21e12
+    assert counts["fine-tuning"]["epochs"] == pytest.approx(24.35, abs=0.01)
+    assert counts["random init"]["epochs"] == pytest.approx(73.04, abs=0.01)
+    total = counts["pre-training + fine-tuning"]
+    assert total["images"] == 130_996_700                                    # 131.0M vs 8.64M: 15x more images
+    assert total["pixels"] == 6_428_383_539_200 + 3_071_232_000_000 == 9_499_615_539_200   # 9.50e12 vs 9.21e12
+
+
+def test_sample_counts_from_runs(runs):
+    scratch, pretrained = runs
+    counts = plot.sample_counts([str(pretrained), str(scratch)], coco_images=4)
+    assert counts["fine-tuning"] == {"images": 400, "instances": 1000, "pixels": 400 * 100 * 100, "epochs": 100}
+    assert counts["random init"] == {"images": 1200, "instances": 3600, "pixels": 1200 * 128 * 160, "epochs": 300}
+    assert counts["pre-training + fine-tuning"]["images"] == 128_116_700 + 400
+
+
+def test_plot_samples_draws_three_groups_of_two_bars(tmp_path, capsys):
+    out = tmp_path / "fig2.png"
+    bars = plot.plot_samples(plot.sample_counts(), str(out))
+    assert out.stat().st_size > 0
+    assert bars == {"images": (130_996_700, 8_640_000), "instances": (148_276_700, 60_480_000),
+                    "pixels": (9_499_615_539_200, 9_213_696_000_000)}
+    table = capsys.readouterr().out
+    assert "130,996,700" in table and "9,213,696,000,000" in table
+
+
+def test_samples_cli_patches(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(plot.plt, "close", saved.append)                     # keep the figure to count its bars
+    plot.main(["samples", "--out", str(tmp_path / "fig2.png")])
+    (ax,) = saved[0].axes
+    assert len(ax.patches) == 3 * 2 and ax.get_yscale() == "log"
+
+
+def test_samples_cli_wants_zero_or_two_runs(runs):
+    with pytest.raises(SystemExit):
+        plot.main(["samples", str(runs[0])])
+
+
+def test_draw_predictions_side_by_side(tmp_path):
+    shapes = tmp_path / "shapes"
+    data.make_shapes(str(shapes), num_train=4, num_val=2)
+    run = tmp_path / "run"
+    train.main(["--train-ann", str(shapes / "annotations" / "instances_train.json"),
+                "--train-images", str(shapes / "train"),
+                "--val-ann", str(shapes / "annotations" / "instances_val.json"), "--val-images", str(shapes / "val"),
+                "--data", "custom", "--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--min-size", "96",
+                "--workers", "0", "--max-iters", "1", "--no-eval", "--output-dir", str(run)])
+    # Score threshold 0: an untrained model scores low, but its boxes and masks are still drawn.
+    paths = plot.draw_predictions(str(run / "model_0000001.pth"), str(tmp_path / "pred"), num=8, score_thresh=0.0)
+    assert len(paths) == 2                                                    # only 2 validation images exist
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.size == (2 * 160, 128)                               # GT | predictions, each 160 x 128
