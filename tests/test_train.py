@@ -163,3 +163,17 @@ def test_saved_backbone_loads_as_pretrained_weights(shapes, tmp_path, capsys):
     train.main(run_args(shapes, tmp_path / "b", "--max-iters", "1", "--no-eval", "--init", "imagenet",
                         "--pretrained", str(backbone)))
     assert "0 missing keys" in capsys.readouterr().out
+
+
+def test_torchvision_imagenet_checkpoint_loads_into_the_backbone(tmp_path, capsys):
+    tv = pytest.importorskip("torchvision")
+    from model import build_model
+    path = tmp_path / "resnet50.pth"
+    reference = tv.models.resnet50()
+    torch.save(reference.state_dict(), path)                  # a torchvision ImageNet-format file, fc included
+    model = build_model("r50_fpn_syncbn", num_classes=3)
+    train.load_pretrained(model.backbone, str(path))
+    out = capsys.readouterr().out
+    assert "0 missing keys" in out and "0 unexpected keys" in out   # fc.* is expected and not reported
+    assert torch.equal(model.backbone.layer3[2].conv2.weight, reference.layer3[2].conv2.weight)
+    assert torch.equal(model.backbone.bn1.running_var, reference.bn1.running_var)
