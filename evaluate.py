@@ -21,6 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 import data
+from model import build_model
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
@@ -90,8 +91,32 @@ def evaluate(model, dataset, device, amp="none", workers=2, results_file=None):
     return coco_eval(dataset.coco, results, image_ids=dataset.image_ids)
 
 
+def load_run(checkpoint, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None):
+    """The model of a train.py checkpoint and its validation set; data flags default to the run's own.
+    Problems end the program with a one-line error naming the checkpoint or the data."""
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as e:
+        sys.exit(f"error: cannot read checkpoint {checkpoint}: {e}")
+    run = ckpt["args"]
+    try:
+        dataset = data.build_dataset(data_root or run["data"], "val", train=False,
+                                     min_size=min_size or run["min_size"], max_size=max_size or run["max_size"],
+                                     ann=val_ann or (None if data_root else run["val_ann"]),
+                                     images=val_images or (None if data_root else run["val_images"]))
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    model = build_model(run["preset"], num_classes=dataset.num_classes, norm=run["norm"], fpn_norm=run["norm"],
+                        head_norm=run["norm"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        sys.exit(f"error: checkpoint {checkpoint} does not fit preset {run['preset']} with "
+                 f"{dataset.num_classes} classes: {str(e).splitlines()[0]}")
+    return model, dataset
+
+
 def main(argv=None):
-    from model import build_model
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a model_*.pth written by train.py")
     p.add_argument("--data", help="as in train.py (default: the checkpoint's own --data)")
@@ -105,25 +130,8 @@ def main(argv=None):
     p.add_argument("--results", help="write the COCO results json here")
     args = p.parse_args(argv)
 
-    try:
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as e:
-        sys.exit(f"error: cannot read checkpoint {args.checkpoint}: {e}")
-    run = ckpt["args"]
-    try:
-        dataset = data.build_dataset(args.data or run["data"], "val", train=False,
-                                     min_size=args.min_size or run["min_size"], max_size=args.max_size or run["max_size"],
-                                     ann=args.val_ann or (None if args.data else run["val_ann"]),
-                                     images=args.val_images or (None if args.data else run["val_images"]))
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    model = build_model(run["preset"], num_classes=dataset.num_classes, norm=run["norm"], fpn_norm=run["norm"],
-                        head_norm=run["norm"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        sys.exit(f"error: checkpoint {args.checkpoint} does not fit preset {run['preset']} with "
-                 f"{dataset.num_classes} classes: {str(e).splitlines()[0]}")
+    model, dataset = load_run(args.checkpoint, args.data, args.val_ann, args.val_images, args.min_size,
+                              args.max_size)
     device = torch.device(args.device)
     return evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers, results_file=args.results)
 

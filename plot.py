@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 import data
-from model import build_model
+import evaluate
 from train import BATCH_1X, ITERS_1X
 
 import matplotlib
@@ -200,14 +200,7 @@ def draw_predictions(checkpoint, out_dir, data_root=None, val_ann=None, val_imag
     """For the first num validation images, one PNG of 2 x zoom x W0 by zoom x H0 pixels: the ground truth on the
     left, the checkpoint's detections with score >= score_thresh on the right, masks thresholded at mask_thresh
     (Mask R-CNN Sec. 3). Data flags default to the checkpoint's own run, as in evaluate.py. Returns the paths."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    run = ckpt["args"]
-    dataset = data.build_dataset(data_root or run["data"], "val", train=False, min_size=run["min_size"],
-                                 max_size=run["max_size"], ann=val_ann or (None if data_root else run["val_ann"]),
-                                 images=val_images or (None if data_root else run["val_images"]))
-    model = build_model(run["preset"], num_classes=dataset.num_classes, norm=run["norm"], fpn_norm=run["norm"],
-                        head_norm=run["norm"])
-    model.load_state_dict(ckpt["model"])
+    model, dataset = evaluate.load_run(checkpoint, data_root, val_ann, val_images)
     device = torch.device(device)
     model.to(device).eval()
     os.makedirs(out_dir, exist_ok=True)

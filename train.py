@@ -10,7 +10,6 @@ weight decay 1e-4, LR 0.02 at batch 16 with linear warm-up (Goyal et al. 2017), 
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
