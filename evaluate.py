@@ -4,6 +4,7 @@ The metrics are the paper's: box AP and mask AP (AP at IoU 0.5:0.95, plus AP50, 
 Lin et al., "Microsoft COCO" (2014) and cocodataset.org/#detection-eval.
 
     python evaluate.py --checkpoint runs/demo/model_0001000.pth            # data flags default to the run's own
+    torchrun --nproc_per_node=8 evaluate.py --checkpoint ...               # each GPU takes 1/8 of the images
 
 Results json (COCO results format): bbox as [x, y, w, h] in original image pixels, segmentation as RLE of the
 mask thresholded at 0.5 (Mask R-CNN Sec. 3), category_id the dataset's original id (not the contiguous label).
@@ -21,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 import data
+import distributed
 from model import build_model
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -28,12 +30,15 @@ METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "A
 
 @torch.no_grad()
 def predict(model, dataset, device, amp="none", workers=2, batch_size=1):
-    """Inference over the dataset; returns a list of COCO-format result dicts (boxes and masks)."""
+    """Inference over this process's shard of the dataset (all of it in one process); returns a list of
+    COCO-format result dicts (boxes and masks)."""
     model.eval()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     results = []
-    for images, image_sizes, targets in tqdm(data.make_eval_loader(dataset, batch_size, workers=workers),
-                                             desc="eval", leave=False, dynamic_ncols=True):
+    loader = data.make_eval_loader(dataset, batch_size, workers=workers, rank=distributed.get_rank(),
+                                   world_size=distributed.get_world_size())
+    for images, image_sizes, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
+                                             disable=distributed.get_rank() != 0):
         original_sizes = [tuple(t["orig_size"]) for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(images.to(device), image_sizes, original_sizes=original_sizes)
@@ -84,7 +89,13 @@ def coco_eval(coco_gt, results, iou_types=("bbox", "segm"), image_ids=None):
 
 
 def evaluate(model, dataset, device, amp="none", workers=2, results_file=None):
-    results = predict(model, dataset, device, amp=amp, workers=workers)
+    """COCO metrics of the model on the dataset. With several processes each predicts its shard of the images and
+    rank 0 scores them all; the other processes return None."""
+    shards = distributed.all_gather(predict(model, dataset, device, amp=amp, workers=workers))
+    if distributed.get_rank() != 0:
+        return None
+    # image by image in dataset order, as one process writes them (a stable sort keeps each image's own order)
+    results = sorted((r for shard in shards for r in shard), key=lambda r: r["image_id"])
     if results_file:
         with open(results_file, "w") as f:
             json.dump(results, f)
@@ -130,10 +141,13 @@ def main(argv=None):
     p.add_argument("--results", help="write the COCO results json here")
     args = p.parse_args(argv)
 
+    _, _, device = distributed.init(args.device)  # under torchrun, each process evaluates a shard of the images
     model, dataset = load_run(args.checkpoint, args.data, args.val_ann, args.val_images, args.min_size,
                               args.max_size)
-    device = torch.device(args.device)
-    return evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers, results_file=args.results)
+    metrics = evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers,
+                       results_file=args.results)
+    distributed.cleanup()
+    return metrics
 
 
 if __name__ == "__main__":

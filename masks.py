@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distributed import loss_denominator
 from norm import make_norm
 
 
@@ -47,10 +48,13 @@ def mask_loss(mask_logits, labels, targets):
 
     mask_logits (R, K, M, M) of the positive RoIs, labels (R,) their GT classes, targets (R, M, M) in [0, 1].
     """
+    M = mask_logits.shape[-1]
+    # R*M*M here; the joint batch's count with DDP (every process calls it, positives or not: it is a collective)
+    n_pixels = loss_denominator(labels.numel() * M * M, device=mask_logits.device)
     if labels.numel() == 0:
         return mask_logits.sum() * 0  # no positive RoI: a zero that still reaches every mask-head parameter
     logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]  # (R, M, M): class k's mask
-    return F.binary_cross_entropy_with_logits(logits, targets)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / n_pixels
 
 
 def paste_weights(start, end, T, length):

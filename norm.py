@@ -125,9 +125,9 @@ class _AllReduceSum(torch.autograd.Function):
 class SyncBatchNorm(nn.Module):
     """Batch Normalization whose statistics cover the images of all processes (Rethinking Sec. 3.1, "SyncBN").
 
-    Training: each process sums x and x^2 per channel and counts its values; one all-reduce adds these over the
-    processes, so mean and variance are exactly those of BN over the joint batch (different per-process batch sizes
-    included). The all-reduce has a gradient, so backprop also flows through the joint statistics. Normalization uses
+    Training: each process computes its count, per-channel mean and sum of squared deviations; one all-reduce
+    gathers these from all processes and they are merged, so mean and variance are exactly those of BN over the joint
+    batch (different per-process batch sizes included). The all-reduce has a gradient, so backprop also flows through the joint statistics. Normalization uses
     the biased variance; running statistics are updated with the unbiased one and `momentum`, as nn.BatchNorm2d does.
     Eval: the running statistics. Parameter and buffer names are nn.BatchNorm2d's.
     Outside an initialized process group (or with a world size of 1) it is plain BatchNorm, with a warning.
@@ -162,16 +162,22 @@ class SyncBatchNorm(nn.Module):
 
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least, as for GroupNorm
         dims = [0, *range(2, x.dim())]  # every dim but the channel one: N, H, W
-        count = torch.full((1,), x.numel() // C, dtype=xf.dtype, device=x.device)  # (1,) local values per channel
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])  # (2C+1,) sum x, sum x^2, count
+        local_n = x.numel() // C  # values per channel in this process
+        local_mean = xf.sum(dims) / max(local_n, 1)  # (C,)
+        local_m2 = (xf - _per_channel(local_mean, x)).square().sum(dims)  # (C,) sum of squared deviations (two-pass)
+        stats = torch.cat([local_mean.new_full((1,), local_n), local_mean, local_m2])[None]  # (1, 2C+1)
         if self._synchronized():
-            stats = _AllReduceSum.apply(stats)  # (2C+1,) summed over processes: the joint batch
-        total, total_sq, n = stats[:C], stats[C:2 * C], stats[2 * C]
+            # an all-gather with a gradient: each process fills its own row of a (W, 2C+1) zero table, one summing
+            # all-reduce completes the table everywhere
+            rows = torch.arange(dist.get_world_size(), device=x.device) == dist.get_rank()  # (W,) one-hot
+            stats = _AllReduceSum.apply(stats * rows[:, None])  # (W, 2C+1)
+        counts, means, m2s = stats[:, :1], stats[:, 1:C + 1], stats[:, C + 1:]  # (W, 1), (W, C), (W, C)
+        n = counts.sum()
         n_safe = n.clamp(min=1)  # a joint batch with no values (e.g. no RoIs anywhere) must not produce NaN
-        mean = total / n_safe  # (C,) BN (Ioffe & Szegedy 2015, Alg. 1): mu_B = 1/m sum x
-        # BN Alg. 1: sigma_B^2 = 1/m sum (x - mu_B)^2, here as E[x^2] - E[x]^2 so that one all-reduce of sums suffices
-        # (accurate in float32 while |mean| is not orders of magnitude above the std; clamped against rounding < 0).
-        var = (total_sq / n_safe - mean * mean).clamp(min=0)  # (C,)
+        mean = (counts * means).sum(0) / n_safe  # (C,) BN (Ioffe & Szegedy 2015, Alg. 1): mu_B = 1/m sum x
+        # BN Alg. 1: sigma_B^2 = 1/m sum (x - mu_B)^2, merged from the processes' own means and squared deviations
+        # (Chan et al. 1979's parallel variance), as torch.nn.SyncBatchNorm does: no E[x^2] - E[x]^2 cancellation.
+        var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / n_safe  # (C,)
 
         with torch.no_grad():
             # nn.BatchNorm2d: running stats use the unbiased variance m / (m - 1) * sigma_B^2; skip an empty batch.

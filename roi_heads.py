@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from boxes import BalancedSampler, BoxCoder, Matcher, batched_nms, box_area, box_iou, clip_boxes, remove_small_boxes
+from distributed import loss_denominator
 from masks import MaskHead, mask_loss, paste_masks
 from norm import make_norm
 
@@ -246,14 +247,16 @@ def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets):
     """Fast R-CNN Eq. 1: L = L_cls + [u >= 1] L_loc; logits (R, K), deltas (R, K*4), labels (R,), targets (R, 4).
 
     L_cls is the mean cross-entropy over the sampled RoIs. L_loc is smooth-L1 on the ground-truth class's deltas of the
-    foreground RoIs, summed and divided by all R sampled RoIs (torchvision; Detectron does the same).
+    foreground RoIs, summed and divided by all R sampled RoIs (torchvision; Detectron does the same). With several
+    processes R is the joint batch's (distributed.loss_denominator).
     """
-    loss_cls = F.cross_entropy(class_logits, labels)
+    n_rois = loss_denominator(labels.numel(), device=labels.device)
+    loss_cls = F.cross_entropy(class_logits, labels, reduction="sum") / n_rois
     fg = torch.where(labels > BACKGROUND)[0]  # (P,) Iverson bracket [u >= 1]
     box_deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)  # (R, K, 4)
     # Fast R-CNN Eq. 3 smooth-L1 has beta = 1; torchvision uses beta = 1/9 (a narrower quadratic zone)
     loss_box = F.smooth_l1_loss(box_deltas[fg, labels[fg]], regression_targets[fg], beta=1 / 9, reduction="sum")
-    return loss_cls, loss_box / labels.numel()
+    return loss_cls, loss_box / n_rois
 
 
 class RoIHeads(nn.Module):

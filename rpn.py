@@ -17,6 +17,7 @@ from torch import nn
 
 from boxes import (IGNORE, NEGATIVE, POSITIVE, BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes,
                    remove_small_boxes)
+from distributed import loss_denominator
 
 
 class AnchorGenerator(nn.Module):
@@ -200,7 +201,10 @@ class RPN(nn.Module):
         # Departure from Eq. (1), as Detectron and torchvision: instead of 1/N_cls and lambda/N_reg (lambda = 10,
         # N_reg ~ 2400 anchor locations), the classification loss is the mean over sampled anchors and the box loss is
         # summed over positives and divided by the number of sampled anchors, with smooth-L1 beta = 1/9.
-        loss_rpn_cls = F.binary_cross_entropy_with_logits(pred_objectness.reshape(-1)[sampled], labels[sampled])
+        # (With several processes the count is that of the joint batch: see distributed.loss_denominator.)
+        n_sampled = loss_denominator(sampled.numel(), device=labels.device)
+        loss_rpn_cls = F.binary_cross_entropy_with_logits(pred_objectness.reshape(-1)[sampled], labels[sampled],
+                                                          reduction="sum") / n_sampled
         loss_rpn_box = F.smooth_l1_loss(pred_deltas.reshape(-1, 4)[pos_idx], torch.cat(gt_deltas),
-                                        beta=1 / 9, reduction="sum") / sampled.numel()
+                                        beta=1 / 9, reduction="sum") / n_sampled
         return {"loss_rpn_cls": loss_rpn_cls, "loss_rpn_box": loss_rpn_box}

@@ -7,6 +7,7 @@ weight decay 1e-4, LR 0.02 at batch 16 with linear warm-up (Goyal et al. 2017), 
     python train.py                                   # synthetic shapes, tiny model, CPU-sized (the demo)
     python train.py --data PennFudanPed --preset r50_fpn_gn --device cuda --amp bf16
     python train.py --data /datasets/coco --preset r50_fpn_gn --schedule 3x --batch-size 16   # Table 1
+    torchrun --nproc_per_node=8 train.py --data /datasets/coco --schedule 3x --batch-size 2 --amp bf16  # 8 GPUs x 2
 """
 import argparse
 import json
@@ -17,9 +18,11 @@ import time
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+import distributed
 import evaluate
 from model import PRESETS, build_model
 from norm import GroupNorm, SyncBatchNorm
@@ -58,13 +61,16 @@ def get_args(argv=None):
                                            "pre-trained backbone for --pretrained)")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, help="images per iteration (paper: 16 = 8 GPUs x 2; default: 4 on CPU)")
-    g.add_argument("--lr", type=float, help="base LR (paper: 0.02 at batch 16; default 0.02 x batch / 16, "
+    g.add_argument("--batch-size", type=int,
+                   help="images per process and iteration; the effective batch is this x the number of processes "
+                        "(paper: 2 x 8 GPUs = 16; default: 4 on CPU, 16 / processes on GPU)")
+    g.add_argument("--lr", type=float, help="base LR (paper: 0.02 at batch 16; default 0.02 x effective batch / 16, "
                                             "0.02 for the short shapes demo)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     g.add_argument("--weight-decay", type=float, default=1e-4,
                    help="weight decay (paper: 1e-4), not applied to normalization parameters (Detectron)")
-    g.add_argument("--schedule", help="Nx = N x 90k iterations at batch 16, scaled to the batch; sets --max-iters "
+    g.add_argument("--schedule", help="Nx = N x 90k iterations at batch 16, scaled to the effective batch; sets "
+                                      "--max-iters "
                                       "and the LR drops at the last 60k and 20k (paper: 2x..6x from scratch)")
     g.add_argument("--max-iters", type=int, help="training iterations (default: the schedule, 1x, or 400 on shapes)")
     g.add_argument("--lr-steps", type=lambda s: [int(x) for x in s.split(",")],
@@ -82,26 +88,33 @@ def get_args(argv=None):
     g.add_argument("--resume", help="checkpoint path, or 'auto' for the latest one in --output-dir")
     g.add_argument("--seed", type=int, default=0, help="seed for init, sampling and augmentation")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="mixed precision autocast (fp16 adds a GradScaler); GN statistics and losses stay fp32")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for images and conv weights")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone and FPN (recompiles for each new padded image size)")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     g.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     return p.parse_args(argv)
 
 
-def resolve(args):
-    """Fill the defaults that depend on the device, data and batch, and refuse combinations that make no sense."""
+def resolve(args, world_size=1):
+    """Fill the defaults that depend on the device, data and batch, and refuse combinations that make no sense.
+    world_size processes each take --batch-size images: the LR and schedule follow the effective batch."""
     cpu = not args.device.startswith("cuda")
     args.preset = args.preset or ("tiny" if cpu else "r50_fpn_gn")
-    args.batch_size = args.batch_size or (4 if cpu else 16)
+    args.batch_size = args.batch_size or (4 if cpu else max(1, BATCH_1X // world_size))
+    args.world_size = world_size
+    batch = args.batch_size * world_size  # the effective batch of one synchronized SGD step
     # The shapes demo departs from the recipe to finish in minutes on a CPU: 400 iterations, a 4x larger LR than
     # the linear scaling rule gives at batch 4, a short warm-up, one LR drop at 80%, images at their native 128 px.
     demo = args.data == "shapes" and not args.train_ann
-    args.lr = args.lr or (0.02 if demo else 0.02 * args.batch_size / BATCH_1X)   # linear scaling rule (Goyal et al.)
+    args.lr = args.lr or (0.02 if demo else 0.02 * batch / BATCH_1X)   # linear scaling rule (Goyal et al.)
     if args.schedule:
         n = float(args.schedule.rstrip("x"))
-        args.max_iters, args.lr_steps = schedule(n, args.batch_size)
-    args.max_iters = args.max_iters or (400 if demo else ITERS_1X * BATCH_1X // args.batch_size)
+        args.max_iters, args.lr_steps = schedule(n, batch)
+    args.max_iters = args.max_iters or (400 if demo else ITERS_1X * BATCH_1X // batch)
     args.lr_steps = args.lr_steps or ([args.max_iters * 4 // 5] if demo else [])
     args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else (50 if demo else 500)
     args.min_size = args.min_size or (128 if demo else 800)
@@ -153,12 +166,23 @@ def latest_checkpoint(output_dir):
     return os.path.join(output_dir, max(names)) if names else None
 
 
-def save_checkpoint(path, model, optimizer, scaler, iteration, args, seen):
-    """Written atomically: a crash mid-write leaves the previous checkpoint intact."""
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scaler, iteration, args, seen, rng):
+    """Written atomically: a crash mid-write leaves the previous checkpoint intact. rng: every process's RNG state."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-             "args": vars(args), "scaler": scaler.state_dict() if scaler else None, "seen": seen,
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+             "args": vars(args), "scaler": scaler.state_dict() if scaler else None, "seen": seen, "rng": rng}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -184,24 +208,30 @@ def load_pretrained(backbone, path):
 
 
 def main(argv=None):
-    args = resolve(get_args(argv))
-    torch.manual_seed(args.seed)
+    args = get_args(argv)
+    # One process per GPU under torchrun (see distributed.py); rank 0 alone prints and writes files.
+    rank, world_size, device = distributed.init(args.device)
+    args = resolve(args, world_size)
+    main_process = rank == 0
+    log = print if main_process else (lambda *_: None)
+    torch.manual_seed(args.seed)  # the same seed everywhere: every process builds the same initial model
     random.seed(args.seed)
     np.random.seed(args.seed)
-    device = torch.device(args.device)
-    os.makedirs(args.output_dir, exist_ok=True)
-    print("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    if main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    log("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
 
     # Data: resizing, flipping and normalization happen in data.py, in plain view.
     try:
-        train_set = data.build_dataset(args.data, "train", train=True, min_size=args.train_scales or args.min_size,
-                                       max_size=args.max_size,
-                                       subset=args.train_subset, subset_seed=args.subset_seed,
-                                       ann=args.train_ann, images=args.train_images)
-        val_set = data.build_dataset(args.data, "val", train=False, min_size=args.min_size, max_size=args.max_size,
-                                     ann=args.val_ann, images=args.val_images)
+        with distributed.rank_zero_first():  # rank 0 writes the synthetic set once; the others then read it
+            train_set = data.build_dataset(args.data, "train", train=True,
+                                           min_size=args.train_scales or args.min_size, max_size=args.max_size,
+                                           subset=args.train_subset, subset_seed=args.subset_seed,
+                                           ann=args.train_ann, images=args.train_images)
+            val_set = data.build_dataset(args.data, "val", train=False, min_size=args.min_size,
+                                         max_size=args.max_size, ann=args.val_ann, images=args.val_images)
     except data.DataError as e:
         sys.exit(f"error: {e}")
 
@@ -209,18 +239,26 @@ def main(argv=None):
                         fpn_norm=args.norm, head_norm=args.norm).to(device)
     if args.init == "imagenet":
         load_pretrained(model.backbone, args.pretrained)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:  # in place, so parameter names (and checkpoints) stay those of the plain model
+        model.backbone.compile()
+        model.fpn.compile()
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     norm = args.norm or PRESETS[args.preset]["norm"]
-    epochs = args.max_iters * args.batch_size / len(train_set)
-    print(f"plan: {args.preset} ({n_params / 1e6:.2f}M trainable parameters), norm {norm}, init {args.init}\n"
+    batch = args.batch_size * world_size
+    epochs = args.max_iters * batch / len(train_set)
+    log(f"plan: {args.preset} ({n_params / 1e6:.2f}M trainable parameters), norm {norm}, init {args.init}\n"
           f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
           f"{len(val_set)} validation images, {train_set.num_classes - 1} classes\n"
-          f"      batch {args.batch_size}, LR {args.lr:g}, {args.max_iters} iterations ({epochs:.1f} epochs), "
+          f"      batch {batch} ({world_size} process(es) x {args.batch_size}), LR {args.lr:g}, "
+          f"{args.max_iters} iterations ({epochs:.1f} epochs), "
           f"LR x{args.lr_gamma:g} at {args.lr_steps}, warm-up {args.warmup_iters} from x{args.warmup_factor:.3g}")
     if args.dry_run:
+        distributed.cleanup()
         return
 
     start_iter, ckpt = 0, None
@@ -232,21 +270,24 @@ def main(argv=None):
         if scaler and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start_iter = ckpt["iteration"]
-        print(f"resumed from {resume} at iteration {start_iter}")
+        log(f"resumed from {resume} at iteration {start_iter}")
+    # DDP averages the gradients over the processes during backward (after the identical init above)
+    net = model if world_size == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.index
+                                                                 is not None else None)
 
+    # Rank r reads items r, r + W, ... of one global stream: the shards of iteration k form the joint batch k.
     batches = data.make_train_loader(train_set, args.batch_size, seed=args.seed, start_iter=start_iter,
-                                     workers=args.workers)
+                                     workers=args.workers, rank=rank, world_size=world_size)
     if ckpt:  # restored after the loader exists, so the RNG streams continue exactly where they stopped
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if len(ckpt["rng"]) != world_size:
+            sys.exit(f"error: {resume} was written by {len(ckpt['rng'])} process(es); resume it with as many")
+        set_rng_state(ckpt["rng"][rank])
 
-    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if main_process else None
     seen = dict(ckpt["seen"]) if ckpt else {"images": 0, "instances": 0, "pixels": 0}
     model.train()
-    bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, dynamic_ncols=True)
+    bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, dynamic_ncols=True,
+               disable=not main_process)
     tic = time.perf_counter()
     for it in bar:
         lr = lr_at(it, args.lr, args.lr_steps, args.lr_gamma, args.warmup_iters, args.warmup_factor)
@@ -257,13 +298,17 @@ def main(argv=None):
             images, image_sizes, targets = next(batches)
         except data.DataError as e:  # raised in a loader worker: keep the one line that names the culprit
             sys.exit(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}")
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True,
+                           memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            losses = model(images, image_sizes, targets)
+            losses = net(images, image_sizes, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            bad = ", ".join(f"{k} = {v.item():.4g}" for k, v in losses.items() if not torch.isfinite(v))
+        # the joint batch's losses (their mean over processes), so every process takes the same decisions below
+        terms = distributed.mean_over_processes(losses)
+        total = sum(terms.values())
+        if not torch.isfinite(total):
+            bad = ", ".join(f"{k} = {v.item():.4g}" for k, v in terms.items() if not torch.isfinite(v))
             last = latest_checkpoint(args.output_dir)
             sys.exit(f"error: non-finite loss at iteration {it}: {bad}; the last good checkpoint is {last}")
 
@@ -276,16 +321,16 @@ def main(argv=None):
             loss.backward()
             optimizer.step()
 
-        # Rethinking Sec. 3.2 / Fig. 2: count the images, instances and pixels the model has seen.
-        seen["images"] += len(targets)
-        seen["instances"] += sum(len(t["boxes"]) for t in targets)
-        seen["pixels"] += sum(h * w for h, w in image_sizes)
-        terms = {k: v.item() for k, v in losses.items()}
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2g}", **{k[5:]: f"{v:.3f}" for k, v in terms.items()})
+        # Rethinking Sec. 3.2 / Fig. 2: count the images, instances and pixels the model has seen (all processes).
+        counts = [len(targets), sum(len(t["boxes"]) for t in targets), sum(h * w for h, w in image_sizes)]
+        for key, count in zip(("images", "instances", "pixels"), distributed.sum_over_processes(counts)):
+            seen[key] += count
+        terms = {k: v.item() for k, v in terms.items()}
+        bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{lr:.2g}", **{k[5:]: f"{v:.3f}" for k, v in terms.items()})
 
         done = it + 1
-        if done % args.log_period == 0 or done == args.max_iters:
-            row = {"iter": done, "lr": lr, "loss": loss.item(), **terms,
+        if main_process and (done % args.log_period == 0 or done == args.max_iters):
+            row = {"iter": done, "lr": lr, "loss": total.item(), **terms,
                    "sec_per_iter": (time.perf_counter() - tic) / args.log_period, **{f"seen_{k}": v for k, v in seen.items()}}
             if device.type == "cuda":
                 row["max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -293,16 +338,22 @@ def main(argv=None):
             metrics.flush()
             tic = time.perf_counter()
         if done % args.ckpt_period == 0 or done == args.max_iters:
-            save_checkpoint(os.path.join(args.output_dir, f"model_{done:07d}.pth"), model, optimizer, scaler, done, args,
-                            seen)
+            rng = distributed.all_gather(rng_state())  # every process's, so that resume is exact for each
+            if main_process:
+                save_checkpoint(os.path.join(args.output_dir, f"model_{done:07d}.pth"), model, optimizer, scaler,
+                                done, args, seen, rng)
         if (args.eval_period and done % args.eval_period == 0) or (done == args.max_iters and not args.no_eval):
+            # every process predicts its shard of the images; rank 0 gathers them and runs COCOeval
             results = evaluate.evaluate(model, val_set, device, amp=args.amp, workers=args.workers)
-            metrics.write(json.dumps({"iter": done, **results}) + "\n")
-            metrics.flush()
+            if main_process:
+                metrics.write(json.dumps({"iter": done, **results}) + "\n")
+                metrics.flush()
             model.train()
-    metrics.close()
-    if args.save_backbone:
-        torch.save(model.backbone.state_dict(), args.save_backbone)  # torchvision key names: conv1, bn1, layer1..4
+    if main_process:
+        metrics.close()
+        if args.save_backbone:  # torchvision key names: conv1, bn1, layer1..4
+            torch.save(model.backbone.state_dict(), args.save_backbone)
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

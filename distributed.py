@@ -1,0 +1,119 @@
+"""Data-parallel training over processes: one process per GPU (or CPU worker), started by torchrun.
+
+Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 4: synchronized SGD on 8 GPUs, 2 images each (batch 16),
+with SyncBN statistics over all of them when BN is used. Goyal et al. 2017 ("Accurate, Large Minibatch SGD") for
+why a distributed step must equal one step on the joint batch: then the linear LR scaling rule applies unchanged.
+
+    torchrun --nproc_per_node=8 train.py --preset r50_fpn_gn --batch-size 2        # 8 x 2 = the paper's batch 16
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 train.py ...   # several machines
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; `init` reads them (the env:// rendezvous).
+W = world size (processes), r = this process's rank, n_r = a count (sampled anchors, RoIs, mask pixels) on rank r.
+
+How the pieces fit:
+- data.TrainSampler gives rank r the items r, r + W, ... of one global stream, so the W shards of iteration k
+  together are exactly the single-process batch k of W x batch images;
+- DistributedDataParallel averages gradients over the processes;
+- every loss is a sum over its rank's items divided by `loss_denominator(n_r)` = (sum_q n_q) / W, so the average
+  over the processes of the per-rank gradients is the gradient of the joint-batch loss, sum_r S_r / sum_q n_q;
+- norm.SyncBatchNorm all-reduces its statistics, so BN layers also see the joint batch;
+- evaluation shards the images (data.make_eval_loader) and `all_gather` collects the results on rank 0.
+"""
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def init(device):
+    """Join the process group torchrun describes in the environment; without torchrun, a single process.
+
+    device: "cpu" or "cuda"; each GPU process takes cuda:LOCAL_RANK. Backends: nccl for GPUs, gloo for CPUs.
+    Returns (rank, world_size, torch.device).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, torch.device(device)
+    cuda = device.startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def loss_denominator(count, device=None):
+    """What a per-process loss divides its sum by: (count summed over the processes) / W, as a float tensor.
+
+    One process: the count itself (a mean). W processes: DistributedDataParallel averages the W gradients, so the
+    result is the gradient of sum_r S_r / sum_q n_q, the loss of one process holding the joint batch.
+    Departure: Detectron, Detectron2 and torchvision divide by the local count (the mean on each GPU). The two agree
+    when every image fills its sampling quota (256 anchors, 512 RoIs); they differ for the mask loss, whose count is
+    the positives on each GPU. DETR normalizes its box losses over all processes in the same way.
+    """
+    count = torch.as_tensor(float(count), device=device)
+    if is_distributed():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1.0)
+
+
+def mean_over_processes(values):
+    """{name: scalar tensor} -> the same, averaged over the processes (for logging and the non-finite check)."""
+    if not is_distributed() or not values:
+        return values
+    stacked = torch.stack([v.detach().float() for v in values.values()])
+    dist.all_reduce(stacked)
+    return dict(zip(values, stacked / dist.get_world_size()))
+
+
+def sum_over_processes(numbers):
+    """[int or float] -> the same list, each summed over the processes (e.g. images seen per iteration)."""
+    if not is_distributed():
+        return list(numbers)
+    totals = torch.tensor(numbers, dtype=torch.float64)
+    dist.all_reduce(totals)
+    return [type(n)(t) for n, t in zip(numbers, totals.tolist())]
+
+
+def all_gather(obj):
+    """Any picklable object from every process -> [obj of rank 0, obj of rank 1, ...] on every process."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block first (e.g. writes the synthetic data set), then the others (which find it done)."""
+    if get_rank() != 0:
+        barrier()
+    yield
+    if get_rank() == 0:
+        barrier()
