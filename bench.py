@@ -208,6 +208,9 @@ def get_args(argv=None):
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="image height and width (default: 128 160 on CPU, 800 1216 on GPU)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
+    p.add_argument("--channels-last", action="store_true", help="NHWC images and weights (both models)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone and FPN (both models; the warm-up iterations absorb compilation)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing")
@@ -248,6 +251,13 @@ def main(argv=None):
         if note:
             print(f"{name}: {note}")
         model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+            train_inputs = (train_inputs[0].contiguous(memory_format=torch.channels_last), *train_inputs[1:])
+            infer_inputs = (infer_inputs[0].contiguous(memory_format=torch.channels_last), *infer_inputs[1:])
+        if args.compile:  # ours: backbone and FPN; torchvision's backbone module holds both
+            for module in (model.backbone, model.fpn) if name == "ours" else (model.backbone,):
+                module.compile()
         results[name] = bench_model(model, train_inputs, infer_inputs, args.batch_size, device, amp=args.amp,
                                     iters=args.iters, warmup=args.warmup)
         if args.profile:

@@ -92,7 +92,8 @@ def get_args(argv=None):
                    help="mixed precision autocast (fp16 adds a GradScaler); GN statistics and losses stay fp32")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format for images and conv weights")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone and FPN (recompiles for each new padded image size)")
+                   help="torch.compile the backbone and FPN (a new padded image size triggers a recompile, after which "
+                        "dynamo treats sizes as dynamic)")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     g.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")

@@ -177,3 +177,23 @@ def test_torchvision_imagenet_checkpoint_loads_into_the_backbone(tmp_path, capsy
     assert "0 missing keys" in out and "0 unexpected keys" in out   # fc.* is expected and not reported
     assert torch.equal(model.backbone.layer3[2].conv2.weight, reference.layer3[2].conv2.weight)
     assert torch.equal(model.backbone.bn1.running_var, reference.bn1.running_var)
+
+
+@pytest.mark.parametrize("flag", ["--channels-last", "--compile"])
+def test_speed_flags_leave_the_losses_unchanged(shapes, tmp_path, monkeypatch, flag):
+    """NHWC memory format and torch.compile (of the backbone and FPN) change how, not what, is computed.
+    The compile test traces with TorchDynamo + AOTAutograd but skips Inductor's C++ code generation ("aot_eager"),
+    which took 9 minutes here on a 2-core CPU."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend="aot_eager"))
+    torch._dynamo.reset()
+    train.main(run_args(shapes, tmp_path / "plain", "--max-iters", "2", "--no-eval"))
+    train.main(run_args(shapes, tmp_path / "fast", "--max-iters", "2", "--no-eval", flag))
+    plain, fast = read_rows(tmp_path / "plain" / "metrics.jsonl"), read_rows(tmp_path / "fast" / "metrics.jsonl")
+    for a, b in zip(plain, fast, strict=True):
+        for k in a:
+            if k.startswith("loss"):
+                assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), (a["iter"], k)
+    # compiled or not, the checkpoint has the plain model's parameter names
+    names = torch.load(tmp_path / "fast" / "model_0000002.pth", weights_only=False)["model"].keys()
+    assert names == torch.load(tmp_path / "plain" / "model_0000002.pth", weights_only=False)["model"].keys()
