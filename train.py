@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cascade
 import data
 import evaluate
 from model import PRESETS, build_model
@@ -51,6 +52,10 @@ def get_args(argv=None):
                    help="architecture (paper: r50_fpn_gn; default: tiny on CPU, r50_fpn_gn on GPU)")
     g.add_argument("--norm", choices=["gn", "syncbn", "bn", "frozen_bn", "none"],
                    help="normalization in backbone, FPN and heads, overriding the preset (paper: gn or syncbn)")
+    g.add_argument("--cascade", action="store_true",
+                   help="Cascade R-CNN box heads, 3 stages at IoU 0.5/0.6/0.7, mask head on the last (Sec. 5)")
+    g.add_argument("--weights", help="initialize the model from a train.py checkpoint or state dict (non-strict; a "
+                                     "Mask R-CNN's box head becomes cascade stage 1); training starts at iteration 0")
     g.add_argument("--init", choices=["scratch", "imagenet"], default="scratch",
                    help="random (MSRA) init, the paper's subject, or ImageNet weights from --pretrained")
     g.add_argument("--pretrained", help="torchvision-format ImageNet checkpoint of the backbone, for --init imagenet")
@@ -183,6 +188,16 @@ def load_pretrained(backbone, path):
           f"{len(unexpected)} unexpected keys {unexpected[:5]}")
 
 
+def load_weights(model, path):
+    """--weights: e.g. a scratch Mask R-CNN switched to the cascade for the rest of its training (Sec. 5)."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: --weights {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    missing, unexpected, skipped = cascade.load_weights(model, state.get("model", state))
+    print(f"loaded {path}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
+          f"{unexpected[:3]}, {len(skipped)} skipped for their shape {skipped[:3]}")
+
+
 def main(argv=None):
     args = resolve(get_args(argv))
     torch.manual_seed(args.seed)
@@ -206,16 +221,19 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     model = build_model(args.preset, num_classes=train_set.num_classes, norm=args.norm,
-                        fpn_norm=args.norm, head_norm=args.norm).to(device)
+                        fpn_norm=args.norm, head_norm=args.norm, cascade=args.cascade).to(device)
     if args.init == "imagenet":
         load_pretrained(model.backbone, args.pretrained)
+    if args.weights:
+        load_weights(model, args.weights)
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     norm = args.norm or PRESETS[args.preset]["norm"]
     epochs = args.max_iters * args.batch_size / len(train_set)
-    print(f"plan: {args.preset} ({n_params / 1e6:.2f}M trainable parameters), norm {norm}, init {args.init}\n"
+    print(f"plan: {args.preset}{' + cascade' if args.cascade else ''} ({n_params / 1e6:.2f}M trainable parameters), "
+          f"norm {norm}, init {args.init}\n"
           f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
           f"{len(val_set)} validation images, {train_set.num_classes - 1} classes\n"
           f"      batch {args.batch_size}, LR {args.lr:g}, {args.max_iters} iterations ({epochs:.1f} epochs), "
