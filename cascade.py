@@ -83,8 +83,6 @@ class CascadeRoIHeads(nn.Module):
             assert targets is not None, "CascadeRoIHeads needs targets in training"
         losses, probs, rois = {}, [], proposals
         for k, stage in enumerate(self.stages, start=1):
-            if k > 1:
-                rois = self.next_rois(self.stages[k - 2], box_deltas, rois, image_sizes)
             if self.training:  # stage k's own GT boxes, matching at u_k and sampling (see the module docstring)
                 rois, labels, matched, regression_targets = stage.sample_rois(rois, targets)
             class_logits, box_deltas = self.run_stage(stage, features, rois, image_shape)  # (R, K), (R, 4)
@@ -93,6 +91,8 @@ class CascadeRoIHeads(nn.Module):
                 losses[f"loss_cls_stage{k}"], losses[f"loss_box_stage{k}"] = loss_cls, loss_box
             else:
                 probs.append(F.softmax(class_logits, dim=-1))  # (R, K)
+            if k < len(self.stages):  # Cascade R-CNN Sec. 4.1: stage k's boxes are stage k + 1's RoIs
+                rois = self.next_rois(stage, box_deltas, rois, image_sizes)
 
         last = self.stages[-1]
         if self.training:
