@@ -10,7 +10,7 @@ import evaluate
 import train
 from cascade import CascadeRoIHeads, cascade_state_dict, load_weights, scale_gradient
 from model import build_model
-from roi_heads import BoxHead, MaskHead
+from roi_heads import BoxHead, MaskHead, fast_rcnn_loss
 
 C, K, REP = 8, 3, 32                          # feature channels, classes incl. background, box feature size
 IMAGE_SHAPE, IMAGE_SIZES = (64, 128), [(64, 128), (60, 100)]
@@ -75,6 +75,15 @@ def test_refinement_is_class_agnostic_detached_and_clipped():
     off = torch.tensor([[100.0, 0.0, 0.0, 0.0]])
     assert heads.next_rois(heads.stages[0], off, [roi[:1]], [(64, 128)])[0].shape == (0, 4)
     assert heads.eval().next_rois(heads.stages[0], off, [roi[:1]], [(64, 128)])[0].shape == (1, 4)
+
+
+def test_class_agnostic_loss_is_the_class_specific_loss_with_one_shared_column():
+    g = torch.Generator().manual_seed(0)
+    logits, deltas, targets_ = (torch.randn(5, n, generator=g) for n in (K, 4, 4))
+    labels = torch.tensor([0, 1, 2, 2, 0])
+    agnostic = fast_rcnn_loss(logits, deltas, labels, targets_)
+    specific = fast_rcnn_loss(logits, deltas.repeat(1, K), labels, targets_)   # (5, K*4): the same 4 in every class
+    assert agnostic[1] > 0 and torch.equal(agnostic[0], specific[0]) and torch.equal(agnostic[1], specific[1])
 
 
 def set_stage_outputs(stage, probs, dx):
