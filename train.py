@@ -169,12 +169,15 @@ def save_checkpoint(path, model, optimizer, scaler, iteration, args, seen):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, preset):
+def load_checkpoint(path, preset, cascade=False):
     if not os.path.isfile(path):
         sys.exit(f"error: checkpoint {path} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt["args"]["preset"] != preset:
         sys.exit(f"error: checkpoint {path} is from preset {ckpt['args']['preset']!r}, not {preset!r}")
+    if ckpt["args"].get("cascade", False) != cascade:
+        hint = f"start a new run with --weights {path} to switch to the cascade" if cascade else "add --cascade"
+        sys.exit(f"error: checkpoint {path} was trained {'without' if cascade else 'with'} --cascade; {hint}")
     return ckpt
 
 
@@ -244,7 +247,7 @@ def main(argv=None):
     start_iter, ckpt = 0, None
     resume = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
     if resume:
-        ckpt = load_checkpoint(resume, args.preset)
+        ckpt = load_checkpoint(resume, args.preset, args.cascade)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler and ckpt["scaler"]:

@@ -199,3 +199,7 @@ def test_switching_a_mask_rcnn_run_to_cascade(tmp_path, capsys):
     assert ckpt["iteration"] == 1 and "loss_cls_stage3" in open(tmp_path / "cascade" / "metrics.jsonl").read()
     model, _ = evaluate.load_run(str(tmp_path / "cascade" / "model_0000001.pth"))   # rebuilt as a cascade
     assert isinstance(model.roi_heads, CascadeRoIHeads)
+    # --resume needs the same architecture: the switch is a new run with --weights, and the error says so
+    with pytest.raises(SystemExit, match="without --cascade; start a new run with --weights"):
+        train.main(common + ["--output-dir", str(tmp_path / "x"), "--cascade",
+                             "--resume", str(tmp_path / "mask_rcnn" / "model_0000001.pth")])
