@@ -3,8 +3,8 @@
 Cai & Vasconcelos, "Cascade R-CNN: Delving into High Quality Object Detection" (CVPR 2018, arXiv:1712.00726):
 - Sec. 4.1 "Cascaded Bounding Box Regression": stage t regresses the boxes of stage t - 1, with its own regressor;
   the deltas are normalized per stage because they shrink as the boxes improve. The normalization is written here as
-  box coder weights that grow with the stage: (10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15), the values of the
-  Cascade R-CNN configs of Detectron and Detectron2.
+  box coder weights that grow with the stage: (10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15), Detectron2's
+  defaults for its cascade head (ROI_BOX_CASCADE_HEAD), as are the IoU thresholds below.
 - Sec. 4.2 "Cascaded Detection": stage t has its own head and classifier and is trained with the IoU threshold
   u_t = 0.5, 0.6, 0.7 on those resampled boxes; the loss is the sum over stages of the Fast R-CNN loss.
 Rethinking ImageNet Pre-training (arXiv:1811.08883), Sec. 5 "Enhanced baselines": the cascade adds two stages to
