@@ -14,7 +14,8 @@ cascade for the final 270k iterations (train.py --weights, see README).
 Where the papers leave details open we follow Detectron2's CascadeROIHeads:
 - regression is class-agnostic in every stage (4 deltas per RoI, not 4 per class);
 - the losses of the stages are summed and the gradient each stage sends into the shared features is scaled by 1/3
-  (Cai's code averages the stage losses instead and scales the heads' gradients up: the same update);
+  (Detectron2 notes that the original code averages the stage losses and scales the heads' gradients up instead:
+  the same update; mmdetection weights the stages 1, 0.5, 0.25);
 - at test, every stage scores the boxes it was given, the class probabilities of the three stages are averaged and
   the boxes are the last stage's; then NMS exactly as RoIHeads.
 Departures from Detectron2:
