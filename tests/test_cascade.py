@@ -16,10 +16,10 @@ C, K, REP = 8, 3, 32                          # feature channels, classes incl. 
 IMAGE_SHAPE, IMAGE_SIZES = (64, 128), [(64, 128), (60, 100)]
 
 
-def thin_cascade(mask=True, **kw):
+def thin_cascade(mask=True):
     heads = [BoxHead(in_channels=C, num_convs=1, conv_dim=16, fc_dim=REP, norm="gn", num_groups=4) for _ in range(3)]
     mask_head = MaskHead(in_channels=C, num_convs=1, conv_dim=16, norm="gn", num_groups=4, num_classes=K)
-    return CascadeRoIHeads(heads, K, mask_head if mask else None, **kw)
+    return CascadeRoIHeads(heads, K, mask_head if mask else None)
 
 
 def features(seed=0):
