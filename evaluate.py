@@ -118,7 +118,7 @@ def load_run(checkpoint, data_root=None, val_ann=None, val_images=None, min_size
     except data.DataError as e:
         sys.exit(f"error: {e}")
     model = build_model(run["preset"], num_classes=dataset.num_classes, norm=run["norm"], fpn_norm=run["norm"],
-                        head_norm=run["norm"])
+                        head_norm=run["norm"], cascade=run.get("cascade", False))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -7,12 +7,17 @@ initialization. He et al., "Mask R-CNN" (arXiv:1703.06870) Sec. 3 for the heads.
 Shapes: N images, (H, W) the padded batch, (h, w) one image's size before padding, R detections per image.
 
     images (N, 3, H, W) --backbone--> C2..C5 --fpn--> P2..P6 --rpn--> proposals --roi_heads--> detections
+
+Without FPN (the VGG-16 Faster R-CNN of Rethinking Sec. 5, "Models without BN/GN") the RPN and the RoI heads read the
+backbone's one map (conv5_3, stride 16); without a mask head it is Faster R-CNN. With cascade=True the RoI heads are
+Cascade R-CNN's (cascade.py).
 """
 import re
 
 from torch import nn
 
-from backbone import ResNet
+from backbone import VGG16, ResNet
+from cascade import CascadeRoIHeads
 from fpn import FPN
 from roi_heads import BoxHead, BoxPredictor, MaskHead, RoIHeads, paste_masks
 from rpn import RPN
@@ -21,6 +26,7 @@ RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 # Every preset is a plain set of keyword arguments for `build_model`; `**overrides` replaces any of them.
 _PAPER = dict(
+    backbone="resnet",                                  # or "vgg16"
     depth=50, groups=1, width_per_group=64, stem_channels=64, base_planes=64,
     norm="gn", num_groups=32, freeze_at=0,             # Sec. 4: GN everywhere, nothing frozen (scratch)
     fpn_channels=256, fpn_norm="gn",                    # GN in the FPN-specific layers [Detectron GN baselines]
@@ -29,13 +35,19 @@ _PAPER = dict(
     rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
     rpn_batch_size_per_image=256, roi_batch_size_per_image=512,
     box_num_convs=4, box_num_fcs=1, box_conv_dim=256, box_fc_dim=1024, head_norm="gn",  # 4conv1fc + GN
-    mask_num_convs=4, mask_conv_dim=256,
+    mask_head=True, mask_num_convs=4, mask_conv_dim=256,
     aligned=False,                                      # Detectron's RoIAlign (not D2's ROIAlignV2)
+    cascade=False,                                      # True: Cascade R-CNN's 3 box stages (Sec. 5, cascade.py)
 )
 
 PRESETS = {
     "r50_fpn_gn": _PAPER,
     "r101_fpn_gn": dict(_PAPER, depth=101),
+    # Table 3: "ResNeXt-152 8x32d" + GN, read as 8 groups of 32 channels (see backbone.py for the other reading).
+    # The paper gives no parameter count, only "~4x more FLOPs than R101": the backbone's convs here take 4.2x the
+    # multiply-adds of R101's at 224x224 (33.1 vs 7.8 G; the 32x8d reading: 3.1x). 186.9M parameters with 81
+    # classes (backbone 164.7M). The 50.9 AP system adds --train-scales 640,800, --cascade and test augmentation.
+    "x152_fpn_gn": dict(_PAPER, depth=152, groups=8, width_per_group=32),
     "r50_fpn_syncbn": dict(_PAPER, norm="syncbn", fpn_norm="syncbn", head_norm="syncbn"),
     # The classic pre-trained baseline: frozen BN in the backbone, no norm in FPN and heads, stem + res2 frozen.
     "r50_fpn_frozenbn": dict(_PAPER, norm="frozen_bn", freeze_at=2, fpn_norm="none", head_norm="none"),
@@ -52,6 +64,15 @@ PRESETS = {
                  rpn_pre_nms_top_n_test=250, rpn_post_nms_top_n_test=250,
                  rpn_batch_size_per_image=128, roi_batch_size_per_image=64,
                  box_num_convs=2, box_conv_dim=64, box_fc_dim=256, mask_num_convs=2, mask_conv_dim=64),
+    # Rethinking Sec. 5 "Models without BN/GN": the original Faster R-CNN VGG-16, no FPN, no normalization anywhere,
+    # MSRA init, from scratch with scale augmentation (train.py --train-scales LO,HI; the paper gives no range).
+    # One RPN level on conv5_3 (stride 16) with 3 sizes x 3 ratios (Faster R-CNN Sec. 3.1.1); RPN proposals as
+    # py-faster-rcnn in training (12000 before NMS, 2000 after), 6000 / 1000 at test (py-faster-rcnn keeps 300);
+    # RoIAlign 7x7 on conv5_3 (Faster R-CNN: RoIPool) and the fc6/fc7 head (4096, MSRA init); no mask head.
+    "vgg16_faster": dict(_PAPER, backbone="vgg16", depth=None, norm="none", fpn_channels=None, fpn_norm="none",
+                         anchor_sizes=((128, 256, 512),), rpn_pre_nms_top_n_train=12000,
+                         rpn_post_nms_top_n_train=2000, rpn_pre_nms_top_n_test=6000,
+                         box_num_convs=0, box_num_fcs=2, box_fc_dim=4096, head_norm="none", mask_head=False),
 }
 
 
@@ -70,10 +91,12 @@ class MaskRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("MaskRCNN in training mode needs targets; call model.eval() for inference")
         image_shape = tuple(images.shape[-2:])
-        features = self.fpn(self.backbone(images))                    # {"P2": (N, C, H/4, W/4), ..., "P6"}
+        features = self.backbone(images)                              # {"C2": .., "C5": ..} or VGG's {"C5": ..}
+        if self.fpn is not None:
+            features = self.fpn(features)                             # {"P2": (N, C, H/4, W/4), ..., "P6"}
         features = list(features.values())
         proposals, rpn_losses = self.rpn(features, image_shape, image_sizes, targets)
-        # FPN Sec. 4.2: the RoI heads pool from P2..P5; P6 only feeds the RPN.
+        # FPN Sec. 4.2: the RoI heads pool from P2..P5; P6 only feeds the RPN. Without FPN both read the one map.
         detections, roi_losses = self.roi_heads(features[:4], proposals, image_shape, image_sizes, targets)
         if self.training:
             return {**rpn_losses, **roi_losses}
@@ -101,25 +124,45 @@ def build_model(preset, num_classes, **overrides):
     if unknown:
         raise ValueError(f"unknown model option(s) {sorted(unknown)} for preset {preset!r}")
     cfg = dict(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
-    layers = cfg.get("layers") or RESNET_LAYERS[cfg["depth"]]
+    vgg = cfg["backbone"] == "vgg16"
+    if vgg and cfg["norm"] != "none":
+        raise ValueError(f"preset {preset!r}: VGG-16 has no normalization layers (Rethinking Sec. 5), so norm must "
+                         f"be 'none', not {cfg['norm']!r}")
 
-    backbone = ResNet(layers=layers, groups=cfg["groups"], width_per_group=cfg["width_per_group"],
-                      stem_channels=cfg["stem_channels"], base_planes=cfg["base_planes"], norm=cfg["norm"],
-                      num_groups=cfg["num_groups"], freeze_at=cfg["freeze_at"])
-    fpn = FPN(in_channels=backbone.out_channels, out_channels=cfg["fpn_channels"], norm=cfg["fpn_norm"],
-              num_groups=cfg["num_groups"])
-    rpn = RPN(in_channels=cfg["fpn_channels"], anchor_sizes=cfg["anchor_sizes"], aspect_ratios=cfg["aspect_ratios"],
+    if vgg:
+        backbone = VGG16()
+    else:
+        backbone = ResNet(layers=cfg.get("layers") or RESNET_LAYERS[cfg["depth"]], groups=cfg["groups"],
+                          width_per_group=cfg["width_per_group"], stem_channels=cfg["stem_channels"],
+                          base_planes=cfg["base_planes"], norm=cfg["norm"], num_groups=cfg["num_groups"],
+                          freeze_at=cfg["freeze_at"])
+    fpn = None
+    if cfg["fpn_channels"]:
+        fpn = FPN(in_channels=backbone.out_channels, out_channels=cfg["fpn_channels"], norm=cfg["fpn_norm"],
+                  num_groups=cfg["num_groups"])
+    channels = cfg["fpn_channels"] or backbone.out_channels[-1]  # without FPN, the last backbone map's channels
+    rpn = RPN(in_channels=channels, anchor_sizes=cfg["anchor_sizes"], aspect_ratios=cfg["aspect_ratios"],
               batch_size_per_image=cfg["rpn_batch_size_per_image"],
               pre_nms_top_n_train=cfg["rpn_pre_nms_top_n_train"], post_nms_top_n_train=cfg["rpn_post_nms_top_n_train"],
               pre_nms_top_n_test=cfg["rpn_pre_nms_top_n_test"], post_nms_top_n_test=cfg["rpn_post_nms_top_n_test"])
-    box_head = BoxHead(in_channels=cfg["fpn_channels"], num_convs=cfg["box_num_convs"], conv_dim=cfg["box_conv_dim"],
-                       num_fcs=cfg["box_num_fcs"], fc_dim=cfg["box_fc_dim"], norm=cfg["head_norm"],
-                       num_groups=cfg["num_groups"])
-    mask_head = MaskHead(in_channels=cfg["fpn_channels"], num_convs=cfg["mask_num_convs"],
-                         conv_dim=cfg["mask_conv_dim"], norm=cfg["head_norm"], num_groups=cfg["num_groups"],
-                         num_classes=num_classes)
-    roi_heads = RoIHeads(box_head, BoxPredictor(box_head.out_channels, num_classes), mask_head,
-                         batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"])
+    box_heads = [BoxHead(in_channels=channels, num_convs=cfg["box_num_convs"], conv_dim=cfg["box_conv_dim"],
+                         num_fcs=cfg["box_num_fcs"], fc_dim=cfg["box_fc_dim"], norm=cfg["head_norm"],
+                         num_groups=cfg["num_groups"]) for _ in range(3 if cfg["cascade"] else 1)]
+    if vgg:  # fc6 / fc7 belong to VGG-16: MSRA init as the convs (He et al. 2015, Eq. 10: std sqrt(2 / fan_in))
+        for head in box_heads:
+            for fc in head.fcs:
+                nn.init.kaiming_normal_(fc.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(fc.bias)
+    mask_head = None
+    if cfg["mask_head"]:
+        mask_head = MaskHead(in_channels=channels, num_convs=cfg["mask_num_convs"], conv_dim=cfg["mask_conv_dim"],
+                             norm=cfg["head_norm"], num_groups=cfg["num_groups"], num_classes=num_classes)
+    if cfg["cascade"]:
+        roi_heads = CascadeRoIHeads(box_heads, num_classes, mask_head,
+                                    batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"])
+    else:
+        roi_heads = RoIHeads(box_heads[0], BoxPredictor(box_heads[0].out_channels, num_classes), mask_head,
+                             batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"])
     return MaskRCNN(backbone, fpn, rpn, roi_heads)
 
 

@@ -224,12 +224,15 @@ class BoxHead(nn.Module):
 
 
 class BoxPredictor(nn.Module):
-    """Fast R-CNN Sec. 2 sibling outputs: K class scores (background = 0 included) and 4 deltas per class."""
+    """Fast R-CNN Sec. 2 sibling outputs: K class scores (background = 0 included) and 4 deltas per class.
 
-    def __init__(self, in_channels, num_classes):
+    class_agnostic=True predicts one set of 4 deltas for all classes (Cascade R-CNN, as Detectron2 and mmdetection).
+    """
+
+    def __init__(self, in_channels, num_classes, class_agnostic=False):
         super().__init__()
         self.cls_score = nn.Linear(in_channels, num_classes)
-        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+        self.bbox_pred = nn.Linear(in_channels, 4 if class_agnostic else num_classes * 4)
         # Fast R-CNN Sec. 2.3 (and Detectron/Detectron2): N(0, 0.01^2) scores, N(0, 0.001^2) deltas, biases 0;
         # torchvision's FastRCNNPredictor keeps nn.Linear's default init instead.
         nn.init.normal_(self.cls_score.weight, std=0.01)
@@ -238,13 +241,14 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x):
-        """x (R, F) -> class logits (R, K), box deltas (R, K*4)."""
+        """x (R, F) -> class logits (R, K), box deltas (R, K*4), or (R, 4) when class-agnostic."""
         x = x.flatten(start_dim=1)  # (R, F)
         return self.cls_score(x), self.bbox_pred(x)
 
 
 def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets):
-    """Fast R-CNN Eq. 1: L = L_cls + [u >= 1] L_loc; logits (R, K), deltas (R, K*4), labels (R,), targets (R, 4).
+    """Fast R-CNN Eq. 1: L = L_cls + [u >= 1] L_loc; logits (R, K), deltas (R, K*4) or (R, 4) class-agnostic,
+    labels (R,), targets (R, 4).
 
     L_cls is the mean cross-entropy over the sampled RoIs. L_loc is smooth-L1 on the ground-truth class's deltas of the
     foreground RoIs, summed and divided by all R sampled RoIs (torchvision; Detectron does the same). With several
@@ -253,9 +257,10 @@ def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets):
     n_rois = loss_denominator(labels.numel(), device=labels.device)
     loss_cls = F.cross_entropy(class_logits, labels, reduction="sum") / n_rois
     fg = torch.where(labels > BACKGROUND)[0]  # (P,) Iverson bracket [u >= 1]
-    box_deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)  # (R, K, 4)
+    box_deltas = box_deltas.reshape(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)  # (R, K or 1, 4)
+    column = labels[fg] if box_deltas.shape[1] > 1 else 0  # the GT class's deltas, or the only ones
     # Fast R-CNN Eq. 3 smooth-L1 has beta = 1; torchvision uses beta = 1/9 (a narrower quadratic zone)
-    loss_box = F.smooth_l1_loss(box_deltas[fg, labels[fg]], regression_targets[fg], beta=1 / 9, reduction="sum")
+    loss_box = F.smooth_l1_loss(box_deltas[fg, column], regression_targets[fg], beta=1 / 9, reduction="sum")
     return loss_cls, loss_box / n_rois
 
 
@@ -310,10 +315,15 @@ class RoIHeads(nn.Module):
         """Per image: per-class boxes, drop background and scores <= score_thresh, class-wise NMS, keep the top
         detections_per_img (Mask R-CNN Sec. 3.1 "Inference"; torchvision's postprocess_detections)."""
         K = class_logits.shape[1]
-        boxes = self.box_coder.decode(box_deltas.reshape(box_deltas.shape[0], K, 4), torch.cat(rois))  # (R, K, 4)
-        scores = F.softmax(class_logits, dim=-1)  # (R, K)
+        deltas = box_deltas.reshape(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)  # (R, K or 1, 4)
+        boxes = self.box_coder.decode(deltas, torch.cat(rois)).expand(-1, K, 4)  # (R, K, 4)
+        return self.detect(F.softmax(class_logits, dim=-1), boxes, [r.shape[0] for r in rois], image_sizes)
+
+    def detect(self, scores, boxes, per_image, image_sizes):
+        """Class probabilities (R, K) and boxes (R, K, 4) of the RoIs of all images (per_image of them per image)
+        -> per image {"boxes" (D, 4), "labels" (D,), "scores" (D,)}."""
+        K = scores.shape[1]
         detections = []
-        per_image = [r.shape[0] for r in rois]
         for b, s, size in zip(boxes.split(per_image), scores.split(per_image), image_sizes):  # loop over images
             b = clip_boxes(b, size)[:, 1:].reshape(-1, 4)  # (R_i*(K-1), 4): background column dropped
             labels = torch.arange(1, K, device=s.device).repeat(s.shape[0])  # (R_i*(K-1),) class of each row
@@ -342,25 +352,32 @@ class RoIHeads(nn.Module):
             loss_cls, loss_box = fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)
             losses = {"loss_cls": loss_cls, "loss_box": loss_box}
             if self.mask_head is not None:
-                # Mask R-CNN Sec. 3: L_mask is defined on positive RoIs only
-                fg = [torch.where(lab > BACKGROUND)[0] for lab in labels.split([p.shape[0] for p in proposals])]
-                fg_rois = [p[i] for p, i in zip(proposals, fg)]
-                mask_logits = self.predict_masks(features, fg_rois, image_shape)  # (P, K, M, M)
-                gt = [mask_targets(t["masks"], r, m[i], mask_logits.shape[-1])
-                      for t, r, m, i in zip(targets, fg_rois, matched, fg)]  # [(P_i, M, M)] per image
-                losses["loss_mask"] = mask_loss(mask_logits, labels[labels > BACKGROUND], torch.cat(gt))
+                losses["loss_mask"] = self.mask_losses(features, proposals, labels, matched, targets, image_shape)
             return [], losses
 
         detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes)
         if self.mask_head is not None:
-            # Mask R-CNN Sec. 3.1 "Inference": the mask branch runs on the final detection boxes
-            mask_logits = self.predict_masks(features, [d["boxes"] for d in detections], image_shape)  # (D, K, M, M)
-            labels = torch.cat([d["labels"] for d in detections])  # (D,)
-            # Mask R-CNN Sec. 3: only the mask of the predicted class k is used, as a per-pixel sigmoid
-            probs = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels].sigmoid()  # (D, M, M)
-            for d, p in zip(detections, probs[:, None].split([d["labels"].shape[0] for d in detections])):
-                d["mask_probs"] = p  # (D_i, 1, M, M)
+            self.add_masks(features, detections, image_shape)
         return detections, {}
+
+    def mask_losses(self, features, rois, labels, matched, targets, image_shape):
+        """Mask R-CNN Sec. 3: L_mask is defined on positive RoIs only; rois [(R_i, 4)], labels (R,), matched
+        [(R_i,)] GT index of each RoI (as sample_rois returns them)."""
+        fg = [torch.where(lab > BACKGROUND)[0] for lab in labels.split([r.shape[0] for r in rois])]
+        fg_rois = [r[i] for r, i in zip(rois, fg)]
+        mask_logits = self.predict_masks(features, fg_rois, image_shape)  # (P, K, M, M)
+        gt = [mask_targets(t["masks"], r, m[i], mask_logits.shape[-1])
+              for t, r, m, i in zip(targets, fg_rois, matched, fg)]  # [(P_i, M, M)] per image
+        return mask_loss(mask_logits, labels[labels > BACKGROUND], torch.cat(gt))
+
+    def add_masks(self, features, detections, image_shape):
+        """Mask R-CNN Sec. 3.1 "Inference": the mask branch runs on the final detection boxes; adds "mask_probs"."""
+        mask_logits = self.predict_masks(features, [d["boxes"] for d in detections], image_shape)  # (D, K, M, M)
+        labels = torch.cat([d["labels"] for d in detections])  # (D,)
+        # Mask R-CNN Sec. 3: only the mask of the predicted class k is used, as a per-pixel sigmoid
+        probs = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels].sigmoid()  # (D, M, M)
+        for d, p in zip(detections, probs[:, None].split([d["labels"].shape[0] for d in detections])):
+            d["mask_probs"] = p  # (D_i, 1, M, M)
 
     def predict_masks(self, features, boxes, image_shape):
         """[(R_i, 4)] boxes -> (R, K, 2*mask_resolution, 2*mask_resolution) mask logits."""

@@ -6,6 +6,8 @@ the loss of Eq. (1) (Sec. 3.1.2); 256 sampled anchors per image, N(0, 0.01) init
 (Sec. 3.3).
 FPN, Lin et al. 2017 (arXiv:1612.03144), Sec. 4.1: the same head, shared, on every level P2..P6, with one anchor
 size per level {32, 64, 128, 256, 512} and aspect ratios {1:2, 1:1, 2:1}, so 15 anchors over the pyramid.
+Without FPN (Faster R-CNN Sec. 3.1.1) there is one level (conv5_3 of VGG-16, stride 16) with several sizes on it:
+3 scales {128, 256, 512} x 3 aspect ratios = 9 anchors per location, written anchor_sizes=((128, 256, 512),).
 The numerics follow torchvision's RegionProposalNetwork (our tests compare against it).
 
 Shapes: N images, L pyramid levels, A anchors/location, H,W size of one level, T = sum over levels of H*W*A
@@ -21,26 +23,33 @@ from distributed import loss_denominator
 
 
 class AnchorGenerator(nn.Module):
-    """Anchors of one size and several aspect ratios (h / w) at every location of every level (FPN Sec. 4.1)."""
+    """Anchors of several aspect ratios (h / w) at every location of every level.
+
+    sizes has one entry per level: a size (FPN Sec. 4.1, one size per level) or a tuple of sizes (Faster R-CNN
+    Sec. 3.1.1, several scales on one map). Every level must have the same number of sizes: the head is shared.
+    """
 
     def __init__(self, sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0)):
         super().__init__()
-        self.sizes = sizes
+        self.sizes = [tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in sizes]  # L x (sizes of the level)
+        assert len({len(s) for s in self.sizes}) == 1, f"every level needs as many anchor sizes; got {sizes}"
         self.aspect_ratios = aspect_ratios
-        self.cell_anchors = [self._cell_anchors(size, aspect_ratios) for size in sizes]  # L x (A, 4), no parameters
+        self.cell_anchors = [self._cell_anchors(s, aspect_ratios) for s in self.sizes]  # L x (A, 4), no parameters
 
     @staticmethod
-    def _cell_anchors(size, aspect_ratios):
-        """(A, 4) anchors centred on (0, 0): area size**2, h / w = ratio, corners rounded to integers as torchvision."""
+    def _cell_anchors(sizes, aspect_ratios):
+        """(A, 4) anchors centred on (0, 0), A = ratios x sizes, ratio-major as torchvision and py-faster-rcnn:
+        area size**2, h / w = ratio, corners rounded to integers as torchvision."""
         ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
         h_ratios = torch.sqrt(ratios)
         w_ratios = 1 / h_ratios
-        ws = w_ratios * size
-        hs = h_ratios * size
+        scales = torch.as_tensor(sizes, dtype=torch.float32)
+        ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)  # (ratios, sizes) -> (A,)
+        hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
         return (torch.stack((-ws, -hs, ws, hs), dim=1) / 2).round()  # (A, 4)
 
     def num_anchors_per_location(self):
-        return len(self.aspect_ratios)
+        return len(self.aspect_ratios) * len(self.sizes[0])
 
     def forward(self, image_shape, feature_shapes, device, dtype):
         """image_shape (H, W) of the padded batch, feature_shapes [(h, w)] per level -> L x (h*w*A, 4) anchors."""

@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cascade
 import data
 import distributed
 import evaluate
@@ -54,6 +55,10 @@ def get_args(argv=None):
                    help="architecture (paper: r50_fpn_gn; default: tiny on CPU, r50_fpn_gn on GPU)")
     g.add_argument("--norm", choices=["gn", "syncbn", "bn", "frozen_bn", "none"],
                    help="normalization in backbone, FPN and heads, overriding the preset (paper: gn or syncbn)")
+    g.add_argument("--cascade", action="store_true",
+                   help="Cascade R-CNN box heads, 3 stages at IoU 0.5/0.6/0.7, mask head on the last (Sec. 5)")
+    g.add_argument("--weights", help="initialize the model from a train.py checkpoint or state dict (non-strict; a "
+                                     "Mask R-CNN's box head becomes cascade stage 1); training starts at iteration 0")
     g.add_argument("--init", choices=["scratch", "imagenet"], default="scratch",
                    help="random (MSRA) init, the paper's subject, or ImageNet weights from --pretrained")
     g.add_argument("--pretrained", help="torchvision-format ImageNet checkpoint of the backbone, for --init imagenet")
@@ -189,23 +194,36 @@ def save_checkpoint(path, model, optimizer, scaler, iteration, args, seen, rng):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, preset):
+def load_checkpoint(path, preset, cascade=False):
     if not os.path.isfile(path):
         sys.exit(f"error: checkpoint {path} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt["args"]["preset"] != preset:
         sys.exit(f"error: checkpoint {path} is from preset {ckpt['args']['preset']!r}, not {preset!r}")
+    if ckpt["args"].get("cascade", False) != cascade:
+        hint = f"start a new run with --weights {path} to switch to the cascade" if cascade else "add --cascade"
+        sys.exit(f"error: checkpoint {path} was trained {'without' if cascade else 'with'} --cascade; {hint}")
     return ckpt
 
 
-def load_pretrained(backbone, path):
+def load_pretrained(backbone, path, log=print):
     """Load a torchvision ImageNet checkpoint into the backbone; report what did not match (the fc is expected)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
     result = backbone.load_state_dict(state, strict=False)
     unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "classifier."))]
-    print(f"loaded {path}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
+    log(f"loaded {path}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
           f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+
+
+def load_weights(model, path, log=print):
+    """--weights: e.g. a scratch Mask R-CNN switched to the cascade for the rest of its training (Sec. 5)."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: --weights {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    missing, unexpected, skipped = cascade.load_weights(model, state.get("model", state))
+    log(f"loaded {path}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
+          f"{unexpected[:3]}, {len(skipped)} skipped for their shape {skipped[:3]}")
 
 
 def main(argv=None):
@@ -237,14 +255,17 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     model = build_model(args.preset, num_classes=train_set.num_classes, norm=args.norm,
-                        fpn_norm=args.norm, head_norm=args.norm).to(device)
+                        fpn_norm=args.norm, head_norm=args.norm, cascade=args.cascade).to(device)
     if args.init == "imagenet":
-        load_pretrained(model.backbone, args.pretrained)
+        load_pretrained(model.backbone, args.pretrained, log)
+    if args.weights:
+        load_weights(model, args.weights, log)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:  # in place, so parameter names (and checkpoints) stay those of the plain model
         model.backbone.compile()
-        model.fpn.compile()
+        if model.fpn is not None:
+            model.fpn.compile()
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
@@ -252,7 +273,8 @@ def main(argv=None):
     norm = args.norm or PRESETS[args.preset]["norm"]
     batch = args.batch_size * world_size
     epochs = args.max_iters * batch / len(train_set)
-    log(f"plan: {args.preset} ({n_params / 1e6:.2f}M trainable parameters), norm {norm}, init {args.init}\n"
+    log(f"plan: {args.preset}{' + cascade' if args.cascade else ''} ({n_params / 1e6:.2f}M trainable parameters), "
+        f"norm {norm}, init {args.init}\n"
           f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
           f"{len(val_set)} validation images, {train_set.num_classes - 1} classes\n"
           f"      batch {batch} ({world_size} process(es) x {args.batch_size}), LR {args.lr:g}, "
@@ -265,7 +287,7 @@ def main(argv=None):
     start_iter, ckpt = 0, None
     resume = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
     if resume:
-        ckpt = load_checkpoint(resume, args.preset)
+        ckpt = load_checkpoint(resume, args.preset, args.cascade)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler and ckpt["scaler"]:

@@ -151,3 +151,53 @@ def test_unknown_preset_and_option_are_refused():
         build_model("r50_fpn_nope", num_classes=3)
     with pytest.raises(ValueError, match="unknown model option"):
         build_model("tiny", num_classes=3, colour="red")
+
+
+def test_vgg16_faster_is_faster_rcnn_without_any_normalization():
+    # Rethinking Sec. 5 "Models without BN/GN": VGG-16, no FPN, one RPN level, fc6/fc7, no mask head
+    model = build_model("vgg16_faster", num_classes=81)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert not {k for k in kinds if "Norm" in k}                     # no BN, GN, FrozenBN, SyncBN anywhere
+    assert model.fpn is None and model.roi_heads.mask_head is None
+    assert model.rpn.anchor_generator.sizes == [(128, 256, 512)] and model.rpn.head.cls_logits.out_channels == 9
+    assert [fc.out_features for fc in model.roi_heads.box_head.fcs] == [4096, 4096]
+    assert model.roi_heads.box_head.fcs[0].in_features == 512 * 7 * 7            # RoIAlign 7x7 on conv5_3
+    fc6 = model.roi_heads.box_head.fcs[0].weight
+    assert fc6.std().item() == pytest.approx((2 / fc6.shape[1]) ** 0.5, rel=0.02)   # MSRA
+    with pytest.raises(ValueError, match="no normalization"):
+        build_model("vgg16_faster", num_classes=3, norm="gn")
+
+
+def test_vgg16_faster_trains_and_detects_on_a_small_image():
+    torch.manual_seed(0)
+    # thinner fc6/fc7 and fewer RoIs keep the test fast; the layers are the preset's
+    model = build_model("vgg16_faster", num_classes=3, box_fc_dim=256, roi_batch_size_per_image=64,
+                        rpn_post_nms_top_n_test=100)
+    images = torch.randn(1, 3, 96, 128)
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 70.0, 80.0]]), "labels": torch.tensor([2]),
+                "masks": torch.zeros(1, 96, 128, dtype=torch.uint8)}]
+    losses = model(images, [(96, 128)], targets)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
+    sum(losses.values()).backward()
+    assert model.backbone.features[0].weight.grad.abs().sum() > 0     # conv1_1 learns: nothing frozen
+    model.eval()
+    with torch.no_grad():
+        (out,) = model(images, [(96, 128)], original_sizes=[(48, 64)])
+    D = out["boxes"].shape[0]
+    assert D > 0 and out["scores"].shape == (D,) and out["labels"].shape == (D,) and "masks" not in out
+    assert out["boxes"][:, 2].max() <= 64 and out["boxes"][:, 3].max() <= 48
+
+
+def test_x152_preset_is_resnext152_8x32d_gn():
+    model = build_model("x152_fpn_gn", num_classes=81)
+    backbone = model.backbone
+    assert [len(getattr(backbone, f"layer{i}")) for i in range(1, 5)] == [3, 8, 36, 3]    # ResNet-152
+    assert backbone.layer1[0].conv2.groups == 8 and backbone.layer1[0].conv2.out_channels == 8 * 32   # 8x32d
+    assert "GroupNorm" in {type(m).__name__ for m in model.modules()}
+    # the same tensors as torchvision's ResNet built with these groups and widths (GN in place of BN), fc aside
+    theirs = tv.models.resnet.ResNet(tv.models.resnet.Bottleneck, [3, 8, 36, 3], groups=8, width_per_group=32,
+                                     norm_layer=lambda c: torch.nn.GroupNorm(32, c))
+    assert ({k: v.shape for k, v in backbone.state_dict().items()}
+            == {k: v.shape for k, v in theirs.state_dict().items() if not k.startswith("fc.")})
+    assert sum(p.numel() for p in backbone.parameters()) == 164_726_080       # 2.8x R101's 42.5M
+    assert sum(p.numel() for p in model.parameters()) == 186_933_557          # with 81 classes (model.py)

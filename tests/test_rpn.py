@@ -149,3 +149,58 @@ def test_no_losses_without_targets():
     proposals, losses = rpn(features, IMAGE_SHAPE, IMAGE_SIZES)
     assert losses == {} and len(proposals) == 2
     assert all(p.shape[1] == 4 and p.shape[0] <= 1000 and not p.requires_grad for p in proposals)
+
+
+def test_several_sizes_on_one_level_hand_worked():
+    # Faster R-CNN Sec. 3.1.1: 3 sizes x 3 ratios = 9 anchors per location, ratio-major. Ratio 0.5 at size 128:
+    # w = 128 * sqrt(2) = 181.02, h = 90.51 -> half-sides 90.51 and 45.25, rounded to 91 and 45.
+    gen = AnchorGenerator(sizes=((128, 256, 512),), aspect_ratios=(0.5, 1.0, 2.0))
+    assert gen.num_anchors_per_location() == 9
+    (anchors,) = gen((32, 32), [(1, 1)], "cpu", torch.float32)
+    assert anchors[:4].tolist() == [[-91, -45, 91, 45], [-181, -91, 181, 91], [-362, -181, 362, 181],
+                                    [-64, -64, 64, 64]]
+    with pytest.raises(AssertionError, match="as many anchor sizes"):
+        AnchorGenerator(sizes=((32, 64), (128,)))
+
+
+def single_level_pair(**kw):
+    """One stride-16 level with 9 anchors (VGG-16 Faster R-CNN): ours and torchvision's RPN, same head weights."""
+    sizes, ratios = (128, 256, 512), (0.5, 1.0, 2.0)
+    ours = RPN(in_channels=CHANNELS, anchor_sizes=(sizes,), aspect_ratios=ratios, **kw)
+    g = torch.Generator().manual_seed(0)
+    for p in ours.head.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    head = tv_rpn.RPNHead(CHANNELS, 9)
+    head.conv[0][0].load_state_dict(ours.head.conv.state_dict())
+    for name in ("cls_logits", "bbox_pred"):
+        getattr(head, name).load_state_dict(getattr(ours.head, name).state_dict())
+    theirs = tv_rpn.RegionProposalNetwork(
+        tv_anchor_utils.AnchorGenerator((sizes,), (ratios,)), head, fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+        batch_size_per_image=kw.get("batch_size_per_image", 256), positive_fraction=0.5,
+        pre_nms_top_n={"training": 2000, "testing": 1000}, post_nms_top_n={"training": 1000, "testing": 1000},
+        nms_thresh=0.7)
+    return ours, theirs
+
+
+def test_several_sizes_on_one_level_match_torchvision():
+    shape = (IMAGE_SHAPE[0] // 16, IMAGE_SHAPE[1] // 16)  # conv5_3 of the padded batch
+    ours, theirs = single_level_pair(batch_size_per_image=100_000)  # every anchor sampled: no randomness
+    features, targets = make_inputs()
+    features = [torch.randn(2, CHANNELS, *shape, generator=torch.Generator().manual_seed(3))]
+    images = ImageList(torch.zeros(2, 3, *IMAGE_SHAPE), IMAGE_SIZES)
+    ours_anchors = ours.anchor_generator(IMAGE_SHAPE, [shape], "cpu", torch.float32)
+    assert torch.equal(ours_anchors[0], theirs.anchor_generator(images, features)[0])
+    assert ours_anchors[0].shape == (shape[0] * shape[1] * 9, 4)
+
+    ours.train(), theirs.train()
+    proposals, losses = ours(features, IMAGE_SHAPE, IMAGE_SIZES, targets)
+    expected, tv_losses = theirs(images, OrderedDict(C5=features[0]), targets)
+    torch.testing.assert_close(losses["loss_rpn_cls"], tv_losses["loss_objectness"])
+    torch.testing.assert_close(losses["loss_rpn_box"], tv_losses["loss_rpn_box_reg"])
+    assert losses["loss_rpn_box"] > 0
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        proposals, _ = ours(features, IMAGE_SHAPE, IMAGE_SIZES)
+        expected, _ = theirs(images, OrderedDict(C5=features[0]))
+    for p, e in zip(proposals, expected):
+        assert p.shape[0] > 10 and torch.equal(p, e)
