@@ -174,3 +174,11 @@ def test_evaluate_cli_with_tta(run, monkeypatch, capsys):
         results = json.load(f)
     assert results and all("segmentation" in r for r in results)
     assert {r["image_id"] for r in results} <= {1, 2}
+
+
+@pytest.mark.parametrize("text", ["4a0", "400,-1", ""])
+def test_bad_tta_scales_is_a_one_line_error(text, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", "unused.pth", "--tta-scales", text])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument --tta-scales: expected comma-separated positive shorter sides" in err
