@@ -78,7 +78,7 @@ class CascadeRoIHeads(nn.Module):
             boxes = [b[remove_small_boxes(b, min_size=1e-3)] for b in boxes]
         return boxes
 
-    def forward(self, features, proposals, image_shape, image_sizes, targets=None):
+    def forward(self, features, proposals, image_shape, image_sizes, targets=None, masks=True):
         """As RoIHeads.forward. Training losses: loss_cls_stage{1,2,3}, loss_box_stage{1,2,3} and loss_mask."""
         if self.training:
             assert targets is not None, "CascadeRoIHeads needs targets in training"
@@ -105,9 +105,13 @@ class CascadeRoIHeads(nn.Module):
         K = scores.shape[1]
         boxes = last.box_coder.decode(box_deltas, torch.cat(rois))  # (R, 4): the last stage's boxes
         detections = last.detect(scores, boxes[:, None].expand(-1, K, 4), [r.shape[0] for r in rois], image_sizes)
-        if last.mask_head is not None:
+        if last.mask_head is not None and masks:
             last.add_masks(features, detections, image_shape)
         return detections, {}
+
+    def mask_probs(self, features, boxes, labels, image_shape):
+        """The last stage's mask branch on given boxes (test-time augmentation, tta.py)."""
+        return self.stages[-1].mask_probs(features, boxes, labels, image_shape)
 
 
 def cascade_state_dict(state_dict, num_stages=3):

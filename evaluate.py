@@ -5,6 +5,7 @@ Lin et al., "Microsoft COCO" (2014) and cocodataset.org/#detection-eval.
 
     python evaluate.py --checkpoint runs/demo/model_0001000.pth            # data flags default to the run's own
     torchrun --nproc_per_node=8 evaluate.py --checkpoint ...               # each GPU takes 1/8 of the images
+    python evaluate.py --checkpoint CKPT --tta-scales 400,600,800,1000,1200 --tta-flip --max-size 2000   # Sec. 5.1
 
 Results json (COCO results format): bbox as [x, y, w, h] in original image pixels, segmentation as RLE of the
 mask thresholded at 0.5 (Mask R-CNN Sec. 3), category_id the dataset's original id (not the contiguous label).
@@ -23,15 +24,20 @@ from tqdm import tqdm
 
 import data
 import distributed
+import tta
 from model import build_model
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
 @torch.no_grad()
-def predict(model, dataset, device, amp="none", workers=2, batch_size=1):
+def predict(model, dataset, device, amp="none", workers=2, batch_size=1, tta_scales=(), tta_flip=False):
     """Inference over this process's shard of the dataset (all of it in one process); returns a list of
-    COCO-format result dicts (boxes and masks)."""
+    COCO-format result dicts (boxes and masks). tta_scales (shorter sides) and/or tta_flip: test-time augmentation
+    (tta.py), one image at a time."""
+    if tta_scales or tta_flip:
+        outputs = tta.predict(model, dataset, device, tta_scales or [dataset.min_size], tta_flip, amp, workers)
+        return [r for out, target in outputs for r in to_coco_results(out, target["image_id"], dataset.cat_ids)]
     model.eval()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     results = []
@@ -88,10 +94,11 @@ def coco_eval(coco_gt, results, iou_types=("bbox", "segm"), image_ids=None):
     return metrics
 
 
-def evaluate(model, dataset, device, amp="none", workers=2, results_file=None):
+def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, tta_scales=(), tta_flip=False):
     """COCO metrics of the model on the dataset. With several processes each predicts its shard of the images and
     rank 0 scores them all; the other processes return None."""
-    shards = distributed.all_gather(predict(model, dataset, device, amp=amp, workers=workers))
+    shards = distributed.all_gather(predict(model, dataset, device, amp=amp, workers=workers, tta_scales=tta_scales,
+                                            tta_flip=tta_flip))
     if distributed.get_rank() != 0:
         return None
     # image by image in dataset order, as one process writes them (a stable sort keeps each image's own order)
@@ -127,6 +134,18 @@ def load_run(checkpoint, data_root=None, val_ann=None, val_images=None, min_size
     return model, dataset
 
 
+def scale_list(text):
+    """--tta-scales "400,500" -> (400, 500); anything but positive integers is a one-line argparse error."""
+    try:
+        scales = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        scales = ()
+    if not scales or min(scales) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive shorter sides like 400,600,800, "
+                                         f"got {text!r}")
+    return scales
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a model_*.pth written by train.py")
@@ -139,13 +158,19 @@ def main(argv=None):
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--results", help="write the COCO results json here")
+    p.add_argument("--tta-scales", type=scale_list, default=(),
+                   help="test-time augmentation: comma-separated shorter sides, e.g. 400,500,...,1200 (Detectron; "
+                        "the paper gives none); detections merged by NMS, masks averaged (tta.py)")
+    p.add_argument("--tta-flip", action="store_true",
+                   help="test-time augmentation: add the mirror image of every scale (--min-size alone if no "
+                        "--tta-scales)")
     args = p.parse_args(argv)
 
     _, _, device = distributed.init(args.device)  # under torchrun, each process evaluates a shard of the images
     model, dataset = load_run(args.checkpoint, args.data, args.val_ann, args.val_images, args.min_size,
                               args.max_size)
     metrics = evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers,
-                       results_file=args.results)
+                       results_file=args.results, tta_scales=args.tta_scales, tta_flip=args.tta_flip)
     distributed.cleanup()
     return metrics
 

@@ -81,26 +81,37 @@ class MaskRCNN(nn.Module):
         super().__init__()
         self.backbone, self.fpn, self.rpn, self.roi_heads = backbone, fpn, rpn, roi_heads
 
-    def forward(self, images, image_sizes, targets=None, original_sizes=None):
+    def forward(self, images, image_sizes, targets=None, original_sizes=None, masks=True):
         """images: (N, 3, H, W), normalized and padded; image_sizes: [(h, w)] before padding.
 
         Training returns a dict of named losses. Evaluation returns, per image, a dict with boxes (R, 4) as
         (x1, y1, x2, y2), labels (R,), scores (R,) and soft masks (R, 1, h, w) pasted into the image, all in the
         pixels of image_sizes, or of original_sizes when given (the sizes before the data pipeline resized).
+        masks=False leaves the masks out (test-time augmentation computes them for the merged boxes: mask_probs).
         """
         if self.training and targets is None:
             raise ValueError("MaskRCNN in training mode needs targets; call model.eval() for inference")
         image_shape = tuple(images.shape[-2:])
-        features = self.backbone(images)                              # {"C2": .., "C5": ..} or VGG's {"C5": ..}
-        if self.fpn is not None:
-            features = self.fpn(features)                             # {"P2": (N, C, H/4, W/4), ..., "P6"}
-        features = list(features.values())
+        features = self.features(images)
         proposals, rpn_losses = self.rpn(features, image_shape, image_sizes, targets)
         # FPN Sec. 4.2: the RoI heads pool from P2..P5; P6 only feeds the RPN. Without FPN both read the one map.
-        detections, roi_losses = self.roi_heads(features[:4], proposals, image_shape, image_sizes, targets)
+        detections, roi_losses = self.roi_heads(features[:4], proposals, image_shape, image_sizes, targets, masks=masks)
         if self.training:
             return {**rpn_losses, **roi_losses}
         return self.postprocess(detections, image_sizes, original_sizes or image_sizes)
+
+    def features(self, images):
+        """[P2..P6] with FPN ((N, C, H/4, W/4), ...), else the backbone's maps (VGG-16: [conv5_3 (N, 512, H/16, W/16)])."""
+        features = self.backbone(images)  # {"C2": .., "C5": ..} or VGG's {"C5": ..}
+        if self.fpn is not None:
+            features = self.fpn(features)  # {"P2": (N, C, H/4, W/4), ..., "P6"}
+        return list(features.values())
+
+    def mask_probs(self, images, image_sizes, boxes, labels):
+        """The mask branch alone on given boxes [(D_i, 4)] in the pixels of image_sizes, of classes [(D_i,)]:
+        [(D_i, 1, M, M)] probabilities, not pasted (test-time augmentation averages them first, tta.py)."""
+        features = self.features(images)
+        return self.roi_heads.mask_probs(features[:4], boxes, labels, tuple(images.shape[-2:]))
 
     @staticmethod
     def postprocess(detections, image_sizes, output_sizes):

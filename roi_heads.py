@@ -336,11 +336,12 @@ class RoIHeads(nn.Module):
             detections.append({"boxes": b[keep], "labels": labels[keep], "scores": s[keep]})
         return detections
 
-    def forward(self, features, proposals, image_shape, image_sizes, targets=None):
+    def forward(self, features, proposals, image_shape, image_sizes, targets=None, masks=True):
         """features [P2..P5] (N, C, H/4, W/4) ...; proposals [(R_i, 4)]; image_shape (H, W) of the padded batch;
         image_sizes [(h, w)] before padding; targets [{"boxes" (G, 4), "labels" (G,), "masks" (G, h, w)}].
         Returns (detections, losses): ([], {"loss_cls", "loss_box", "loss_mask"}) in training;
-        ([{"boxes" (D, 4), "labels" (D,), "scores" (D,), "mask_probs" (D, 1, M, M)}], {}) in eval."""
+        ([{"boxes" (D, 4), "labels" (D,), "scores" (D,), "mask_probs" (D, 1, M, M)}], {}) in eval.
+        masks=False skips the mask branch in eval (test-time augmentation runs it later on the merged boxes)."""
         if self.training:
             assert targets is not None, "RoIHeads needs targets in training"
             proposals, labels, matched, regression_targets = self.sample_rois(proposals, targets)
@@ -356,7 +357,7 @@ class RoIHeads(nn.Module):
             return [], losses
 
         detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes)
-        if self.mask_head is not None:
+        if self.mask_head is not None and masks:
             self.add_masks(features, detections, image_shape)
         return detections, {}
 
@@ -372,11 +373,9 @@ class RoIHeads(nn.Module):
 
     def add_masks(self, features, detections, image_shape):
         """Mask R-CNN Sec. 3.1 "Inference": the mask branch runs on the final detection boxes; adds "mask_probs"."""
-        mask_logits = self.predict_masks(features, [d["boxes"] for d in detections], image_shape)  # (D, K, M, M)
-        labels = torch.cat([d["labels"] for d in detections])  # (D,)
-        # Mask R-CNN Sec. 3: only the mask of the predicted class k is used, as a per-pixel sigmoid
-        probs = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels].sigmoid()  # (D, M, M)
-        for d, p in zip(detections, probs[:, None].split([d["labels"].shape[0] for d in detections])):
+        probs = self.mask_probs(features, [d["boxes"] for d in detections], [d["labels"] for d in detections],
+                                image_shape)
+        for d, p in zip(detections, probs):
             d["mask_probs"] = p  # (D_i, 1, M, M)
 
     def predict_masks(self, features, boxes, image_shape):
