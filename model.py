@@ -29,13 +29,15 @@ _PAPER = dict(
     rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
     rpn_batch_size_per_image=256, roi_batch_size_per_image=512,
     box_num_convs=4, box_num_fcs=1, box_conv_dim=256, box_fc_dim=1024, head_norm="gn",  # 4conv1fc + GN
-    mask_num_convs=4, mask_conv_dim=256,
+    mask_head=True, mask_num_convs=4, mask_conv_dim=256,  # mask_head=False: Faster R-CNN (boxes only)
     aligned=False,                                      # Detectron's RoIAlign (not D2's ROIAlignV2)
 )
 
 PRESETS = {
     "r50_fpn_gn": _PAPER,
     "r101_fpn_gn": dict(_PAPER, depth=101),
+    # Sec. 5.4, PASCAL VOC: Faster R-CNN R101-FPN with GN, i.e. the same model without the mask head.
+    "r101_fpn_gn_faster": dict(_PAPER, depth=101, mask_head=False),
     "r50_fpn_syncbn": dict(_PAPER, norm="syncbn", fpn_norm="syncbn", head_norm="syncbn"),
     # The classic pre-trained baseline: frozen BN in the backbone, no norm in FPN and heads, stem + res2 frozen.
     "r50_fpn_frozenbn": dict(_PAPER, norm="frozen_bn", freeze_at=2, fpn_norm="none", head_norm="none"),
@@ -117,7 +119,7 @@ def build_model(preset, num_classes, **overrides):
                        num_groups=cfg["num_groups"])
     mask_head = MaskHead(in_channels=cfg["fpn_channels"], num_convs=cfg["mask_num_convs"],
                          conv_dim=cfg["mask_conv_dim"], norm=cfg["head_norm"], num_groups=cfg["num_groups"],
-                         num_classes=num_classes)
+                         num_classes=num_classes) if cfg["mask_head"] else None
     roi_heads = RoIHeads(box_head, BoxPredictor(box_head.out_channels, num_classes), mask_head,
                          batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"])
     return MaskRCNN(backbone, fpn, rpn, roi_heads)
