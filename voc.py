@@ -63,13 +63,13 @@ class VOCDataset(_CocoStyleDataset):
 
     def __init__(self, root, image_sets=PAPER_SPLITS["train"], train=False, min_size=800, max_size=1333,
                  flip_prob=0.5, subset=None, subset_seed=0):
-        list_files = [os.path.join(root, f"VOC{year}", "ImageSets", "Main", f"{image_set}.txt")
-                      for year, image_set in image_sets]
-        for list_file, (year, image_set) in zip(list_files, image_sets):  # every folder there before reading any
-            if not os.path.isfile(list_file):
-                raise DataError(f"missing {list_file} (VOCdevkit layout: VOC{year}/ImageSets/Main/{image_set}.txt)")
+        list_files = {(year, image_set): os.path.join(root, f"VOC{year}", "ImageSets", "Main", f"{image_set}.txt")
+                      for year, image_set in image_sets}
+        missing = [path for path in list_files.values() if not os.path.isfile(path)]  # before reading anything
+        if missing:
+            raise DataError(f"missing {missing[0]} (a VOCdevkit holds VOC<year>/ImageSets/Main/<image set>.txt)")
         images, annotations = [], []
-        for list_file, (year, image_set) in zip(list_files, image_sets):
+        for (year, image_set), list_file in list_files.items():
             with open(list_file) as f:
                 names = [line.split()[0] for line in f if line.strip()]
             for name in names:
@@ -138,28 +138,28 @@ def voc_eval(annotations, results, categories, iou_threshold=0.5, use_07_metric=
                                                     bool(ann.get("difficult", 0))))
     # Each detection's most overlapping ground-truth box of its own class in its image: IoU and index, (D,) each.
     best_iou, best_gt = np.full(len(results), -1.0), np.zeros(len(results), np.int64)
-    per_image = {}
+    per_image, per_category = {}, {}  # indices into results
     for i, r in enumerate(results):
         per_image.setdefault(r["image_id"], []).append(i)
+        per_category.setdefault(r["category_id"], []).append(i)
     for image_id, indices in per_image.items():
         if image_id not in gts:
             continue  # no ground truth at all: IoU stays -1, every detection is a false positive
-        gt_classes = torch.tensor([c for c, _, _ in gts[image_id]])  # (G,)
+        gt_classes = np.array([c for c, _, _ in gts[image_id]])  # (G,)
         gt_boxes = torch.tensor([b for _, b, _ in gts[image_id]], dtype=torch.float64)  # (G, 4)
-        det_classes = torch.tensor([results[i]["category_id"] for i in indices])  # (D_i,)
+        det_classes = np.array([results[i]["category_id"] for i in indices])  # (D_i,)
         det_boxes = torch.tensor([results[i]["bbox"] for i in indices], dtype=torch.float64)  # (D_i, 4) xywh
         det_boxes[:, 2:] += det_boxes[:, :2]  # -> xyxy
-        ious = box_iou(det_boxes, gt_boxes)  # (D_i, G)
+        ious = box_iou(det_boxes, gt_boxes).numpy()  # (D_i, G)
         ious[det_classes[:, None] != gt_classes[None, :]] = -1.0  # only boxes of the detection's class
-        iou, j = ious.max(dim=1)
-        best_iou[indices], best_gt[indices] = iou.numpy(), j.numpy()
+        best_iou[indices], best_gt[indices] = ious.max(axis=1), ious.argmax(axis=1)
 
     aps = {}
     for category in categories:
         num_positives = sum(c == category["id"] and not difficult  # the difficult ones need not be found
                             for objects in gts.values() for c, _, difficult in objects)
-        order = [i for i, r in enumerate(results) if r["category_id"] == category["id"]]
-        order.sort(key=lambda i: -results[i]["score"])  # stable: equal scores keep their input order
+        # decreasing score; the sort is stable, so equal scores keep their input order
+        order = sorted(per_category.get(category["id"], []), key=lambda i: -results[i]["score"])
         taken = set()  # (image id, ground-truth index) already found
         tp, fp = np.zeros(len(order)), np.zeros(len(order))  # (D,) each
         for d, i in enumerate(order):
