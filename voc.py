@@ -3,16 +3,18 @@
 Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 5.4: Faster R-CNN R101-FPN + GN (preset r101_fpn_gn_faster)
 trained on VOC2007 trainval + VOC2012 train (about 15k images, 2.3 objects per image, 20 classes) and evaluated on
 VOC2012 val: 82.7 mAP pre-trained (18k iterations) against 77.6 from scratch (144k), which does not catch up.
-Everingham et al., "The PASCAL Visual Object Classes (VOC) Challenge" (IJCV 2010), Sec. 4.2 for the metric.
+Metric: Everingham et al., "The PASCAL Visual Object Classes (VOC) Challenge" (IJCV 2010) Sec. 4.2 (11-point AP,
+VOC2007); from VOC2010 on, the devkit takes the area under the interpolated precision/recall curve instead.
 
 Layout: root/VOC{2007,2012}/Annotations/NAME.xml, JPEGImages/NAME.jpg, ImageSets/Main/{train,val,trainval,test}.txt.
 The ground truth becomes an in-memory COCO (as data.PennFudanDataset does), so train.py and evaluate.py run on it
 unchanged: image ids 1..N in split-file order (unique across the years), categories 1..20 in VOC's order, bbox
 [x, y, w, h] in 0-based continuous pixels, iscrowd 0, no segmentation, and a "difficult" flag per object.
-Difficult objects are not training targets (data._CocoStyleDataset skips them); VOC mAP treats them as "ignore".
+Difficult objects are not training targets (data._CocoStyleDataset skips them), as in py-faster-rcnn (Detectron2
+trains on them; the paper does not say); VOC mAP treats them as "ignore".
 COCOeval, which evaluate.py also runs, knows nothing of the flag and counts them as ordinary objects.
 
-Shapes: D detections of one class (over all images), G ground-truth boxes of that class in one image.
+Shapes: D detections of one class over all images, D_i detections and G ground-truth boxes of one image.
 """
 import os
 import xml.etree.ElementTree as ET
