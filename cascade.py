@@ -63,6 +63,11 @@ class CascadeRoIHeads(nn.Module):
                      **roi_heads_kwargs)
             for k, (head, iou, weights) in enumerate(zip(box_heads, stage_ious, stage_bbox_reg_weights)))
 
+    @property
+    def mask_head(self):
+        """The last stage's mask head (or None), where RoIHeads has its own."""
+        return self.stages[-1].mask_head
+
     def run_stage(self, stage, features, rois, image_shape):
         """rois [(R_i, 4)] -> class logits (R, K), class-agnostic box deltas (R, 4)."""
         pooled = multilevel_roi_align(features, rois, image_shape, stage.box_resolution, stage.sampling_ratio,

@@ -9,7 +9,7 @@ Resizing and normalization happen here, visible to the reader, not inside the mo
 Shapes: N images in a batch, G objects in an image, H0,W0 original image size, h,w resized size,
         H,W padded batch size (multiples of 32), K classes including background (label 0).
 A target is {"boxes" (G,4) float32 xyxy in resized pixels, "labels" (G,) int64 in 1..K-1, "masks" (G,h,w) uint8,
-             "image_id" int, "orig_size" (H0, W0), "size" (h, w)}.
+             "image_id" int, "orig_size" (H0, W0), "size" (h, w)}; box-only data (PASCAL VOC) has no "masks".
 """
 import contextlib
 import glob
@@ -54,14 +54,18 @@ def resized_size(h, w, min_size=800, max_size=1333):
 
 def transform(image, boxes, masks, min_size=800, max_size=1333, flip=False):
     """Resize (bilinear image, nearest masks), optionally flip horizontally, normalize.
-    image (3,H0,W0) float in [0,1], boxes (G,4) xyxy, masks (G,H0,W0) uint8 -> (3,h,w) normalized, (G,4), (G,h,w)."""
+    image (3,H0,W0) float in [0,1], boxes (G,4) xyxy, masks (G,H0,W0) uint8 -> (3,h,w) normalized, (G,4), (G,h,w).
+    masks may be None (box-only data) and stay None."""
     h0, w0 = image.shape[-2:]
     h, w = resized_size(h0, w0, min_size, max_size)
     image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]  # (3, h, w)
-    masks = F.interpolate(masks[None], size=(h, w), mode="nearest")[0] if len(masks) else masks.new_zeros((0, h, w))
+    if masks is not None and len(masks):
+        masks = F.interpolate(masks[None], size=(h, w), mode="nearest")[0]
+    elif masks is not None:
+        masks = masks.new_zeros((0, h, w))
     boxes = boxes * torch.tensor([w / w0, h / h0, w / w0, h / h0])  # x by w'/w, y by h'/h
     if flip:
-        image, masks = image.flip(-1), masks.flip(-1)
+        image, masks = image.flip(-1), masks.flip(-1) if masks is not None else None
         boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)  # x1' = w - x2
     mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]  # (3, 1, 1)
     return (image - mean) / std, boxes, masks
@@ -74,7 +78,10 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
     Training targets exclude crowd regions and boxes of zero or negative size; `self.coco` keeps every annotation.
     An item is an int index or (index, aug_seed): all augmentation randomness (flip, scale jitter) comes from a
     torch.Generator seeded with aug_seed, so it does not depend on worker count or process (exact resume).
+    A subclass with has_masks = False (PASCAL VOC) gives targets without "masks".
     """
+
+    has_masks = True
 
     def _setup(self, data, source, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed):
         missing = [key for key in ("images", "annotations", "categories") if key not in data]
@@ -99,7 +106,8 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
                 raise DataError(f"{culprit} has no [x, y, w, h] bbox")
             if ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
                 dropped.append(ann["id"])
-            elif not ann.get("iscrowd", 0):  # crowd regions are only "ignore" areas for COCOeval
+            elif not ann.get("iscrowd", 0) and not ann.get("difficult", 0):  # crowd regions and VOC's "difficult"
+                # objects are not training targets, only "ignore" regions for evaluation
                 self._anns[ann["image_id"]].append(ann)
         if dropped:
             ids = ", ".join(map(str, dropped[:20])) + (", ..." if len(dropped) > 20 else "")
@@ -147,16 +155,21 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         boxes = torch.tensor([ann["bbox"] for ann in anns], dtype=torch.float32).reshape(-1, 4)  # (G, 4) xywh
         boxes[:, 2:] += boxes[:, :2]  # [x, y, w, h] -> [x1, y1, x2, y2]
         labels = torch.tensor([self._label[ann["category_id"]] for ann in anns], dtype=torch.int64)
-        masks = np.stack([self._mask(ann) for ann in anns]) if anns else np.zeros((0, h0, w0), np.uint8)
-        masks = torch.from_numpy(masks)  # (G, H0, W0)
+        masks = None
+        if self.has_masks:
+            masks = np.stack([self._mask(ann) for ann in anns]) if anns else np.zeros((0, h0, w0), np.uint8)
+            masks = torch.from_numpy(masks)  # (G, H0, W0)
         lo, hi = self.min_size if isinstance(self.min_size, (tuple, list)) else (self.min_size, self.min_size)
         flip, min_size = False, hi  # test time: no flip, the largest training scale (800 in the paper)
         if self.train:  # Rethinking Sec. 4: horizontal flip; Sec. 5.1/5.2: shorter side uniform in [lo, hi]
             flip = torch.rand((), generator=generator).item() < self.flip_prob
             min_size = int(torch.randint(lo, hi + 1, (), generator=generator))
         image, boxes, masks = transform(image, boxes, masks, min_size, self.max_size, flip)
-        return image, {"boxes": boxes, "labels": labels, "masks": masks, "image_id": int(image_id),
-                       "orig_size": (h0, w0), "size": tuple(image.shape[-2:])}
+        target = {"boxes": boxes, "labels": labels, "image_id": int(image_id), "orig_size": (h0, w0),
+                  "size": tuple(image.shape[-2:])}
+        if masks is not None:
+            target["masks"] = masks
+        return image, target
 
 
 class CocoDataset(_CocoStyleDataset):
@@ -351,10 +364,14 @@ def build_dataset(data, split, train, min_size=800, max_size=1333, subset=None, 
         return CocoDataset(ann_file, os.path.join(root, split), **kw)
     if os.path.isdir(os.path.join(data, "PNGImages")):
         return PennFudanDataset(data, split, **kw)
+    if any(os.path.isdir(os.path.join(data, f"VOC{year}")) for year in (2007, 2012)):
+        import voc  # here, not at the top: voc.py builds on this module
+        return voc.VOCDataset.paper_split(data, split, **kw)
     ann_pattern = os.path.join(data, "annotations", f"instances_{split}*.json")
     for ann_file in sorted(glob.glob(ann_pattern), reverse=True):  # newest year first: instances_val2017.json
         image_dir = os.path.join(data, os.path.basename(ann_file)[len("instances_"):-len(".json")])
         if os.path.isdir(image_dir):
             return CocoDataset(ann_file, image_dir, **kw)
-    raise DataError(f"--data {data} is not 'shapes', a PennFudanPed folder (no {os.path.join(data, 'PNGImages')}) "
-                    f"or a COCO root (looked for {ann_pattern} with a matching {os.path.join(data, split)}* folder)")
+    raise DataError(f"--data {data} is not 'shapes', a PennFudanPed folder (no {os.path.join(data, 'PNGImages')}), "
+                    f"a VOCdevkit (no VOC2007/ or VOC2012/) or a COCO root (looked for {ann_pattern} with a matching "
+                    f"{os.path.join(data, split)}* folder)")

@@ -1,7 +1,8 @@
 """COCO evaluation: run the model over a dataset, write COCO results json, score it with pycocotools' COCOeval.
 
 The metrics are the paper's: box AP and mask AP (AP at IoU 0.5:0.95, plus AP50, AP75, small/medium/large and AR),
-Lin et al., "Microsoft COCO" (2014) and cocodataset.org/#detection-eval.
+Lin et al., "Microsoft COCO" (2014) and cocodataset.org/#detection-eval. A model without mask head gets box AP only;
+on PASCAL VOC (Sec. 5.4) VOC mAP at IoU 0.5 is added, area and 11-point (voc.py).
 
     python evaluate.py --checkpoint runs/demo/model_0001000.pth            # data flags default to the run's own
     torchrun --nproc_per_node=8 evaluate.py --checkpoint ...               # each GPU takes 1/8 of the images
@@ -25,6 +26,7 @@ from tqdm import tqdm
 import data
 import distributed
 import tta
+import voc
 from model import build_model
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -106,7 +108,11 @@ def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, t
     if results_file:
         with open(results_file, "w") as f:
             json.dump(results, f)
-    return coco_eval(dataset.coco, results, image_ids=dataset.image_ids)
+    iou_types = ("bbox", "segm") if model.roi_heads.mask_head is not None else ("bbox",)  # Faster R-CNN: boxes
+    metrics = coco_eval(dataset.coco, results, iou_types, image_ids=dataset.image_ids)
+    if isinstance(dataset, voc.VOCDataset):  # Rethinking Sec. 5.4 reports PASCAL VOC mAP at IoU 0.5
+        metrics.update(voc.voc_metrics(dataset, results))
+    return metrics
 
 
 def load_run(checkpoint, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None):
@@ -125,7 +131,8 @@ def load_run(checkpoint, data_root=None, val_ann=None, val_images=None, min_size
     except data.DataError as e:
         sys.exit(f"error: {e}")
     model = build_model(run["preset"], num_classes=dataset.num_classes, norm=run["norm"], fpn_norm=run["norm"],
-                        head_norm=run["norm"], cascade=run.get("cascade", False))
+                        head_norm=run["norm"], cascade=run.get("cascade", False),
+                        mask_head=None if dataset.has_masks else False)  # as train.py
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -35,7 +35,7 @@ _PAPER = dict(
     rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
     rpn_batch_size_per_image=256, roi_batch_size_per_image=512,
     box_num_convs=4, box_num_fcs=1, box_conv_dim=256, box_fc_dim=1024, head_norm="gn",  # 4conv1fc + GN
-    mask_head=True, mask_num_convs=4, mask_conv_dim=256,
+    mask_head=True, mask_num_convs=4, mask_conv_dim=256,  # mask_head=False: Faster R-CNN (boxes only)
     aligned=False,                                      # Detectron's RoIAlign (not D2's ROIAlignV2)
     cascade=False,                                      # True: Cascade R-CNN's 3 box stages (Sec. 5, cascade.py)
 )
@@ -48,6 +48,8 @@ PRESETS = {
     # multiply-adds of R101's at 224x224 (33.1 vs 7.8 G; the 32x8d reading: 3.1x). 186.9M parameters with 81
     # classes (backbone 164.7M). The 50.9 AP system adds --train-scales 640,800, --cascade and test augmentation.
     "x152_fpn_gn": dict(_PAPER, depth=152, groups=8, width_per_group=32),
+    # Sec. 5.4, PASCAL VOC: Faster R-CNN R101-FPN with GN, i.e. the same model without the mask head.
+    "r101_fpn_gn_faster": dict(_PAPER, depth=101, mask_head=False),
     "r50_fpn_syncbn": dict(_PAPER, norm="syncbn", fpn_norm="syncbn", head_norm="syncbn"),
     # The classic pre-trained baseline: frozen BN in the backbone, no norm in FPN and heads, stem + res2 frozen.
     "r50_fpn_frozenbn": dict(_PAPER, norm="frozen_bn", freeze_at=2, fpn_norm="none", head_norm="none"),

@@ -35,7 +35,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes",
-                   help="'shapes' (generated synthetic COCO set, the default), a PennFudanPed folder, or a COCO root "
+                   help="'shapes' (generated synthetic COCO set, the default), a PennFudanPed folder, a VOCdevkit "
+                        "(Sec. 5.4: VOC2007 trainval + VOC2012 train / VOC2012 val), or a COCO root "
                         "with annotations/instances_{train,val}*.json (paper: COCO train2017 / val2017)")
     g.add_argument("--train-ann", help="COCO json for training (overrides --data)")
     g.add_argument("--train-images", help="image folder for --train-ann")
@@ -254,8 +255,10 @@ def main(argv=None):
     except data.DataError as e:
         sys.exit(f"error: {e}")
 
+    # Data without masks (PASCAL VOC) gets no mask head: Faster R-CNN, as in Sec. 5.4.
     model = build_model(args.preset, num_classes=train_set.num_classes, norm=args.norm,
-                        fpn_norm=args.norm, head_norm=args.norm, cascade=args.cascade).to(device)
+                        fpn_norm=args.norm, head_norm=args.norm, cascade=args.cascade,
+                        mask_head=None if train_set.has_masks else False).to(device)
     if args.init == "imagenet":
         load_pretrained(model.backbone, args.pretrained, log)
     if args.weights:
