@@ -378,6 +378,14 @@ class RoIHeads(nn.Module):
         for d, p in zip(detections, probs):
             d["mask_probs"] = p  # (D_i, 1, M, M)
 
+    def mask_probs(self, features, boxes, labels, image_shape):
+        """The mask branch on given boxes [(D_i, 4)] of classes [(D_i,)] -> [(D_i, 1, M, M)] probabilities."""
+        mask_logits = self.predict_masks(features, boxes, image_shape)  # (D, K, M, M)
+        label = torch.cat(labels)  # (D,)
+        # Mask R-CNN Sec. 3: only the mask of the predicted class k is used, as a per-pixel sigmoid
+        probs = mask_logits[torch.arange(label.shape[0], device=label.device), label].sigmoid()  # (D, M, M)
+        return list(probs[:, None].split([lab.shape[0] for lab in labels]))  # [(D_i, 1, M, M)]
+
     def predict_masks(self, features, boxes, image_shape):
         """[(R_i, 4)] boxes -> (R, K, 2*mask_resolution, 2*mask_resolution) mask logits."""
         pooled = multilevel_roi_align(features, boxes, image_shape, self.mask_resolution, self.sampling_ratio,
