@@ -36,6 +36,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 COUNTS = ("images", "instances", "pixels")
 COLOURS = plt.get_cmap("tab10").colors
+PANELS = {"bbox/AP": "box AP", "segm/AP": "mask AP", "keypoints/AP": "keypoint AP"}  # metric -> panel title
 PRETRAINED_COLOUR, SCRATCH_COLOUR = "#4daf4a", "#984ea3"  # Fig. 2: green bars vs. purple bars
 
 
@@ -66,8 +67,10 @@ def _run_label(run_dir, args):
 
 def plot_curves(run_dirs, out, labels=None):
     """Figs. 3-5, 7: box and mask AP (x100) of each run's evaluation rows against the iteration, LR drops dotted.
+    Box-only runs (Faster R-CNN, VOC) have no mask panel; keypoint runs add a keypoint AP panel (Fig. 6).
 
-    Returns {label: {"iters": [...], "bbox/AP": [...], "segm/AP": [...], "lr_steps": [...]}}.
+    Returns {label: {"iters": [...], "bbox/AP": [...], "segm/AP": [...], "keypoints/AP": [...], "lr_steps": [...]}},
+    with empty lists for the metrics a run does not have.
     """
     labels = labels or [None] * len(run_dirs)
     assert len(labels) == len(run_dirs), f"{len(labels)} labels for {len(run_dirs)} runs"
@@ -78,27 +81,27 @@ def plot_curves(run_dirs, out, labels=None):
         label = label or _run_label(run_dir, args)
         if label in curves:  # two runs of the same recipe, e.g. two seeds: tell them apart by folder
             label = f"{label} ({os.path.basename(os.path.normpath(run_dir))})"
-        curves[label] = {"iters": [row["iter"] for row in evals],
-                         "bbox/AP": [100 * row["bbox/AP"] for row in evals],
-                         "segm/AP": [100 * row["segm/AP"] for row in evals],
-                         "lr_steps": list(args.get("lr_steps") or [])}
+        curves[label] = {"iters": [row["iter"] for row in evals], "lr_steps": list(args.get("lr_steps") or []),
+                         **{key: [100 * row[key] for row in evals if key in row] for key in PANELS}}
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, title in zip(axes, ("bbox/AP", "segm/AP"), ("bbox AP", "mask AP")):
+    panels = {key: title for key, title in PANELS.items() if any(curve[key] for curve in curves.values())}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels.items()):
         for (label, curve), colour in zip(curves.items(), itertools.cycle(COLOURS)):
-            ax.plot(curve["iters"], curve[key], "o-", color=colour, markersize=3, label=label)
+            if curve[key]:
+                ax.plot(curve["iters"], curve[key], "o-", color=colour, markersize=3, label=label)
             for step in curve["lr_steps"]:  # the paper's curves jump at each LR drop
                 ax.axvline(step, color=colour, linestyle=":", linewidth=1)
         ax.set(title=title, xlabel="iterations", ylabel=f"{title} (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0, 0].legend()
     fig.suptitle("AP vs. iterations, LR drops dotted (Rethinking ImageNet Pre-training Figs. 3-5, 7)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     for label, curve in curves.items():
-        final = f"box {curve['bbox/AP'][-1]:.1f}, mask {curve['segm/AP'][-1]:.1f} at {curve['iters'][-1]}" \
-            if curve["iters"] else "no evaluation rows"
+        final = ", ".join(f"{title} {curve[key][-1]:.1f}" for key, title in panels.items() if curve[key])
+        final = f"{final} at {curve['iters'][-1]}" if curve["iters"] else "no evaluation rows"
         print(f"{label}: {final}")
     print(f"wrote {out}")
     return curves
@@ -218,14 +221,15 @@ def draw_predictions(checkpoint, out_dir, data_root=None, val_ann=None, val_imag
                     for ann in anns]
         keep = out["scores"] >= score_thresh
         labels, scores = out["labels"][keep].tolist(), out["scores"][keep].tolist()
-        pred_masks = (out["masks"][keep, 0] > mask_thresh).cpu().numpy()  # (D, H0, W0)
+        pred_masks = (out["masks"][keep, 0] > mask_thresh).cpu().numpy() if "masks" in out else []  # (D, H0, W0)
         pred_texts = [f"{dataset.class_names[label - 1]} {score:.2f}" for label, score in zip(labels, scores)]
 
         h0, w0 = orig_size
         dpi = 100
         fig, axes = plt.subplots(1, 2, figsize=(2 * w0 * zoom / dpi, h0 * zoom / dpi), dpi=dpi)
         fig.subplots_adjust(left=0, right=1, bottom=0, top=1, wspace=0)  # the two images fill the PNG exactly
-        _draw_panel(axes[0], image, gt_boxes, [coco.annToMask(ann) for ann in anns], gt_ids, gt_texts,
+        gt_masks = [coco.annToMask(ann) for ann in anns] if dataset.has_masks else []  # VOC: boxes only
+        _draw_panel(axes[0], image, gt_boxes, gt_masks, gt_ids, gt_texts,
                     f"ground truth: {len(anns)}")
         _draw_panel(axes[1], image, out["boxes"][keep].tolist(), pred_masks, [label - 1 for label in labels],
                     pred_texts, f"predictions, score >= {score_thresh:g}: {len(labels)}")

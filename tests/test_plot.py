@@ -52,7 +52,19 @@ def test_curves_one_line_per_run_last_row_wins(runs, tmp_path):
     assert curves["scratch tiny"]["bbox/AP"] == pytest.approx([10.0, 25.0, 40.0])    # 0.25 replaced 0.20 at 200
     assert curves["scratch tiny"]["segm/AP"] == pytest.approx([8.0, 18.0, 35.0])
     assert curves["scratch tiny"]["lr_steps"] == [240, 280]
-    assert curves["pretrained2x"] == {"iters": [100], "bbox/AP": [30.0], "segm/AP": [25.0], "lr_steps": []}
+    assert curves["pretrained2x"] == {"iters": [100], "bbox/AP": [30.0], "segm/AP": [25.0], "keypoints/AP": [],
+                                      "lr_steps": []}
+
+
+def test_curves_of_box_only_and_keypoint_runs(tmp_path, capsys):
+    """A Faster R-CNN run (VOC) has no mask AP and a keypoint run has keypoint AP: one panel per metric present."""
+    faster = write_run(tmp_path / "faster", None, [{"iter": 50, "bbox/AP": 0.5}])
+    keypoints = write_run(tmp_path / "kp", None, [{"iter": 50, "bbox/AP": 0.4, "keypoints/AP": 0.3}])
+    curves = plot.plot_curves([str(faster), str(keypoints)], str(tmp_path / "ap.png"))
+    assert curves["faster"]["segm/AP"] == [] and curves["faster"]["keypoints/AP"] == []
+    assert curves["kp"]["keypoints/AP"] == pytest.approx([30.0])
+    printed = capsys.readouterr().out
+    assert "faster: box AP 50.0 at 50" in printed and "kp: box AP 40.0, keypoint AP 30.0 at 50" in printed
 
 
 def test_curves_labels_from_the_command_line(runs, tmp_path):
