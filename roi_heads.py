@@ -257,13 +257,15 @@ def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets):
 
 
 class RoIHeads(nn.Module):
-    """Sample RoIs, pool them, run the box head (and mask head); losses in training, detections in eval."""
+    """Sample RoIs, pool them, run the box head (and mask, keypoint heads); losses in training, detections in eval."""
 
     def __init__(self, box_head, box_predictor, mask_head=None, fg_iou=0.5, bg_iou=0.5, batch_size_per_image=512,
                  positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
-                 detections_per_img=100, box_resolution=7, mask_resolution=14, sampling_ratio=2, aligned=False):
+                 detections_per_img=100, box_resolution=7, mask_resolution=14, sampling_ratio=2, aligned=False,
+                 keypoint_head=None):
         super().__init__()
         self.box_head, self.box_predictor, self.mask_head = box_head, box_predictor, mask_head
+        self.keypoint_head = keypoint_head  # keypoints.KeypointHead: Mask R-CNN Sec. 5, its own loss and predict
         # Fast R-CNN Sec. 2.3: foreground at IoU >= 0.5; Detectron/torchvision make everything below 0.5 background
         # (the paper's background is [0.1, 0.5)). No low-quality matches: GT boxes are among the proposals anyway.
         self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
@@ -346,6 +348,9 @@ class RoIHeads(nn.Module):
                 gt = [mask_targets(t["masks"], r, m[i], mask_logits.shape[-1])
                       for t, r, m, i in zip(targets, fg_rois, matched, fg)]  # [(P_i, M, M)] per image
                 losses["loss_mask"] = mask_loss(mask_logits, labels[labels > BACKGROUND], torch.cat(gt))
+            if self.keypoint_head is not None:
+                losses["loss_keypoint"] = self.keypoint_head.loss(features, proposals, labels, matched, targets,
+                                                                  image_shape)
             return [], losses
 
         detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes)
@@ -357,6 +362,8 @@ class RoIHeads(nn.Module):
             probs = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels].sigmoid()  # (D, M, M)
             for d, p in zip(detections, probs[:, None].split([d["labels"].shape[0] for d in detections])):
                 d["mask_probs"] = p  # (D_i, 1, M, M)
+        if self.keypoint_head is not None:
+            self.keypoint_head.predict(features, detections, image_shape)  # adds keypoints, keypoint_scores
         return detections, {}
 
     def predict_masks(self, features, boxes, image_shape):
