@@ -75,8 +75,8 @@ def transform(image, boxes, masks, min_size=800, max_size=1333, flip=False):
 def transform_keypoints(keypoints, orig_size, size, flip=False, flip_index=None):
     """keypoints (G, J, 3) as (x, y, v) in the (H0, W0) image -> the same in the resized (h, w), optionally flipped.
 
-    A flip mirrors x as the boxes' x1' = w - x2 (Detectron and torchvision flip keypoints this way) and swaps the
-    keypoints at flip_index (J,), so that left_eye stays the person's left eye (Mask R-CNN Sec. 5 trains with flip).
+    A flip mirrors x like the boxes' x1' = w - x2 (as torchvision's reference and Detectron2; Detectron has w - x - 1)
+    and swaps the keypoints at flip_index (J,), so that left_eye stays the person's left eye.
     Unlabelled keypoints (v = 0) stay (0, 0, 0).
     """
     (h0, w0), (h, w) = orig_size, size

@@ -40,7 +40,7 @@ class KeypointHead(nn.Module):
         self.convs = nn.Sequential(*blocks)
         # kernel 4, stride 2, padding 1: exactly doubles the side (14 -> 28), as Detectron's KRCNN deconv
         self.deconv = nn.ConvTranspose2d(channels, num_keypoints, kernel_size=4, stride=2, padding=1)
-        for layer in self.modules():  # MSRA init, bias 0 (Detectron's KRCNN.CONV_INIT "MSRAFill"; torchvision)
+        for layer in self.modules():  # MSRA init, bias 0 (MSRAFill in Detectron's keypoint configs; torchvision)
             if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
                 if layer.bias is not None:
@@ -49,7 +49,8 @@ class KeypointHead(nn.Module):
         self.resolution, self.sampling_ratio, self.aligned = resolution, sampling_ratio, aligned
 
     def forward(self, x):
-        """x (R, C, S, S) -> (R, K, 4S, 4S): deconv x2, then bilinear x2 (Mask R-CNN Sec. 5)."""
+        """x (R, C, S, S) -> (R, K, 4S, 4S): deconv x2, then bilinear x2 (Mask R-CNN Sec. 5).
+        Detectron upsamples with a fixed bilinear deconv (zeros beyond the border); F.interpolate as torchvision."""
         return F.interpolate(self.deconv(self.convs(x)), scale_factor=2.0, mode="bilinear", align_corners=False)
 
     def predict_logits(self, features, boxes, image_shape):

@@ -329,7 +329,8 @@ class RoIHeads(nn.Module):
         """features [P2..P5] (N, C, H/4, W/4) ...; proposals [(R_i, 4)]; image_shape (H, W) of the padded batch;
         image_sizes [(h, w)] before padding; targets [{"boxes" (G, 4), "labels" (G,), "masks" (G, h, w)}].
         Returns (detections, losses): ([], {"loss_cls", "loss_box", "loss_mask"}) in training;
-        ([{"boxes" (D, 4), "labels" (D,), "scores" (D,), "mask_probs" (D, 1, M, M)}], {}) in eval."""
+        ([{"boxes" (D, 4), "labels" (D,), "scores" (D,), "mask_probs" (D, 1, M, M)}], {}) in eval; a keypoint head
+        adds "loss_keypoint", and "keypoints" (D, K, 3), "keypoint_scores" (D, K) (keypoints.py)."""
         if self.training:
             assert targets is not None, "RoIHeads needs targets in training"
             proposals, labels, matched, regression_targets = self.sample_rois(proposals, targets)
