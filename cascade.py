@@ -68,6 +68,11 @@ class CascadeRoIHeads(nn.Module):
         """The last stage's mask head (or None), where RoIHeads has its own."""
         return self.stages[-1].mask_head
 
+    @property
+    def keypoint_head(self):
+        """None: the cascade predicts boxes and masks (Rethinking Table 3)."""
+        return None
+
     def run_stage(self, stage, features, rois, image_shape):
         """rois [(R_i, 4)] -> class logits (R, K), class-agnostic box deltas (R, 4)."""
         pooled = multilevel_roi_align(features, rois, image_shape, stage.box_resolution, stage.sampling_ratio,

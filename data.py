@@ -9,7 +9,9 @@ Resizing and normalization happen here, visible to the reader, not inside the mo
 Shapes: N images in a batch, G objects in an image, H0,W0 original image size, h,w resized size,
         H,W padded batch size (multiples of 32), K classes including background (label 0).
 A target is {"boxes" (G,4) float32 xyxy in resized pixels, "labels" (G,) int64 in 1..K-1, "masks" (G,h,w) uint8,
-             "image_id" int, "orig_size" (H0, W0), "size" (h, w)}; box-only data (PASCAL VOC) has no "masks".
+             "image_id" int, "orig_size" (H0, W0), "size" (h, w)}; box-only data (PASCAL VOC) has no "masks"; a COCO
+             person-keypoints json adds "keypoints" (G,J,3) float32: J keypoints (x, y, v) in resized pixels,
+             v = 0 unlabelled, 1 hidden, 2 seen.
 """
 import contextlib
 import glob
@@ -27,6 +29,10 @@ from pycocotools.coco import COCO
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # RGB in [0, 1], the ImageNet statistics torchvision uses
 IMAGE_STD = (0.229, 0.224, 0.225)
+# COCO's per-keypoint OKS sigmas (cocodataset.org/#keypoints-eval, pycocotools' kpt_oks_sigmas): nose, eyes, ears,
+# shoulders, elbows, wrists, hips, knees, ankles, in the order of person_keypoints_*.json.
+COCO_KEYPOINT_SIGMAS = (.026, .025, .025, .035, .035, .079, .079, .072, .072, .062, .062, .107, .107, .087, .087,
+                        .089, .089)
 SHAPES_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 3, "name": "square"}, {"id": 7, "name": "triangle"})
 
 
@@ -71,6 +77,22 @@ def transform(image, boxes, masks, min_size=800, max_size=1333, flip=False):
     return (image - mean) / std, boxes, masks
 
 
+def transform_keypoints(keypoints, orig_size, size, flip=False, flip_index=None):
+    """keypoints (G, J, 3) as (x, y, v) in the (H0, W0) image -> the same in the resized (h, w), optionally flipped.
+
+    A flip mirrors x like the boxes' x1' = w - x2 (as torchvision's reference and Detectron2; Detectron has w - x - 1)
+    and swaps the keypoints at flip_index (J,), so that left_eye stays the person's left eye.
+    Unlabelled keypoints (v = 0) stay (0, 0, 0).
+    """
+    (h0, w0), (h, w) = orig_size, size
+    keypoints = keypoints * torch.tensor([w / w0, h / h0, 1.0])  # (G, J, 3): x by w/w0, y by h/h0
+    if flip:
+        keypoints = keypoints[:, flip_index]  # left_* <-> right_*
+        keypoints[..., 0] = w - keypoints[..., 0]
+        keypoints[keypoints[..., 2] == 0] = 0
+    return keypoints
+
+
 class _CocoStyleDataset(torch.utils.data.Dataset):
     """Ground truth held in a pycocotools COCO (so COCOeval works unchanged); shared by CocoDataset and PennFudan.
 
@@ -83,7 +105,8 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
 
     has_masks = True
 
-    def _setup(self, data, source, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed):
+    def _setup(self, data, source, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed,
+               keypoint_sigmas=None):
         missing = [key for key in ("images", "annotations", "categories") if key not in data]
         if missing:
             raise DataError(f"{source}: missing key(s) {', '.join(missing)} (needs images, annotations, categories)")
@@ -95,11 +118,14 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         self.num_classes = len(self.cat_ids) + 1  # + background
         self._label = {cat_id: i + 1 for i, cat_id in enumerate(self.cat_ids)}
         self._anns = {image["id"]: [] for image in data["images"]}  # training targets per image id
+        self._setup_keypoints(data, source, keypoint_sigmas)
         dropped = []
         for ann in data["annotations"]:
             culprit = f"{source}: annotation id {ann.get('id')}"
             if ann.get("category_id") not in self._label:
                 raise DataError(f"{culprit} has unknown category_id {ann.get('category_id')}")
+            if self.num_keypoints:
+                self._keypoints[ann.get("id")] = self._read_keypoints(ann, culprit)
             if ann.get("image_id") not in self._anns:
                 raise DataError(f"{culprit} refers to unknown image id {ann.get('image_id')}")
             if len(ann.get("bbox", ())) != 4:
@@ -130,6 +156,44 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
                 raise DataError(f"missing image file {path} (image id {image_id} in {source})")
         self.image_dir, self.train, self.flip_prob = image_dir, train, flip_prob
         self.min_size, self.max_size = min_size, max_size
+
+    def _setup_keypoints(self, data, source, keypoint_sigmas):
+        """A person-keypoints json (Mask R-CNN Sec. 5) names its J keypoints in its category's "keypoints" list:
+        J, the flip permutation (left_* <-> right_* by name) and the OKS sigmas of COCOeval come from it."""
+        names = {tuple(c["keypoints"]) for c in data["categories"] if c.get("keypoints")}
+        self._keypoint_cat_ids = {c["id"] for c in data["categories"] if c.get("keypoints")}
+        if len(names) > 1:
+            raise DataError(f"{source}: categories name different keypoint lists; one list is supported")
+        self.keypoint_names = list(names.pop()) if names else []
+        self.num_keypoints = len(self.keypoint_names)  # 0: no keypoints, targets as before
+        self._keypoints = {}  # annotation id -> (J, 3) float32
+        if not self.num_keypoints:
+            self.keypoint_sigmas, self.flip_index = None, None
+            return
+        partner = {n: "right_" + n[5:] if n.startswith("left_") else "left_" + n[6:] if n.startswith("right_") else n
+                   for n in self.keypoint_names}
+        self.flip_index = [self.keypoint_names.index(partner[n]) if partner[n] in self.keypoint_names else j
+                           for j, n in enumerate(self.keypoint_names)]  # (J,) keypoint j after a flip
+        if keypoint_sigmas is None and self.num_keypoints != len(COCO_KEYPOINT_SIGMAS):
+            raise DataError(f"{source}: {self.num_keypoints} keypoints per object, not COCO's 17: give their OKS "
+                            f"sigmas (--keypoint-sigmas)")
+        sigmas = list(keypoint_sigmas or COCO_KEYPOINT_SIGMAS)
+        if len(sigmas) != self.num_keypoints:
+            raise DataError(f"{source}: {len(sigmas)} keypoint OKS sigmas for {self.num_keypoints} keypoints")
+        self.keypoint_sigmas = sigmas
+
+    def _read_keypoints(self, ann, culprit):
+        """COCO "keypoints": [x1, y1, v1, x2, ...], 3J numbers, v in {0, 1, 2} -> (J, 3) float32."""
+        J = self.num_keypoints
+        if ann["category_id"] not in self._keypoint_cat_ids:
+            return np.zeros((J, 3), np.float32)  # an object of a class without keypoints: none labelled
+        try:
+            keypoints = np.asarray(ann.get("keypoints"), dtype=np.float32).reshape(J, 3)
+        except (TypeError, ValueError):
+            keypoints = None
+        if keypoints is None or not np.isfinite(keypoints).all() or not np.isin(keypoints[:, 2], (0, 1, 2)).all():
+            raise DataError(f"{culprit} has bad keypoints: expected {3 * J} finite numbers x, y, v with v in 0, 1, 2")
+        return keypoints
 
     def __len__(self):
         return len(self.image_ids)
@@ -169,14 +233,19 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
                   "size": tuple(image.shape[-2:])}
         if masks is not None:
             target["masks"] = masks
+        if self.num_keypoints:
+            keypoints = torch.from_numpy(np.stack([self._keypoints[ann["id"]] for ann in anns]) if anns else
+                                         np.zeros((0, self.num_keypoints, 3), np.float32))  # (G, J, 3)
+            target["keypoints"] = transform_keypoints(keypoints, (h0, w0), target["size"], flip, self.flip_index)
         return image, target
 
 
 class CocoDataset(_CocoStyleDataset):
-    """A COCO instances json + its image folder (COCO 2017, coco_subset, or the shapes set)."""
+    """A COCO instances or person-keypoints json + its image folder (COCO 2017, coco_subset, or the shapes set).
+    keypoint_sigmas: the OKS sigma of each keypoint for COCOeval (default COCO's 17; needed for other keypoints)."""
 
     def __init__(self, ann_file, image_dir, train=False, min_size=800, max_size=1333, flip_prob=0.5, subset=None,
-                 subset_seed=0):
+                 subset_seed=0, keypoint_sigmas=None):
         try:
             with open(ann_file) as f:
                 data = json.load(f)
@@ -184,7 +253,8 @@ class CocoDataset(_CocoStyleDataset):
             raise DataError(f"cannot read annotation file {ann_file}: {e}") from None
         if not isinstance(data, dict):
             raise DataError(f"{ann_file}: expected a json object with images, annotations, categories")
-        self._setup(data, ann_file, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed)
+        self._setup(data, ann_file, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed,
+                    keypoint_sigmas)
 
 
 class PennFudanDataset(_CocoStyleDataset):
@@ -351,13 +421,13 @@ def make_eval_loader(dataset, batch_size=1, workers=2, rank=0, world_size=1):
 
 
 def build_dataset(data, split, train, min_size=800, max_size=1333, subset=None, subset_seed=0, ann=None,
-                  images=None):
+                  images=None, keypoint_sigmas=None):
     """Resolve train.py's --data: "shapes", a PennFudanPed folder, a COCO root; explicit --ann/--images override."""
     kw = dict(train=train, min_size=min_size, max_size=max_size, subset=subset, subset_seed=subset_seed)
     if ann or images:
         if not (ann and images):
             raise DataError(f"--ann and --images must be given together (got ann={ann}, images={images})")
-        return CocoDataset(ann, images, **kw)
+        return CocoDataset(ann, images, keypoint_sigmas=keypoint_sigmas, **kw)
     if data == "shapes":
         root = make_shapes(os.path.join("data_cache", "shapes"))
         ann_file = os.path.join(root, "annotations", f"instances_{split}.json")

@@ -1,15 +1,17 @@
 """COCO evaluation: run the model over a dataset, write COCO results json, score it with pycocotools' COCOeval.
 
 The metrics are the paper's: box AP and mask AP (AP at IoU 0.5:0.95, plus AP50, AP75, small/medium/large and AR),
-Lin et al., "Microsoft COCO" (2014) and cocodataset.org/#detection-eval. A model without mask head gets box AP only;
-on PASCAL VOC (Sec. 5.4) VOC mAP at IoU 0.5 is added, area and 11-point (voc.py).
+Lin et al., "Microsoft COCO" (2014) and cocodataset.org/#detection-eval; keypoint AP (Fig. 6) at OKS 0.5:0.95,
+cocodataset.org/#keypoints-eval. A model without mask head gets box AP only; on PASCAL VOC (Sec. 5.4) VOC mAP at
+IoU 0.5 is added, area and 11-point (voc.py).
 
     python evaluate.py --checkpoint runs/demo/model_0001000.pth            # data flags default to the run's own
     torchrun --nproc_per_node=8 evaluate.py --checkpoint ...               # each GPU takes 1/8 of the images
     python evaluate.py --checkpoint CKPT --tta-scales 400,600,800,1000,1200 --tta-flip --max-size 2000   # Sec. 5.1
 
 Results json (COCO results format): bbox as [x, y, w, h] in original image pixels, segmentation as RLE of the
-mask thresholded at 0.5 (Mask R-CNN Sec. 3), category_id the dataset's original id (not the contiguous label).
+mask thresholded at 0.5 (Mask R-CNN Sec. 3), keypoints as [x1, y1, v1, x2, ...] with v = 1, category_id the
+dataset's original id (not the contiguous label).
 """
 import argparse
 import contextlib
@@ -30,6 +32,7 @@ import voc
 from model import build_model
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+KEYPOINT_METRICS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]  # COCOeval's order
 
 
 @torch.no_grad()
@@ -60,39 +63,51 @@ def to_coco_results(out, image_id, cat_ids):
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()   # (x1, y1, x2, y2) -> (x, y, w, h)
     scores, labels = out["scores"].float().tolist(), out["labels"].tolist()
     rles = [None] * len(scores)
+    keypoints = [None] * len(scores)
+    if "keypoints" in out:
+        keypoints = out["keypoints"].float().reshape(len(scores), -1).tolist()  # (R, K, 3) -> (R, 3K) flat
     if "masks" in out and len(scores):
         binary = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)           # (R, h, w), threshold 0.5
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))        # (h, w, R), Fortran order
         for rle in rles:
             rle["counts"] = rle["counts"].decode("ascii")
     results = []
-    for box, score, label, rle in zip(xywh, scores, labels, rles):
+    for box, score, label, rle, kps in zip(xywh, scores, labels, rles, keypoints):
         r = {"image_id": int(image_id), "category_id": cat_ids[label - 1], "bbox": box, "score": score}
         if rle is not None:
             r["segmentation"] = rle
+        if kps is not None:  # scored by the box score, as Detectron (KRCNN.KEYPOINT_CONFIDENCE "bbox") and detectron2
+            r["keypoints"] = kps
         results.append(r)
     return results
 
 
-def coco_eval(coco_gt, results, iou_types=("bbox", "segm"), image_ids=None):
-    """COCOeval summaries, printed as pycocotools prints them and returned as {'bbox/AP': ..., 'segm/AR100': ...}."""
+def coco_eval(coco_gt, results, iou_types=("bbox", "segm"), image_ids=None, keypoint_sigmas=None):
+    """COCOeval summaries, printed as pycocotools prints them and returned as {'bbox/AP': ..., 'segm/AR100': ...};
+    iou_type "keypoints" scores OKS with the per-keypoint keypoint_sigmas (default pycocotools', COCO's)."""
     metrics = {}
     for iou_type in iou_types:
+        names = KEYPOINT_METRICS if iou_type == "keypoints" else METRICS
         dets = [r for r in results if iou_type == "bbox" or "segmentation" in r]
+        if iou_type == "keypoints":  # copies without box and mask: loadRes then takes the area from the keypoints
+            dets = [{k: v for k, v in r.items() if k not in ("bbox", "segmentation")}
+                    for r in results if "keypoints" in r]
         if not dets:  # pycocotools cannot load an empty result list; nothing detected scores zero
             print(f"{iou_type}: no detections, AP = 0")
-            metrics.update({f"{iou_type}/{m}": 0.0 for m in METRICS})
+            metrics.update({f"{iou_type}/{m}": 0.0 for m in names})
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(dets)
             evaluator = COCOeval(coco_gt, coco_dt, iou_type)
             if image_ids is not None:
                 evaluator.params.imgIds = list(image_ids)
+            if iou_type == "keypoints" and keypoint_sigmas is not None:
+                evaluator.params.kpt_oks_sigmas = np.array(keypoint_sigmas)
             evaluator.evaluate()
             evaluator.accumulate()
         print(f"--- {iou_type} ---")
         evaluator.summarize()
-        metrics.update({f"{iou_type}/{m}": float(v) for m, v in zip(METRICS, evaluator.stats)})
+        metrics.update({f"{iou_type}/{m}": float(v) for m, v in zip(names, evaluator.stats)})
     return metrics
 
 
@@ -108,8 +123,10 @@ def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, t
     if results_file:
         with open(results_file, "w") as f:
             json.dump(results, f)
-    iou_types = ("bbox", "segm") if model.roi_heads.mask_head is not None else ("bbox",)  # Faster R-CNN: boxes
-    metrics = coco_eval(dataset.coco, results, iou_types, image_ids=dataset.image_ids)
+    heads = model.roi_heads  # Faster R-CNN: boxes only; keypoint R-CNN: boxes and keypoints
+    iou_types = ["bbox"] + ["segm"] * (heads.mask_head is not None) + ["keypoints"] * (heads.keypoint_head is not None)
+    metrics = coco_eval(dataset.coco, results, iou_types, image_ids=dataset.image_ids,
+                        keypoint_sigmas=dataset.keypoint_sigmas)
     if isinstance(dataset, voc.VOCDataset):  # Rethinking Sec. 5.4 reports PASCAL VOC mAP at IoU 0.5
         metrics.update(voc.voc_metrics(dataset, results))
     return metrics
@@ -127,12 +144,14 @@ def load_run(checkpoint, data_root=None, val_ann=None, val_images=None, min_size
         dataset = data.build_dataset(data_root or run["data"], "val", train=False,
                                      min_size=min_size or run["min_size"], max_size=max_size or run["max_size"],
                                      ann=val_ann or (None if data_root else run["val_ann"]),
-                                     images=val_images or (None if data_root else run["val_images"]))
+                                     images=val_images or (None if data_root else run["val_images"]),
+                                     keypoint_sigmas=run.get("keypoint_sigmas"))
     except data.DataError as e:
         sys.exit(f"error: {e}")
     model = build_model(run["preset"], num_classes=dataset.num_classes, norm=run["norm"], fpn_norm=run["norm"],
                         head_norm=run["norm"], cascade=run.get("cascade", False),
-                        mask_head=None if dataset.has_masks else False)  # as train.py
+                        mask_head=None if dataset.has_masks else False,  # as train.py
+                        num_keypoints=dataset.num_keypoints or None)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

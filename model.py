@@ -19,6 +19,7 @@ from torch import nn
 from backbone import VGG16, ResNet
 from cascade import CascadeRoIHeads
 from fpn import FPN
+from keypoints import KeypointHead
 from roi_heads import BoxHead, BoxPredictor, MaskHead, RoIHeads, paste_masks
 from rpn import RPN
 
@@ -36,6 +37,7 @@ _PAPER = dict(
     rpn_batch_size_per_image=256, roi_batch_size_per_image=512,
     box_num_convs=4, box_num_fcs=1, box_conv_dim=256, box_fc_dim=1024, head_norm="gn",  # 4conv1fc + GN
     mask_head=True, mask_num_convs=4, mask_conv_dim=256,  # mask_head=False: Faster R-CNN (boxes only)
+    num_keypoints=0, kp_num_convs=8, kp_conv_dim=512,  # Mask R-CNN Sec. 5 keypoint head; 0 keypoints: none
     aligned=False,                                      # Detectron's RoIAlign (not D2's ROIAlignV2)
     cascade=False,                                      # True: Cascade R-CNN's 3 box stages (Sec. 5, cascade.py)
 )
@@ -76,6 +78,10 @@ PRESETS = {
                          rpn_post_nms_top_n_train=2000, rpn_pre_nms_top_n_test=6000,
                          box_num_convs=0, box_num_fcs=2, box_fc_dim=4096, head_norm="none", mask_head=False),
 }
+# Fig. 6: keypoint R-CNN, R50-FPN + GN, 17 COCO keypoints. As Detectron's keypoint model, no mask head.
+PRESETS["r50_fpn_gn_kp"] = dict(_PAPER, mask_head=False, num_keypoints=17)
+# The tiny model with a 4 x 64-channel keypoint head, for tests on a CPU.
+PRESETS["tiny_kp"] = dict(PRESETS["tiny"], mask_head=False, num_keypoints=17, kp_num_convs=4, kp_conv_dim=64)
 
 
 class MaskRCNN(nn.Module):
@@ -87,7 +93,8 @@ class MaskRCNN(nn.Module):
         """images: (N, 3, H, W), normalized and padded; image_sizes: [(h, w)] before padding.
 
         Training returns a dict of named losses. Evaluation returns, per image, a dict with boxes (R, 4) as
-        (x1, y1, x2, y2), labels (R,), scores (R,) and soft masks (R, 1, h, w) pasted into the image, all in the
+        (x1, y1, x2, y2), labels (R,), scores (R,) and soft masks (R, 1, h, w) pasted into the image (with a mask
+        head), keypoints (R, K, 3) as (x, y, 1) and keypoint_scores (R, K) (with a keypoint head), all in the
         pixels of image_sizes, or of original_sizes when given (the sizes before the data pipeline resized).
         masks=False leaves the masks out (test-time augmentation computes them for the merged boxes: mask_probs).
         """
@@ -117,7 +124,7 @@ class MaskRCNN(nn.Module):
 
     @staticmethod
     def postprocess(detections, image_sizes, output_sizes):
-        """Rescale boxes from the network's input size to output_sizes and paste the 28x28 masks there."""
+        """Rescale boxes (and keypoints) from the network's input size to output_sizes; paste the 28x28 masks there."""
         results = []
         for det, (h, w), (out_h, out_w) in zip(detections, image_sizes, output_sizes):
             scale = det["boxes"].new_tensor([out_w / w, out_h / h, out_w / w, out_h / h])
@@ -125,6 +132,9 @@ class MaskRCNN(nn.Module):
             result = {"boxes": boxes, "labels": det["labels"], "scores": det["scores"]}
             if "mask_probs" in det:
                 result["masks"] = paste_masks(det["mask_probs"], boxes, (out_h, out_w))  # (R, 1, out_h, out_w)
+            if "keypoints" in det:  # (R, K, 3) as (x, y, 1): x, y scale like the boxes
+                result["keypoints"] = det["keypoints"] * scale.new_tensor([out_w / w, out_h / h, 1.0])
+                result["keypoint_scores"] = det["keypoint_scores"]  # (R, K)
             results.append(result)
         return results
 
@@ -170,12 +180,19 @@ def build_model(preset, num_classes, **overrides):
     if cfg["mask_head"]:
         mask_head = MaskHead(in_channels=channels, num_convs=cfg["mask_num_convs"], conv_dim=cfg["mask_conv_dim"],
                              norm=cfg["head_norm"], num_groups=cfg["num_groups"], num_classes=num_classes)
+    keypoint_head = KeypointHead(in_channels=channels, num_keypoints=cfg["num_keypoints"],
+                                 num_convs=cfg["kp_num_convs"], conv_dim=cfg["kp_conv_dim"], norm=cfg["head_norm"],
+                                 num_groups=cfg["num_groups"], aligned=cfg["aligned"]) if cfg["num_keypoints"] else None
     if cfg["cascade"]:
+        if keypoint_head is not None:
+            raise ValueError(f"preset {preset!r}: the cascade has no keypoint head (Rethinking uses it for boxes "
+                             f"and masks only)")
         roi_heads = CascadeRoIHeads(box_heads, num_classes, mask_head,
                                     batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"])
     else:
         roi_heads = RoIHeads(box_heads[0], BoxPredictor(box_heads[0].out_channels, num_classes), mask_head,
-                             batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"])
+                             batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"],
+                             keypoint_head=keypoint_head)
     return MaskRCNN(backbone, fpn, rpn, roi_heads)
 
 

@@ -265,13 +265,15 @@ def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets):
 
 
 class RoIHeads(nn.Module):
-    """Sample RoIs, pool them, run the box head (and mask head); losses in training, detections in eval."""
+    """Sample RoIs, pool them, run the box head (and mask, keypoint heads); losses in training, detections in eval."""
 
     def __init__(self, box_head, box_predictor, mask_head=None, fg_iou=0.5, bg_iou=0.5, batch_size_per_image=512,
                  positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
-                 detections_per_img=100, box_resolution=7, mask_resolution=14, sampling_ratio=2, aligned=False):
+                 detections_per_img=100, box_resolution=7, mask_resolution=14, sampling_ratio=2, aligned=False,
+                 keypoint_head=None):
         super().__init__()
         self.box_head, self.box_predictor, self.mask_head = box_head, box_predictor, mask_head
+        self.keypoint_head = keypoint_head  # keypoints.KeypointHead: Mask R-CNN Sec. 5, its own loss and predict
         # Fast R-CNN Sec. 2.3: foreground at IoU >= 0.5; Detectron/torchvision make everything below 0.5 background
         # (the paper's background is [0.1, 0.5)). No low-quality matches: GT boxes are among the proposals anyway.
         self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
@@ -340,7 +342,8 @@ class RoIHeads(nn.Module):
         """features [P2..P5] (N, C, H/4, W/4) ...; proposals [(R_i, 4)]; image_shape (H, W) of the padded batch;
         image_sizes [(h, w)] before padding; targets [{"boxes" (G, 4), "labels" (G,), "masks" (G, h, w)}].
         Returns (detections, losses): ([], {"loss_cls", "loss_box", "loss_mask"}) in training;
-        ([{"boxes" (D, 4), "labels" (D,), "scores" (D,), "mask_probs" (D, 1, M, M)}], {}) in eval.
+        ([{"boxes" (D, 4), "labels" (D,), "scores" (D,), "mask_probs" (D, 1, M, M)}], {}) in eval; a keypoint head
+        adds "loss_keypoint", and "keypoints" (D, K, 3), "keypoint_scores" (D, K) (keypoints.py).
         masks=False skips the mask branch in eval (test-time augmentation runs it later on the merged boxes)."""
         if self.training:
             assert targets is not None, "RoIHeads needs targets in training"
@@ -354,11 +357,16 @@ class RoIHeads(nn.Module):
             losses = {"loss_cls": loss_cls, "loss_box": loss_box}
             if self.mask_head is not None:
                 losses["loss_mask"] = self.mask_losses(features, proposals, labels, matched, targets, image_shape)
+            if self.keypoint_head is not None:
+                losses["loss_keypoint"] = self.keypoint_head.loss(features, proposals, labels, matched, targets,
+                                                                  image_shape)
             return [], losses
 
         detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes)
         if self.mask_head is not None and masks:
             self.add_masks(features, detections, image_shape)
+        if self.keypoint_head is not None:
+            self.keypoint_head.predict(features, detections, image_shape)  # adds keypoints, keypoint_scores
         return detections, {}
 
     def mask_losses(self, features, rois, labels, matched, targets, image_shape):

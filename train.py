@@ -50,6 +50,9 @@ def get_args(argv=None):
                         "512,800 for 35k images); default: --min-size only")
     g.add_argument("--train-subset", type=int, help="train on a random subset of N images (Sec. 5.3: 1k..35k)")
     g.add_argument("--subset-seed", type=int, default=0, help="seed that picks the subset")
+    g.add_argument("--keypoint-sigmas", type=lambda s: [float(x) for x in s.split(",")],
+                   help="comma-separated OKS sigma per keypoint, for a keypoints json that is not COCO's 17 person "
+                        "keypoints (default: COCO's)")
 
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS),
@@ -249,16 +252,21 @@ def main(argv=None):
             train_set = data.build_dataset(args.data, "train", train=True,
                                            min_size=args.train_scales or args.min_size, max_size=args.max_size,
                                            subset=args.train_subset, subset_seed=args.subset_seed,
-                                           ann=args.train_ann, images=args.train_images)
+                                           ann=args.train_ann, images=args.train_images,
+                                           keypoint_sigmas=args.keypoint_sigmas)
             val_set = data.build_dataset(args.data, "val", train=False, min_size=args.min_size,
-                                         max_size=args.max_size, ann=args.val_ann, images=args.val_images)
+                                         max_size=args.max_size, ann=args.val_ann, images=args.val_images,
+                                         keypoint_sigmas=args.keypoint_sigmas)
     except data.DataError as e:
         sys.exit(f"error: {e}")
 
+    if PRESETS[args.preset]["num_keypoints"] and not train_set.num_keypoints:
+        sys.exit(f"error: preset {args.preset} predicts keypoints; train it on a COCO person-keypoints json")
     # Data without masks (PASCAL VOC) gets no mask head: Faster R-CNN, as in Sec. 5.4.
     model = build_model(args.preset, num_classes=train_set.num_classes, norm=args.norm,
                         fpn_norm=args.norm, head_norm=args.norm, cascade=args.cascade,
-                        mask_head=None if train_set.has_masks else False).to(device)
+                        mask_head=None if train_set.has_masks else False,
+                        num_keypoints=train_set.num_keypoints or None).to(device)
     if args.init == "imagenet":
         load_pretrained(model.backbone, args.pretrained, log)
     if args.weights:
