@@ -2,7 +2,7 @@
 
 The metrics are the paper's: box AP and mask AP (AP at IoU 0.5:0.95, plus AP50, AP75, small/medium/large and AR),
 Lin et al., "Microsoft COCO" (2014) and cocodataset.org/#detection-eval; keypoint AP (Fig. 6) at OKS 0.5:0.95,
-cocodataset.org/#keypoints-eval. A model without mask head gets box AP only; on PASCAL VOC (Sec. 5.4) VOC mAP at
+cocodataset.org/#keypoints-eval. A model without mask head gets box AP only; on PASCAL VOC (Sec. 5.2) VOC mAP at
 IoU 0.5 is added, area and 11-point (voc.py).
 
     python evaluate.py --checkpoint runs/demo/model_0001000.pth            # data flags default to the run's own
@@ -127,7 +127,7 @@ def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, t
     iou_types = ["bbox"] + ["segm"] * (heads.mask_head is not None) + ["keypoints"] * (heads.keypoint_head is not None)
     metrics = coco_eval(dataset.coco, results, iou_types, image_ids=dataset.image_ids,
                         keypoint_sigmas=dataset.keypoint_sigmas)
-    if isinstance(dataset, voc.VOCDataset):  # Rethinking Sec. 5.4 reports PASCAL VOC mAP at IoU 0.5
+    if isinstance(dataset, voc.VOCDataset):  # Rethinking Sec. 5.2 reports PASCAL VOC mAP at IoU 0.5
         metrics.update(voc.voc_metrics(dataset, results))
     return metrics
 
@@ -195,6 +195,8 @@ def main(argv=None):
     _, _, device = distributed.init(args.device)  # under torchrun, each process evaluates a shard of the images
     model, dataset = load_run(args.checkpoint, args.data, args.val_ann, args.val_images, args.min_size,
                               args.max_size)
+    if (args.tta_scales or args.tta_flip) and model.roi_heads.keypoint_head is not None:
+        sys.exit("error: --tta-scales/--tta-flip merge boxes and masks; evaluate keypoint models without them")
     metrics = evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers,
                        results_file=args.results, tta_scales=args.tta_scales, tta_flip=args.tta_flip)
     distributed.cleanup()

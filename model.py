@@ -50,7 +50,7 @@ PRESETS = {
     # multiply-adds of R101's at 224x224 (33.1 vs 7.8 G; the 32x8d reading: 3.1x). 186.9M parameters with 81
     # classes (backbone 164.7M). The 50.9 AP system adds --train-scales 640,800, --cascade and test augmentation.
     "x152_fpn_gn": dict(_PAPER, depth=152, groups=8, width_per_group=32),
-    # Sec. 5.4, PASCAL VOC: Faster R-CNN R101-FPN with GN, i.e. the same model without the mask head.
+    # Sec. 5.2, PASCAL VOC: Faster R-CNN R101-FPN with GN, i.e. the same model without the mask head.
     "r101_fpn_gn_faster": dict(_PAPER, depth=101, mask_head=False),
     "r50_fpn_syncbn": dict(_PAPER, norm="syncbn", fpn_norm="syncbn", head_norm="syncbn"),
     # The classic pre-trained baseline: frozen BN in the backbone, no norm in FPN and heads, stem + res2 frozen.

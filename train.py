@@ -36,7 +36,7 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shapes",
                    help="'shapes' (generated synthetic COCO set, the default), a PennFudanPed folder, a VOCdevkit "
-                        "(Sec. 5.4: VOC2007 trainval + VOC2012 train / VOC2012 val), or a COCO root "
+                        "(Sec. 5.2: VOC2007 trainval + VOC2012 train / VOC2012 val), or a COCO root "
                         "with annotations/instances_{train,val}*.json (paper: COCO train2017 / val2017)")
     g.add_argument("--train-ann", help="COCO json for training (overrides --data)")
     g.add_argument("--train-images", help="image folder for --train-ann")
@@ -48,7 +48,7 @@ def get_args(argv=None):
     g.add_argument("--train-scales", type=lambda s: tuple(int(x) for x in s.split(",")),
                    help="LO,HI: training shorter side drawn from [LO, HI] (Sec. 5: 640,800 enhanced baselines; "
                         "512,800 for 35k images); default: --min-size only")
-    g.add_argument("--train-subset", type=int, help="train on a random subset of N images (Sec. 5.3: 1k..35k)")
+    g.add_argument("--train-subset", type=int, help="train on a random subset of N images (Sec. 5.2: 1k..35k)")
     g.add_argument("--subset-seed", type=int, default=0, help="seed that picks the subset")
     g.add_argument("--keypoint-sigmas", type=lambda s: [float(x) for x in s.split(",")],
                    help="comma-separated OKS sigma per keypoint, for a keypoints json that is not COCO's 17 person "
@@ -262,7 +262,7 @@ def main(argv=None):
 
     if PRESETS[args.preset]["num_keypoints"] and not train_set.num_keypoints:
         sys.exit(f"error: preset {args.preset} predicts keypoints; train it on a COCO person-keypoints json")
-    # Data without masks (PASCAL VOC) gets no mask head: Faster R-CNN, as in Sec. 5.4.
+    # Data without masks (PASCAL VOC) gets no mask head: Faster R-CNN, as in Sec. 5.2.
     model = build_model(args.preset, num_classes=train_set.num_classes, norm=args.norm,
                         fpn_norm=args.norm, head_norm=args.norm, cascade=args.cascade,
                         mask_head=None if train_set.has_masks else False,

@@ -59,6 +59,8 @@ def detect(model, views, original_size, flip=True):
     Returns what model(...) returns for one image in original pixels: {"boxes" (D, 4), "labels" (D,),
     "scores" (D,), "masks" (D, 1, H0, W0)}, without "masks" when the model has no mask head.
     """
+    if model.roi_heads.keypoint_head is not None:
+        raise ValueError("test-time augmentation merges boxes and masks; evaluate keypoint models without it")
     H0, W0 = original_size
     mirrored = (False, True) if flip else (False,)
     # One batch per scale: the view and, with flip, its mirror image (mirrored after resizing, as data.transform does).
@@ -73,9 +75,10 @@ def detect(model, views, original_size, flip=True):
             found.append((boxes, out["scores"], out["labels"]))
     boxes, scores, labels = (torch.cat(column) for column in zip(*found))  # (sum of D_a, 4), (sum of D_a,) twice
 
-    # 2. One set of detections.
+    # 2. One set of detections, with the NMS settings of the (last stage's) RoI heads.
     heads = model.roi_heads
-    boxes, scores, labels = merge_detections(boxes, scores, labels, heads.nms_thresh, heads.detections_per_img)
+    last = heads.stages[-1] if hasattr(heads, "stages") else heads  # cascade.CascadeRoIHeads: its last stage
+    boxes, scores, labels = merge_detections(boxes, scores, labels, last.nms_thresh, last.detections_per_img)
     result = {"boxes": boxes, "labels": labels, "scores": scores}
     if heads.mask_head is None:
         return result

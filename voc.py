@@ -1,6 +1,6 @@
 """PASCAL VOC: the VOCdevkit reader, the paper's VOC split, and VOC mAP at IoU 0.5.
 
-Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 5.4: Faster R-CNN R101-FPN + GN (preset r101_fpn_gn_faster)
+Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 5.2: Faster R-CNN R101-FPN + GN (preset r101_fpn_gn_faster)
 trained on VOC2007 trainval + VOC2012 train (about 15k images, 2.3 objects per image, 20 classes) and evaluated on
 VOC2012 val: 82.7 mAP pre-trained (18k iterations) against 77.6 from scratch (144k), which does not catch up.
 Metric: Everingham et al., "The PASCAL Visual Object Classes (VOC) Challenge" (IJCV 2010) Sec. 4.2 (11-point AP,
@@ -28,7 +28,7 @@ from data import DataError, _CocoStyleDataset
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
-# Sec. 5.4: train on trainval2007 + train2012, evaluate on val2012.
+# Sec. 5.2: train on trainval2007 + train2012, evaluate on val2012.
 PAPER_SPLITS = {"train": (("2007", "trainval"), ("2012", "train")), "val": (("2012", "val"),)}
 
 
@@ -91,7 +91,7 @@ class VOCDataset(_CocoStyleDataset):
 
     @classmethod
     def paper_split(cls, root, split, **kwargs):
-        """train.py's --data VOCdevkit: "train" = VOC2007 trainval + VOC2012 train, "val" = VOC2012 val (Sec. 5.4)."""
+        """train.py's --data VOCdevkit: "train" = VOC2007 trainval + VOC2012 train, "val" = VOC2012 val (Sec. 5.2)."""
         if split not in PAPER_SPLITS:
             raise DataError(f"VOC split must be one of {', '.join(PAPER_SPLITS)}, got {split!r}")
         return cls(root, PAPER_SPLITS[split], **kwargs)

@@ -17,6 +17,7 @@ import evaluate
 import train
 import tta
 from masks import paste_masks
+from model import build_model
 
 
 class RectangleDetector:
@@ -182,3 +183,20 @@ def test_bad_tta_scales_is_a_one_line_error(text, capsys):
         evaluate.main(["--checkpoint", "unused.pth", "--tta-scales", text])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: argument --tta-scales: expected comma-separated positive shorter sides" in err
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_kp"])
+def test_cascade_and_keypoint_models_under_tta(preset):
+    """The cascade merges with its last stage's NMS settings; keypoint models are refused (only boxes and masks
+    are merged)."""
+    torch.manual_seed(0)
+    cascade = preset == "tiny"
+    model = build_model(preset, num_classes=4, cascade=cascade).eval()
+    view = torch.randn(3, 64, 96)
+    if cascade:
+        out = tta.detect(model, [view, torch.randn(3, 96, 144)], (64, 96), flip=True)
+        assert len(out["boxes"]) <= model.roi_heads.stages[-1].detections_per_img
+        assert out["masks"].shape[1:] == (1, 64, 96) and len(out["masks"]) == len(out["boxes"])
+    else:
+        with pytest.raises(ValueError, match="keypoint models"):
+            tta.detect(model, [view], (64, 96))

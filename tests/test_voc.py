@@ -1,4 +1,4 @@
-"""PASCAL VOC (Sec. 5.4): the VOCdevkit reader on a generated tiny devkit, VOC AP on hand-worked examples, and a
+"""PASCAL VOC (Sec. 5.2): the VOCdevkit reader on a generated tiny devkit, VOC AP on hand-worked examples, and a
 short Faster R-CNN training run on VOC data. CI has no VOC data: every test builds what it reads in tmp_path."""
 import json
 import math
@@ -83,7 +83,7 @@ def test_paper_split_composition(devkit):
     train_set = build_dataset(str(devkit), "train", train=True, min_size=H)
     val_set = build_dataset(str(devkit), "val", train=False, min_size=H)
     assert isinstance(train_set, VOCDataset) and not train_set.has_masks
-    # Sec. 5.4: train = VOC2007 trainval + VOC2012 train, val = VOC2012 val; image ids unique across the years.
+    # Sec. 5.2: train = VOC2007 trainval + VOC2012 train, val = VOC2012 val; image ids unique across the years.
     names = [train_set.coco.imgs[i]["file_name"] for i in train_set.image_ids]
     assert names == ["VOC2007/JPEGImages/000001.jpg", "VOC2007/JPEGImages/000002.jpg",
                      "VOC2012/JPEGImages/2008_000001.jpg", "VOC2012/JPEGImages/2008_000002.jpg"]
