@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed import loss_denominator
-from norm import make_norm
+from masks import head_convs
 from roi_heads import BACKGROUND, multilevel_roi_align
 
 
@@ -33,12 +33,8 @@ class KeypointHead(nn.Module):
     def __init__(self, in_channels=256, num_keypoints=17, num_convs=8, conv_dim=512, norm="gn", num_groups=32,
                  resolution=14, sampling_ratio=2, aligned=False):
         super().__init__()
-        blocks, channels = [], in_channels
-        for _ in range(num_convs):
-            conv = nn.Conv2d(channels, conv_dim, 3, padding=1, bias=norm == "none")  # a norm's shift replaces bias
-            blocks.append(nn.Sequential(conv, make_norm(norm, conv_dim, num_groups), nn.ReLU(inplace=True)))
-            channels = conv_dim
-        self.convs = nn.Sequential(*blocks)
+        self.convs = head_convs(in_channels, num_convs, conv_dim, norm, num_groups)
+        channels = conv_dim if num_convs else in_channels
         # kernel 4, stride 2, padding 1: exactly doubles the side (14 -> 28), as Detectron's KRCNN deconv
         self.deconv = nn.ConvTranspose2d(channels, num_keypoints, kernel_size=4, stride=2, padding=1)
         for layer in self.modules():  # MSRA init, bias 0 (MSRAFill in Detectron's keypoint configs; torchvision)

@@ -19,17 +19,24 @@ from distributed import loss_denominator
 from norm import make_norm
 
 
+def head_convs(in_channels, num_convs, conv_dim, norm="gn", num_groups=32):
+    """num_convs x (3x3 conv + norm + ReLU), the trunk of the mask and keypoint heads: (R, C, S, S) -> (R, conv_dim,
+    S, S). Names convs.i.0 (conv), convs.i.1 (norm), as torchvision's heads."""
+    blocks, channels = [], in_channels
+    for _ in range(num_convs):
+        conv = nn.Conv2d(channels, conv_dim, 3, padding=1, bias=norm == "none")  # a norm's shift replaces bias
+        blocks.append(nn.Sequential(conv, make_norm(norm, conv_dim, num_groups), nn.ReLU(inplace=True)))
+        channels = conv_dim
+    return nn.Sequential(*blocks)
+
+
 class MaskHead(nn.Module):
     """(R, C, 14, 14) RoI features -> (R, K, 28, 28) mask logits (Mask R-CNN Fig. 4 right, GN as Rethinking Sec. 4)."""
 
     def __init__(self, in_channels=256, num_convs=4, conv_dim=256, norm="gn", num_groups=32, num_classes=81):
         super().__init__()
-        blocks, channels = [], in_channels
-        for _ in range(num_convs):
-            conv = nn.Conv2d(channels, conv_dim, 3, padding=1, bias=norm == "none")  # a norm's shift replaces bias
-            blocks.append(nn.Sequential(conv, make_norm(norm, conv_dim, num_groups), nn.ReLU(inplace=True)))
-            channels = conv_dim
-        self.convs = nn.Sequential(*blocks)
+        self.convs = head_convs(in_channels, num_convs, conv_dim, norm, num_groups)
+        channels = conv_dim if num_convs else in_channels
         self.deconv = nn.ConvTranspose2d(channels, conv_dim, kernel_size=2, stride=2)  # 14 -> 28
         self.mask_logits = nn.Conv2d(conv_dim, num_classes, kernel_size=1)  # one mask per class, no competition
         for layer in self.modules():  # MSRA init for all three kinds of conv, bias 0 (torchvision MaskRCNNHeads)

@@ -13,8 +13,7 @@ from torchvision.models.detection import roi_heads as tv_roi
 
 import data
 import evaluate
-import train
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, train_briefly
 from keypoints import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from model import MaskRCNN, build_model
 from roi_heads import multilevel_roi_align
@@ -300,18 +299,7 @@ def test_tiny_keypoint_model_learns_a_few_people_on_cpu(tmp_path):
     torch.manual_seed(0)
     model = build_model("tiny_kp", num_classes=train_set.num_classes, num_keypoints=train_set.num_keypoints)
     before = evaluate.evaluate(model, eval_set, torch.device("cpu"), workers=0)
-    iters, base_lr = 200, 0.02
-    optimizer = torch.optim.SGD(train.param_groups(model, 1e-4), lr=base_lr, momentum=0.9)
-    batches = data.make_train_loader(train_set, batch_size=4, seed=0, workers=0)
-    model.train()
-    for it in range(iters):
-        for group in optimizer.param_groups:
-            group["lr"] = train.lr_at(it, base_lr, steps=(160,), warmup_iters=50)
-        images, image_sizes, targets = next(batches)
-        losses = model(images, image_sizes, targets)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
+    losses = train_briefly(model, train_set, iters=200, lr_step=160)
 
     metrics = evaluate.evaluate(model, eval_set, torch.device("cpu"), workers=0)
     print(f"keypoint AP before {before['keypoints/AP']:.3f}, after {metrics['keypoints/AP']:.3f}, "

@@ -11,8 +11,7 @@ import torch
 
 import data
 import evaluate
-import train
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, train_briefly
 from model import build_model
 
 PENNFUDAN = os.path.join(SHARED_DATA, "PennFudanPed")
@@ -30,18 +29,7 @@ def test_tiny_model_learns_pennfudan_on_cpu():
     device = torch.device("cpu")
     before = evaluate.evaluate(model, eval_set, device, workers=0)
 
-    iters, base_lr = 300, 0.02
-    optimizer = torch.optim.SGD(train.param_groups(model, 1e-4), lr=base_lr, momentum=0.9)
-    batches = data.make_train_loader(train_set, batch_size=4, seed=0, workers=0)
-    model.train()
-    for it in range(iters):
-        for group in optimizer.param_groups:
-            group["lr"] = train.lr_at(it, base_lr, steps=(240,), warmup_iters=50)
-        images, image_sizes, targets = next(batches)
-        loss = sum(model(images, image_sizes, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_briefly(model, train_set, iters=300, lr_step=240)
 
     after = evaluate.evaluate(model, eval_set, device, workers=0)
     print(f"box AP50 before {before['bbox/AP50']:.3f}, after {after['bbox/AP50']:.3f}; "
