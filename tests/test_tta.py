@@ -25,7 +25,8 @@ class RectangleDetector:
     channel cropped to the box and average-pooled to 4 x 4. Records the boxes it saw, in each view's pixels."""
 
     def __init__(self):
-        self.roi_heads = SimpleNamespace(nms_thresh=0.5, detections_per_img=100, mask_head=object())
+        self.roi_heads = SimpleNamespace(nms_thresh=0.5, detections_per_img=100, mask_head=object(),
+                                         keypoint_head=None)
         self.detected, self.mask_boxes = [], []
 
     def __call__(self, images, image_sizes, original_sizes=None, masks=True):
