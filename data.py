@@ -413,10 +413,10 @@ def make_train_loader(dataset, batch_size, seed=0, start_iter=0, workers=2, rank
     return iter(loader)
 
 
-def make_eval_loader(dataset, batch_size=1, workers=2, rank=0, world_size=1):
+def make_eval_loader(dataset, batch_size=1, workers=2, rank=0, world_size=1, collate_fn=collate):
     """Images rank, rank + world_size, ... in order: every image evaluated exactly once (no padding duplicates)."""
     indices = list(range(rank, len(dataset), world_size))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate_fn,
                                        num_workers=workers)
 
 

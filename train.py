@@ -217,7 +217,7 @@ def load_pretrained(backbone, path, log=print):
     result = backbone.load_state_dict(state, strict=False)
     unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "classifier."))]
     log(f"loaded {path}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
-          f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+        f"{len(unexpected)} unexpected keys {unexpected[:5]}")
 
 
 def load_weights(model, path, log=print):
@@ -227,7 +227,7 @@ def load_weights(model, path, log=print):
     state = torch.load(path, map_location="cpu", weights_only=False)
     missing, unexpected, skipped = cascade.load_weights(model, state.get("model", state))
     log(f"loaded {path}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
-          f"{unexpected[:3]}, {len(skipped)} skipped for their shape {skipped[:3]}")
+        f"{unexpected[:3]}, {len(skipped)} skipped for their shape {skipped[:3]}")
 
 
 def main(argv=None):
@@ -286,11 +286,11 @@ def main(argv=None):
     epochs = args.max_iters * batch / len(train_set)
     log(f"plan: {args.preset}{' + cascade' if args.cascade else ''} ({n_params / 1e6:.2f}M trainable parameters), "
         f"norm {norm}, init {args.init}\n"
-          f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
-          f"{len(val_set)} validation images, {train_set.num_classes - 1} classes\n"
-          f"      batch {batch} ({world_size} process(es) x {args.batch_size}), LR {args.lr:g}, "
-          f"{args.max_iters} iterations ({epochs:.1f} epochs), "
-          f"LR x{args.lr_gamma:g} at {args.lr_steps}, warm-up {args.warmup_iters} from x{args.warmup_factor:.3g}")
+        f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
+        f"{len(val_set)} validation images, {train_set.num_classes - 1} classes\n"
+        f"      batch {batch} ({world_size} process(es) x {args.batch_size}), LR {args.lr:g}, "
+        f"{args.max_iters} iterations ({epochs:.1f} epochs), "
+        f"LR x{args.lr_gamma:g} at {args.lr_steps}, warm-up {args.warmup_iters} from x{args.warmup_factor:.3g}")
     if args.dry_run:
         distributed.cleanup()
         return

@@ -126,9 +126,8 @@ def predict(model, dataset, device, scales, flip=True, amp="none", workers=2):
     (output, target) per image, in dataset order."""
     model.eval()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    shard = list(range(distributed.get_rank(), len(dataset), distributed.get_world_size()))  # as data.make_eval_loader
-    loader = torch.utils.data.DataLoader(ScaledViews(dataset, scales), batch_size=1, collate_fn=_single,
-                                         sampler=shard, num_workers=workers)
+    loader = data.make_eval_loader(ScaledViews(dataset, scales), 1, workers, rank=distributed.get_rank(),
+                                   world_size=distributed.get_world_size(), collate_fn=_single)
     for item in tqdm(loader, desc=f"eval, {len(scales)} scales{' x 2 flips' if flip else ''}", leave=False,
                      dynamic_ncols=True):
         target = item[0][1]
