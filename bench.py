@@ -253,8 +253,9 @@ def main(argv=None):
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
-            train_inputs = (train_inputs[0].contiguous(memory_format=torch.channels_last), *train_inputs[1:])
-            infer_inputs = (infer_inputs[0].contiguous(memory_format=torch.channels_last), *infer_inputs[1:])
+            if name == "ours":  # torchvision's inputs are a list of (3, h, w) images that its transform batches
+                train_inputs = (train_inputs[0].contiguous(memory_format=torch.channels_last), *train_inputs[1:])
+                infer_inputs = (infer_inputs[0].contiguous(memory_format=torch.channels_last), *infer_inputs[1:])
         if args.compile:  # ours: backbone and FPN; torchvision's backbone module holds both
             for module in (model.backbone, model.fpn) if name == "ours" else (model.backbone,):
                 module.compile()

@@ -69,6 +69,23 @@ def test_group_norm_bf16_autocast_uses_float32_statistics():
     torch.testing.assert_close(y.float(), y_ref, atol=2e-2, rtol=1e-2)
 
 
+def test_group_norm_bf16_backward_matches_float64():
+    # The written-out backward on bf16 activations with a large offset (|mu| = 100 sigma): gradients within bf16
+    # rounding (2^-7 of the largest gradient) of float64 GN on the same input values. A backward built on
+    # sum(dy * x) - mu * sum(dy) with bf16 products would lose about 100 * 2^-9 here, far outside this tolerance.
+    torch.manual_seed(0)
+    x = (torch.randn(2, 32, 8, 8) + 100.0).bfloat16().requires_grad_()
+    gn, ref = GroupNorm(8, 32), nn.GroupNorm(8, 32).double()
+    _randomize_affine(gn, ref)
+    dy = torch.randn(2, 32, 8, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gn(x).backward(dy)
+    x_ref = x.detach().double().requires_grad_()
+    ref(x_ref).backward(dy.double())
+    for ours, theirs in [(x.grad, x_ref.grad), (gn.weight.grad, ref.weight.grad), (gn.bias.grad, ref.bias.grad)]:
+        assert (ours.double() - theirs).abs().max() <= 2 ** -7 * theirs.abs().max()
+
+
 def test_group_norm_float64_gradcheck():
     gn = GroupNorm(3, 6).double()
     _randomize_affine(gn)
