@@ -56,6 +56,30 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def _group_statistics(x, num_groups, eps):
+    """x (N, C, *) -> x viewed as (N, G, C/G * H * W), the groups' mean mu (N, G) and r = 1 / sqrt(sigma^2 + eps)
+    (N, G) of GN Eq. 2, in float32 at least: reductions with a float32 result read bf16/fp16 values directly."""
+    N, G = x.shape[0], num_groups
+    xg = x.reshape(N, G, x.shape[1] // G * math.prod(x.shape[2:]))  # (N, G, L); sizes spelled out for N = 0
+    mean = torch.mean(xg, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))  # (N, G) mu
+    var = mean.clone() if N == 0 else torch.var(xg, dim=-1, correction=0, out=torch.empty_like(mean))  # sigma^2
+    return xg, mean, (var + eps).rsqrt_()
+
+
+def _group_norm_no_grad(x, weight, bias, num_groups, eps):
+    """GN Eqs. 1-3 when no gradient is needed (inference): y = x * scale + shift in one pass over x, with per-channel
+    scale = gamma * r and shift = beta - mu * gamma * r computed in float32 and applied inside the kernel."""
+    N, C, G = x.shape[0], x.shape[1], num_groups
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run the reductions on a float32 copy
+        _, mean, rstd = _group_statistics(x, G, eps)
+        gamma = (weight if weight is not None else rstd.new_ones(C)).reshape(G, C // G)  # (G, C/G)
+        beta = (bias if bias is not None else rstd.new_zeros(C)).reshape(G, C // G)
+        scale = rstd[..., None] * gamma  # (N, G, C/G): channel c of group g gets gamma_c * r_g
+        shift = torch.addcmul(beta, (mean * rstd)[..., None], gamma, value=-1)  # (N, G, C/G) beta - mu * gamma * r
+        return torch.addcmul(_per_channel(shift.reshape(N, C), x), x, _per_channel(scale.reshape(N, C), x),
+                             out=torch.empty_like(x))
+
+
 class _GroupNormFunction(torch.autograd.Function):
     """GN Eqs. 1-3 with a written-out backward pass, in few passes over the activation.
 
@@ -74,21 +98,15 @@ class _GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps):
-        N, C, G = x.shape[0], x.shape[1], num_groups
-        L = C // G * math.prod(x.shape[2:])  # values per group
-        stat = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # autocast would run sum and addcmul on float32 copies
-            xg = x.reshape(N, G, L)  # (N, C, H, W) -> (N, G, C/G*H*W); sizes spelled out for N = 0
-            mean = torch.mean(xg, dim=-1, dtype=stat)  # (N, G) GN Eq. 2: mu
-            var = mean.clone() if N == 0 else torch.var(xg, dim=-1, correction=0, out=torch.empty_like(mean))  # sigma^2
-            rstd = (var + eps).rsqrt_()  # (N, G) r = 1 / sqrt(sigma^2 + eps)
+            xg, mean, rstd = _group_statistics(x, num_groups, eps)  # (N, G, L), (N, G), (N, G)
             x_hat = torch.addcmul((-mean * rstd)[..., None], xg, rstd[..., None], out=torch.empty_like(xg))  # Eq. 1
             x_hat = x_hat.reshape(x.shape)
             y = x_hat
             if weight is not None:  # GN Eq. 3: y = gamma * x_hat + beta, per channel
                 y = torch.addcmul(_per_channel(bias, x), x_hat, _per_channel(weight, x), out=torch.empty_like(x))
         ctx.save_for_backward(x_hat, rstd, weight)
-        ctx.num_groups = G
+        ctx.num_groups = num_groups
         return y
 
     @staticmethod
@@ -141,7 +159,9 @@ class GroupNorm(nn.Module):
 
     def forward(self, x):
         assert x.shape[1] == self.num_channels, f"GroupNorm: expected {self.num_channels} channels, got {x.shape[1]}"
-        return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.affine and self.weight.requires_grad):
+            return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        return _group_norm_no_grad(x, self.weight, self.bias, self.num_groups, self.eps)
 
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

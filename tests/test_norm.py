@@ -86,6 +86,21 @@ def test_group_norm_bf16_backward_matches_float64():
         assert (ours.double() - theirs).abs().max() <= 2 ** -7 * theirs.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_inference_path_equals_training_path(dtype):
+    # Without gradients GN takes a one-pass path (x * scale + shift); it must give the autograd path's output.
+    gn = GroupNorm(4, 16)
+    _randomize_affine(gn)
+    x = (torch.randn(2, 16, 5, 6) * 2 + 10).to(dtype)
+    with torch.no_grad():
+        y_inference = gn(x)
+    y_training = gn(x.clone().requires_grad_())
+    assert y_training.requires_grad and not y_inference.requires_grad
+    assert y_inference.dtype == y_training.dtype == dtype
+    tol = {} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}  # bf16: one rounding of y apart
+    torch.testing.assert_close(y_inference, y_training.detach(), **tol)
+
+
 def test_group_norm_float64_gradcheck():
     gn = GroupNorm(3, 6).double()
     _randomize_affine(gn)
