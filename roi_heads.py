@@ -40,10 +40,13 @@ def as_rois(boxes):
 def sample_points(start, size, bins, grid, max_grid, length):
     """RoIAlign's regular sampling points along one axis (Mask R-CNN Fig. 3), as torchvision's kernel places them.
 
-    start, size (R,): RoI start and extent in feature-map pixels; bins: pooled cells; grid (R,): points per cell.
+    start, size (R,): RoI start and extent in feature-map pixels; bins: pooled cells; grid (R,): points per cell;
+    length: the map's extent, a number or (R,) per RoI (RoIs pooled from different FPN levels).
     Returns points (R, bins, max_grid) clamped into [0, length - 1], and keep (R, bins, max_grid): False for the
     padding points beyond an RoI's own grid and for points outside [-1, length], which torchvision counts as 0.
     """
+    if isinstance(length, torch.Tensor):
+        length = length[:, None, None]  # (R, 1, 1)
     bin_size = size / bins  # (R,)
     cell = torch.arange(bins, device=start.device, dtype=start.dtype)  # (bins,)
     point = torch.arange(max_grid, device=start.device, dtype=start.dtype)  # (max_grid,)
@@ -51,7 +54,7 @@ def sample_points(start, size, bins, grid, max_grid, length):
     pts = (start[:, None, None] + cell[None, :, None] * bin_size[:, None, None]
            + (point[None, None, :] + 0.5) * bin_size[:, None, None] / grid.clamp(min=1)[:, None, None])
     keep = (point[None, None, :] < grid[:, None, None]) & (pts >= -1.0) & (pts <= length)
-    return pts.clamp(min=0, max=length - 1), keep
+    return pts.clamp(min=0).clamp_(max=length - 1), keep
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
@@ -63,18 +66,32 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     aligned=False is Mask R-CNN's original RoIAlign (no half-pixel shift, RoI sides at least 1 pixel);
     aligned=True shifts by -0.5 so that pixel centres are at integer + 0.5 (Detectron2's ROIAlignV2).
     Returns (R, C, S, Q).
+    """
+    rois = as_rois(boxes)
+    return pool_levels([input], rois, torch.zeros_like(rois[:, 0], dtype=torch.int64), [spatial_scale], output_size,
+                       sampling_ratio, aligned)
 
-    All points are sampled by one grid_sample per image (no loop over RoIs): a point x in map pixels is at the
-    normalized coordinate (2x + 1) / W - 1 for align_corners=False, and bilinear weights then equal torchvision's.
+
+def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, aligned):
+    """RoIAlign of each RoI (R, 5) from the map features[levels[r]] (N, C, H_l, W_l) at scale scales[levels[r]].
+
+    All points are sampled by grid_sample (no loop over RoIs): a point x in map pixels is at the normalized
+    coordinate (2x + 1) / W - 1 for align_corners=False, and bilinear weights then equal torchvision's. The points of
+    every RoI are computed at once; grid_sample pairs grid and input batch entries one to one, so it runs once per
+    (level, image) on that pair's RoIs, made contiguous by one sort. One host sync: the RoI count of every pair.
     """
     S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    rois = as_rois(boxes)
-    N, C, H, W = input.shape
+    N, C = features[0].shape[:2]
+    L, R = len(features), rois.shape[0]
     # grid_sample's grid has the input's dtype; fp16/bf16 coordinates would be off by up to a pixel, so sample in fp32.
-    feats = input if input.dtype in (torch.float32, torch.float64) else input.float()
-    rois = rois.to(feats.dtype)
+    maps = [f if f.dtype in (torch.float32, torch.float64) else f.float() for f in features]
+    rois = rois.to(maps[0].dtype)
+    table = rois.new_empty((L, 3))  # per level: scale, H, W (fills, not a host-to-device copy)
+    for row, scale, f in zip(table, scales, features):
+        row[0], row[1], row[2] = scale, f.shape[-2], f.shape[-1]
+    scale, H, W = table[levels].unbind(dim=1)  # (R,) each
     offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (rois[:, 1:] * spatial_scale - offset).unbind(dim=1)  # (R,) each, in map pixels
+    x1, y1, x2, y2 = (rois[:, 1:] * scale[:, None] - offset).unbind(dim=1)  # (R,) each, in map pixels
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)  # Mask R-CNN: no RoI thinner than one pixel
@@ -84,39 +101,35 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     else:
         # adaptive: ceil(side / cells) points per cell, per RoI; all RoIs use the largest grid, masked per RoI
         grid_y, grid_x = torch.ceil(roi_h / S).clamp(min=0), torch.ceil(roi_w / Q).clamp(min=0)
-        GY = max(int(grid_y.max()), 1) if rois.shape[0] else 1
-        GX = max(int(grid_x.max()), 1) if rois.shape[0] else 1
+        GY, GX = torch.stack([grid_y.max(), grid_x.max()]).clamp(min=1).int().tolist() if R else (1, 1)  # host sync
     ys, keep_y = sample_points(y1, roi_h, S, grid_y, GY, H)  # (R, S, GY)
     xs, keep_x = sample_points(x1, roi_w, Q, grid_x, GX, W)  # (R, Q, GX)
     # A dropped point goes off the map on one axis, so grid_sample's zero padding makes it count 0 (any other axis).
-    gy = torch.where(keep_y, (2 * ys + 1) / H - 1, OUTSIDE)  # (R, S, GY)
-    gx = torch.where(keep_x, (2 * xs + 1) / W - 1, OUTSIDE)  # (R, Q, GX)
-    R = rois.shape[0]
+    gy = torch.where(keep_y, (2 * ys + 1) / H[:, None, None] - 1, OUTSIDE)  # (R, S, GY)
+    gx = torch.where(keep_x, (2 * xs + 1) / W[:, None, None] - 1, OUTSIDE)  # (R, Q, GX)
     grid = torch.stack([gx[:, None, :, None, :].expand(R, S, Q, GY, GX),
                         gy[:, :, None, :, None].expand(R, S, Q, GY, GX)], dim=-1)  # (R, S, Q, GY, GX, 2) as (x, y)
-    grid = grid.reshape(R, S * Q, GY * GX, 2)  # (R, S*Q, GY*GX, 2): a cell's points side by side, to average
-    # adaptive: torchvision divides the sum over an RoI's points by its own count grid_y * grid_x (at least 1)
-    rescale = None if sampling_ratio > 0 else (GY * GX) / (grid_y * grid_x).clamp(min=1)  # (R,)
 
-    batch_index = rois[:, 0].long()
-    pooled = []
-    order = []
-    for n in range(N):  # one grid_sample per image: grid_sample pairs grid and input batch entries one to one
-        idx = torch.where(batch_index == n)[0]
-        if idx.numel() == 0:
-            continue
-        points = grid[idx].reshape(1, -1, GY * GX, 2)  # (1, R_n*S*Q, GY*GX, 2): image n's RoIs as one grid
-        samples = F.grid_sample(feats[n:n + 1], points, mode="bilinear", padding_mode="zeros",
-                                align_corners=False)  # (1, C, R_n*S*Q, GY*GX)
-        cells = samples.mean(dim=-1).reshape(C, idx.numel(), S, Q).permute(1, 0, 2, 3)  # (R_n, C, S, Q)
-        pooled.append(cells if rescale is None else cells * rescale[idx, None, None, None])
-        order.append(idx)
+    pair = levels * N + rois[:, 0].long()  # (R,) the (level, image) each RoI is pooled from
+    order = torch.sort(pair, stable=True).indices  # (R,) RoIs grouped by pair
+    counts = torch.bincount(pair, minlength=L * N).tolist()  # host sync: RoIs per (level, image)
+    assert len(counts) == L * N, f"roi batch indices must lie in [0, {N})"
+    grid = grid[order].reshape(R, S * Q, GY * GX, 2)  # (R, S*Q, GY*GX, 2): a cell's points side by side, to average
+    pooled, start = [], 0
+    for p, count in enumerate(counts):  # loop over (level, image) pairs, not RoIs
+        if count:
+            level, n = divmod(p, N)
+            points = grid[start:start + count].reshape(1, count * S * Q, GY * GX, 2)  # that pair's RoIs as one grid
+            samples = F.grid_sample(maps[level][n:n + 1], points, mode="bilinear", padding_mode="zeros",
+                                    align_corners=False)  # (1, C, count*S*Q, GY*GX)
+            pooled.append(samples.mean(dim=-1).reshape(C, count, S, Q).permute(1, 0, 2, 3))  # (count, C, S, Q)
+            start += count
     if not pooled:
-        return feats.new_zeros((R, C, S, Q)).to(input.dtype)
-    order = torch.cat(order)
-    assert order.numel() == R, f"roi batch indices must lie in [0, {N}); got {rois[:, 0].unique().tolist()}"
-    out = torch.cat(pooled).index_select(0, torch.argsort(order))  # (R, C, S, Q) back in the order of rois
-    return out.to(input.dtype)
+        return maps[0].new_zeros((R, C, S, Q)).to(features[0].dtype)
+    out = torch.cat(pooled)  # (R, C, S, Q) in the order of `order`
+    if sampling_ratio <= 0:  # adaptive: torchvision divides an RoI's sum by its own count grid_y * grid_x (>= 1)
+        out = out * ((GY * GX) / (grid_y * grid_x).clamp(min=1))[order, None, None, None]
+    return out.new_empty(out.shape).index_copy(0, order, out).to(features[0].dtype)  # back in the order of rois
 
 
 def map_levels(boxes, k_min=2, k_max=5, canonical_size=224, canonical_level=4):
@@ -134,16 +147,9 @@ def multilevel_roi_align(features, boxes, image_shape, output_size, sampling_rat
     rois = as_rois(boxes)  # (R, 5)
     # level scale = 1 / stride, recovered from the sizes and rounded to a power of two (H / 4 -> 1/4 for P2, ...)
     scales = [2.0 ** round(math.log2(f.shape[-2] / image_shape[0])) for f in features]
-    if len(features) == 1:
-        return roi_align(features[0], rois, output_size, scales[0], sampling_ratio, aligned)
     k_min, k_max = round(-math.log2(scales[0])), round(-math.log2(scales[-1]))
-    levels = map_levels(rois[:, 1:], k_min=k_min, k_max=k_max)  # (R,)
-    S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    out = features[0].new_zeros((rois.shape[0], features[0].shape[1], S, Q))
-    for k, (feature, scale) in enumerate(zip(features, scales), start=k_min):  # loop over levels, not RoIs
-        idx = torch.where(levels == k)[0]
-        out[idx] = roi_align(feature, rois[idx], (S, Q), scale, sampling_ratio, aligned)
-    return out
+    levels = map_levels(rois[:, 1:], k_min=k_min, k_max=k_max) - k_min  # (R,) index into features
+    return pool_levels(features, rois, levels, scales, output_size, sampling_ratio, aligned)
 
 
 def mask_targets(gt_masks, rois, gt_index, M):
@@ -162,8 +168,9 @@ def mask_targets(gt_masks, rois, gt_index, M):
     x1, y1, x2, y2 = rois.unbind(dim=1)  # (P,) each
     roi_w, roi_h = (x2 - x1).clamp(min=1.0), (y2 - y1).clamp(min=1.0)  # aligned=False: at least one pixel
     grid_y, grid_x = torch.ceil(roi_h / M), torch.ceil(roi_w / M)  # (P,) adaptive sampling, at least 1
-    ys, keep_y = sample_points(y1, roi_h, M, grid_y, int(grid_y.max()), h)  # (P, M, GY)
-    xs, keep_x = sample_points(x1, roi_w, M, grid_x, int(grid_x.max()), w)  # (P, M, GX)
+    GY, GX = torch.stack([grid_y.max(), grid_x.max()]).int().tolist()  # host sync: the largest grids
+    ys, keep_y = sample_points(y1, roi_h, M, grid_y, GY, h)  # (P, M, GY)
+    xs, keep_x = sample_points(x1, roi_w, M, grid_x, GX, w)  # (P, M, GX)
 
     def interpolation(pts, keep, grid, length):  # -> (P, M, 2*G*) pixel indices and averaged bilinear weights
         low = pts.floor()
@@ -256,12 +263,13 @@ def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets):
     """
     n_rois = loss_denominator(labels.numel(), device=labels.device)
     loss_cls = F.cross_entropy(class_logits, labels, reduction="sum") / n_rois
-    fg = torch.where(labels > BACKGROUND)[0]  # (P,) Iverson bracket [u >= 1]
+    fg = labels > BACKGROUND  # (R,) Iverson bracket [u >= 1], as a mask: no host sync to list the foreground
     box_deltas = box_deltas.reshape(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)  # (R, K or 1, 4)
-    column = labels[fg] if box_deltas.shape[1] > 1 else 0  # the GT class's deltas, or the only ones
+    column = labels.clamp(min=0) if box_deltas.shape[1] > 1 else 0  # the GT class's deltas, or the only ones
     # Fast R-CNN Eq. 3 smooth-L1 has beta = 1; torchvision uses beta = 1/9 (a narrower quadratic zone)
-    loss_box = F.smooth_l1_loss(box_deltas[fg, column], regression_targets[fg], beta=1 / 9, reduction="sum")
-    return loss_cls, loss_box / n_rois
+    loss_box = F.smooth_l1_loss(box_deltas[torch.arange(labels.shape[0], device=labels.device), column],
+                                regression_targets, beta=1 / 9, reduction="none")  # (R, 4)
+    return loss_cls, torch.where(fg[:, None], loss_box, 0.0).sum() / n_rois
 
 
 class RoIHeads(nn.Module):
@@ -300,8 +308,8 @@ class RoIHeads(nn.Module):
                 match = self.matcher(box_iou(gt_boxes, props))  # (P,) GT index or a negative sentinel
                 gt_idx = match.clamp(min=0)
                 cls = gt_labels[gt_idx].to(torch.int64)
-                cls[match == Matcher.BELOW_LOW_THRESHOLD] = BACKGROUND
-                cls[match == Matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
+                cls = torch.where(match == Matcher.BELOW_LOW_THRESHOLD, BACKGROUND, cls)
+                cls = torch.where(match == Matcher.BETWEEN_THRESHOLDS, -1, cls)  # ignored by the sampler
             pos, neg = self.sampler(cls.clamp(max=1))  # sampler labels: 1 positive, 0 negative, -1 ignore
             keep = torch.sort(torch.cat([pos, neg])).values  # (R_i,) in proposal order, as torchvision
             props, gt_idx, cls = props[keep], gt_idx[keep], cls[keep]
@@ -323,19 +331,30 @@ class RoIHeads(nn.Module):
 
     def detect(self, scores, boxes, per_image, image_sizes):
         """Class probabilities (R, K) and boxes (R, K, 4) of the RoIs of all images (per_image of them per image)
-        -> per image {"boxes" (D, 4), "labels" (D,), "scores" (D,)}."""
-        K = scores.shape[1]
-        detections = []
-        for b, s, size in zip(boxes.split(per_image), scores.split(per_image), image_sizes):  # loop over images
-            b = clip_boxes(b, size)[:, 1:].reshape(-1, 4)  # (R_i*(K-1), 4): background column dropped
-            labels = torch.arange(1, K, device=s.device).repeat(s.shape[0])  # (R_i*(K-1),) class of each row
-            s = s[:, 1:].reshape(-1)  # (R_i*(K-1),)
-            keep = torch.where(s > self.score_thresh)[0]
-            b, s, labels = b[keep], s[keep], labels[keep]
-            keep = remove_small_boxes(b, min_size=1e-2)  # torchvision: drop boxes under 0.01 pixel
-            b, s, labels = b[keep], s[keep], labels[keep]
-            keep = batched_nms(b, s, labels, self.nms_thresh)[:self.detections_per_img]  # NMS per class
-            detections.append({"boxes": b[keep], "labels": labels[keep], "scores": s[keep]})
+        -> per image {"boxes" (D, 4), "labels" (D,), "scores" (D,)}.
+
+        All images at once: one batched_nms whose groups are (image, class) pairs. Host syncs: listing the
+        candidates, the NMS, and the number of detections per image."""
+        K, N = scores.shape[1], len(per_image)
+        limits = boxes.new_empty((boxes.shape[0], 1, 4))  # (R, 1, 4) as (w, h, w, h) of each RoI's image: fills
+        image = torch.empty(boxes.shape[0], dtype=torch.int64, device=boxes.device)  # (R,) image of each RoI
+        for i, (limit, img, (h, w)) in enumerate(zip(limits.split(per_image), image.split(per_image), image_sizes)):
+            limit[..., 0::2], limit[..., 1::2] = w, h
+            img.fill_(i)
+        b = torch.min(boxes[:, 1:].clamp(min=0), limits)  # (R, K-1, 4) clipped as clip_boxes; background dropped
+        s = scores[:, 1:]  # (R, K-1)
+        # scores > score_thresh, and boxes of at least 0.01 pixel (torchvision's remove_small_boxes)
+        candidate = (s > self.score_thresh) & (b[..., 2] - b[..., 0] >= 1e-2) & (b[..., 3] - b[..., 1] >= 1e-2)
+        roi, column = torch.where(candidate)  # (D0,) each: RoI-major, class-minor, as torchvision flattens them
+        b, s, labels, image = b[roi, column], s[roi, column], column + 1, image[roi]
+        keep = batched_nms(b, s, image * K + labels, self.nms_thresh)  # NMS per image and class, by score
+        keep = keep[torch.sort(image[keep], stable=True).indices]  # grouped by image, still by score inside
+        counts = torch.bincount(image[keep], minlength=N).tolist()  # host sync: detections per image before the cap
+        detections, start = [], 0
+        for count in counts:
+            top = keep[start:start + min(count, self.detections_per_img)]
+            detections.append({"boxes": b[top], "labels": labels[top], "scores": s[top]})
+            start += count
         return detections
 
     def forward(self, features, proposals, image_shape, image_sizes, targets=None, masks=True):
@@ -372,12 +391,16 @@ class RoIHeads(nn.Module):
     def mask_losses(self, features, rois, labels, matched, targets, image_shape):
         """Mask R-CNN Sec. 3: L_mask is defined on positive RoIs only; rois [(R_i, 4)], labels (R,), matched
         [(R_i,)] GT index of each RoI (as sample_rois returns them)."""
-        fg = [torch.where(lab > BACKGROUND)[0] for lab in labels.split([r.shape[0] for r in rois])]
-        fg_rois = [r[i] for r, i in zip(rois, fg)]
+        fg = labels > BACKGROUND  # (R,)
+        counts = torch.stack([f.sum() for f in fg.split([r.shape[0] for r in rois])]).tolist()  # host sync: P_i
+        # The P = sum P_i foreground indices, increasing: a stable sort puts the True entries first and in order, so
+        # this is torch.where(fg)[0] with the count already known (no second host sync).
+        fg = torch.sort((~fg).to(torch.uint8), stable=True).indices[:sum(counts)]  # (P,)
+        fg_rois = torch.cat(rois)[fg].split(counts)  # [(P_i, 4)]
         mask_logits = self.predict_masks(features, fg_rois, image_shape)  # (P, K, M, M)
-        gt = [mask_targets(t["masks"], r, m[i], mask_logits.shape[-1])
-              for t, r, m, i in zip(targets, fg_rois, matched, fg)]  # [(P_i, M, M)] per image
-        return mask_loss(mask_logits, labels[labels > BACKGROUND], torch.cat(gt))
+        gt = [mask_targets(t["masks"], r, m, mask_logits.shape[-1])
+              for t, r, m in zip(targets, fg_rois, torch.cat(matched)[fg].split(counts))]  # [(P_i, M, M)] per image
+        return mask_loss(mask_logits, labels[fg], torch.cat(gt))
 
     def add_masks(self, features, detections, image_shape):
         """Mask R-CNN Sec. 3.1 "Inference": the mask branch runs on the final detection boxes; adds "mask_probs"."""
