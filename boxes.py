@@ -14,7 +14,15 @@ import math
 import torch
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1  # sampler labels (Faster R-CNN Sec. 3.1.2)
-NMS_BLOCK = 1 << 24  # box pairs per block of an NMS suppression matrix: a few float tensors of 64 MB
+# Box pairs per block of an NMS suppression matrix. On a GPU, big blocks (a few float tensors of 64 MB): few kernel
+# launches and host syncs. On a CPU, where those cost little, blocks of 1 MB floats that stay in the cache.
+NMS_BLOCK = 1 << 24
+NMS_BLOCK_CPU = 1 << 18
+
+
+def nms_block(device):
+    """Box pairs per block of the suppression matrix on this device."""
+    return NMS_BLOCK_CPU if device.type == "cpu" else NMS_BLOCK
 
 
 def box_area(boxes):
@@ -101,14 +109,16 @@ def remove_small_boxes(boxes, min_size):
     return torch.where((w >= min_size) & (h >= min_size))[0]
 
 
-def _suppression_pairs(boxes, valid, groups, iou_threshold):
+def _suppression_pairs(boxes, valid, groups, iou_threshold, lengths=None):
     """Rows of boxes, each sorted by decreasing score -> the nonzero entries of their "suppresses" matrices.
 
     boxes (B, K, 4), valid (B, K) bool (False: padding, never suppresses nor is kept), groups (B, K) int64 or None.
+    lengths: None, or B numbers such that entries at or beyond lengths[b] are padding; rows of a run of equal lengths
+    are then paired only up to that length (the RPN's short levels are not padded up to K x K pairs).
     S[b, i, j] = i ranks above j in row b (i < j), both valid, same group when groups are given, and
     IoU(i, j) > iou_threshold. IoU uses the arithmetic of box_iou (so ties at the threshold fall as in torchvision).
     Returns (E,) source and (E,) destination indices into the flattened B*K entries.
-    Memory: S is computed in blocks of at most NMS_BLOCK pairs (16M: a few float blocks of 64 MB), upper part
+    Memory: S is computed in blocks of at most nms_block() pairs (GPU: 16M, a few float blocks of 64 MB), upper part
     only, and only its E entries above the threshold are kept: usually a tiny fraction of the B*K*K pairs, so never
     B x K x K floats (RPN training at 800 px: 2 images x 5 levels x 2000^2 = 40M pairs, 160 MB as one float tensor).
     One host synchronization (torch.where) per block.
@@ -116,27 +126,35 @@ def _suppression_pairs(boxes, valid, groups, iou_threshold):
     B, K = valid.shape
     area = box_area(boxes)  # (B, K)
     x1, y1, x2, y2 = boxes.unbind(dim=2)  # (B, K) each
-    rows = max(1, min(K, NMS_BLOCK // max(K, 1)))  # rows i of one block ...
-    batch = max(1, NMS_BLOCK // max(rows * K, 1))  # ... and how many rows b at once
+    lengths = [K] * B if lengths is None else list(lengths)
+    block = nms_block(boxes.device)
     src = [torch.zeros(0, dtype=torch.int64, device=boxes.device)]
     dst = [torch.zeros(0, dtype=torch.int64, device=boxes.device)]
-    for b in range(0, B, batch):  # blocks (b..c, s..e) against columns s..K: a box never suppresses one above it
-        c = min(B, b + batch)
-        for s in range(0, K, rows):
-            e = min(K, s + rows)
-            w = (torch.min(x2[b:c, s:e, None], x2[b:c, None, s:])
-                 - torch.max(x1[b:c, s:e, None], x1[b:c, None, s:])).clamp_(min=0)  # (c-b, e-s, K-s)
-            h = (torch.min(y2[b:c, s:e, None], y2[b:c, None, s:])
-                 - torch.max(y1[b:c, s:e, None], y1[b:c, None, s:])).clamp_(min=0)  # (c-b, e-s, K-s)
-            inter = w * h
-            union = area[b:c, s:e, None] + area[b:c, None, s:] - inter
-            pairs = (inter / union > iou_threshold).triu_(diagonal=1)  # strictly upper: j > i
-            pairs &= valid[b:c, s:e, None] & valid[b:c, None, s:]
-            if groups is not None:
-                pairs &= groups[b:c, s:e, None] == groups[b:c, None, s:]
-            row_b, i, j = torch.where(pairs)
-            src.append((row_b + b) * K + i + s)
-            dst.append((row_b + b) * K + j + s)
+    run_start = 0
+    for b_end in range(1, B + 1):  # runs of rows run_start..b_end of the same length n
+        if b_end < B and lengths[b_end] == lengths[run_start]:
+            continue
+        n = lengths[run_start]
+        rows = max(1, min(n, block // max(n, 1)))  # rows i of one block ...
+        batch = max(1, block // max(rows * n, 1))  # ... and how many rows b at once
+        for b in range(run_start, b_end, batch):  # blocks (b..c, s..e) against columns s..n: no box suppresses one
+            c = min(b_end, b + batch)  # above it
+            for s in range(0, n, rows):
+                e = min(n, s + rows)
+                w = (torch.min(x2[b:c, s:e, None], x2[b:c, None, s:n])
+                     - torch.max(x1[b:c, s:e, None], x1[b:c, None, s:n])).clamp_(min=0)  # (c-b, e-s, n-s)
+                h = (torch.min(y2[b:c, s:e, None], y2[b:c, None, s:n])
+                     - torch.max(y1[b:c, s:e, None], y1[b:c, None, s:n])).clamp_(min=0)  # (c-b, e-s, n-s)
+                inter = w * h
+                union = area[b:c, s:e, None] + area[b:c, None, s:n] - inter
+                pairs = (inter / union > iou_threshold).triu_(diagonal=1)  # strictly upper: j > i
+                pairs &= valid[b:c, s:e, None] & valid[b:c, None, s:n]
+                if groups is not None:
+                    pairs &= groups[b:c, s:e, None] == groups[b:c, None, s:n]
+                row_b, i, j = torch.where(pairs)
+                src.append((row_b + b) * K + i + s)
+                dst.append((row_b + b) * K + j + s)
+        run_start = b_end
     return torch.cat(src), torch.cat(dst)
 
 
@@ -166,17 +184,19 @@ def _greedy_fixed_point(src, dst, valid):
         keep = step(new_keep)
 
 
-def padded_nms(boxes, scores, valid, iou_threshold):
+def padded_nms(boxes, scores, valid, iou_threshold, lengths=None):
     """Greedy NMS in each row of a padded batch: boxes (B, K, 4), scores (B, K), valid (B, K) bool -> keep (B, K).
 
     Rows are independent (the RPN's (image, level) pairs); invalid entries are padding, dropped and inert. Within a
-    row the semantics are nms()'s: equal scores rank in input order. Work and memory are B*K*K pairs (in blocks).
+    row the semantics are nms()'s: equal scores rank in input order. Work: B*K*K pairs, in blocks (nms_block); with
+    lengths (B numbers, all entries of row b from lengths[b] on invalid, rows of equal length next to each other),
+    the sum over rows of lengths[b]^2. Sorting keeps that bound: valid entries (finite scores) sort before padding.
     """
     B, K = scores.shape
     order = torch.sort(scores.masked_fill(~valid, -math.inf), dim=1, descending=True, stable=True).indices  # (B, K)
     sorted_boxes = boxes.gather(1, order[..., None].expand(B, K, 4))  # (B, K, 4), each row by decreasing score
     sorted_valid = valid.gather(1, order)  # (B, K): padding last (or among the -inf scores, where it is inert)
-    src, dst = _suppression_pairs(sorted_boxes, sorted_valid, None, iou_threshold)
+    src, dst = _suppression_pairs(sorted_boxes, sorted_valid, None, iou_threshold, lengths)
     keep_sorted = _greedy_fixed_point(src, dst, sorted_valid.reshape(-1)).view(B, K)
     return torch.zeros_like(valid).scatter_(1, order, keep_sorted)  # (B, K) back in input order
 
@@ -205,7 +225,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold):
     to find G and K). The RPN, whose groups are known in advance, calls padded_nms itself.
     """
     n = scores.shape[0]
-    if n * n > NMS_BLOCK:  # more than one block of pairs: padding each group to the largest may be much cheaper
+    if n * n > nms_block(boxes.device):  # more than one block of pairs: padding each group to the largest may be much cheaper
         group_ids, group, counts = torch.unique(idxs, return_inverse=True, return_counts=True)  # (G,), (N,), (G,)
         G, K = group_ids.shape[0], int(counts.max())  # host syncs
         if G * K * K < n * n:

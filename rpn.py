@@ -154,21 +154,23 @@ class RPN(nn.Module):
     def select_proposals(self, proposals, objectness, image_sizes, num_anchors_per_level):
         """proposals (N, T, 4), objectness logits (N, T) -> N x (R, 4): per-level top-k, clip, filter, per-level NMS.
 
-        All images and levels at once: the top-k candidates of each (image, level) form one row of a padded
-        (N*L, k) batch (levels with fewer than k anchors are padded), and padded_nms runs on all rows together.
-        The only host sync besides the NMS is the number of proposals each image keeps.
+        All images and levels at once: the top-k candidates of each (level, image) form one row of a padded
+        (L*N, k) batch (levels with fewer than k anchors are padded, and paired only up to their length), and
+        padded_nms runs on all rows together. The only host sync besides the NMS is the number of proposals each
+        image keeps.
         """
         mode = "train" if self.training else "test"
         k = min(self.pre_nms_top_n[mode], max(num_anchors_per_level))  # row length of the padded batch
         slot = torch.arange(k, device=objectness.device)  # (k,) position in a row
-        top_idx, valid, offset = [], [], 0
+        top_idx, valid, lengths, offset = [], [], [], 0
+        n, L = objectness.shape[0], len(num_anchors_per_level)
         for num in num_anchors_per_level:  # top-k on logits within each level, as torchvision
             k_level = min(self.pre_nms_top_n[mode], num)
             idx = objectness[:, offset:offset + num].topk(k_level, dim=1).indices + offset  # (N, k_level)
             top_idx.append(F.pad(idx, (0, k - k_level)))  # (N, k): padded with anchor 0, marked invalid below
             valid.append(slot < k_level)  # (k,)
+            lengths += [k_level] * n
             offset += num
-        n, L = objectness.shape[0], len(num_anchors_per_level)
         top_idx = torch.stack(top_idx, dim=1)  # (N, L, k)
         batch_idx = torch.arange(n, device=proposals.device)[:, None, None]  # (N, 1, 1)
         scores = torch.sigmoid(objectness[batch_idx, top_idx])  # (N, L, k)
@@ -179,8 +181,10 @@ class RPN(nn.Module):
         size_ok = ((boxes[..., 2] - boxes[..., 0] >= self.min_size)
                    & (boxes[..., 3] - boxes[..., 1] >= self.min_size))  # (N, L, k), as remove_small_boxes
         valid = torch.stack(valid) & size_ok & (scores >= self.score_thresh)  # (N, L, k)
-        keep = padded_nms(boxes.view(n * L, k, 4), scores.view(n * L, k), valid.view(n * L, k),
-                          self.nms_thresh).view(n, L * k)  # NMS within each level, as torchvision
+        # NMS within each level, as torchvision; rows level-major, so that rows of equal length are neighbours
+        keep = padded_nms(boxes.transpose(0, 1).reshape(L * n, k, 4), scores.transpose(0, 1).reshape(L * n, k),
+                          valid.transpose(0, 1).reshape(L * n, k), self.nms_thresh, lengths)  # (L*N, k)
+        keep = keep.view(L, n, k).transpose(0, 1).reshape(n, L * k)  # (N, L*k)
         # per image: the kept boxes by decreasing score, ties in level-then-top-k order (a stable sort, as batched_nms)
         order = torch.sort(scores.view(n, L * k).masked_fill(~keep, -1.0), dim=1, descending=True,
                            stable=True).indices  # (N, L*k): kept first (scores are >= 0)

@@ -111,7 +111,7 @@ def test_batched_nms_many_groups_ties_and_identical_boxes():
 @pytest.mark.parametrize("block", [64, 3000, 1 << 24])
 def test_batched_nms_in_blocks_and_padded_by_group(monkeypatch, block):
     # a small block forces several row blocks and, above one block, the padded-by-group path (one big group: not)
-    monkeypatch.setattr(boxes_module, "NMS_BLOCK", block)
+    monkeypatch.setattr(boxes_module, "NMS_BLOCK_CPU", block)  # these tests run on the CPU
     g = torch.Generator().manual_seed(14)
     for groups in (1, 3, 20):
         boxes = random_boxes(600, size=200.0, max_side=60.0, seed=groups)
@@ -123,7 +123,7 @@ def test_batched_nms_in_blocks_and_padded_by_group(monkeypatch, block):
 
 @pytest.mark.parametrize("block", [50, 1 << 24])
 def test_padded_nms_matches_torchvision_per_row(monkeypatch, block):
-    monkeypatch.setattr(boxes_module, "NMS_BLOCK", block)
+    monkeypatch.setattr(boxes_module, "NMS_BLOCK_CPU", block)  # these tests run on the CPU
     g = torch.Generator().manual_seed(15)
     B, K = 7, 300
     boxes = random_boxes(B * K, size=200.0, max_side=60.0, seed=16).reshape(B, K, 4)
@@ -140,6 +140,11 @@ def test_padded_nms_matches_torchvision_per_row(monkeypatch, block):
         expected = members[tv.ops.nms(boxes[b, members], scores[b, members], 0.5)]
         assert torch.equal(torch.where(keep[b])[0], torch.sort(expected).values)
     assert keep[3].sum() == 1 and keep[2].sum() == 0
+    # rows of known lengths (all entries beyond are padding) give the same answer, paired only up to the length
+    lengths = [300, 300, 300, 300, 150, 300, 300]
+    order = [0, 1, 2, 3, 5, 6, 4]  # rows of equal length next to each other
+    keep_lengths = padded_nms(boxes[order], scores[order], valid[order], 0.5, [lengths[b] for b in order])
+    assert torch.equal(keep_lengths, keep[order])
     assert padded_nms(torch.zeros(0, 5, 4), torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool), 0.5).shape == (0, 5)
 
 
