@@ -62,7 +62,8 @@ def cleanup():
 
 
 def loss_denominator(count, device=None):
-    """What a per-process loss divides its sum by: (count summed over the processes) / W, as a float tensor.
+    """What a per-process loss divides its sum by: (count summed over the processes) / W, at least 1; a float tensor
+    (W > 1) or a float (one process).
 
     One process: the count itself (a mean). W processes: DistributedDataParallel averages the W gradients, so the
     result is the gradient of sum_r S_r / sum_q n_q, the loss of one process holding the joint batch.
@@ -70,11 +71,11 @@ def loss_denominator(count, device=None):
     when every image fills its sampling quota (256 anchors, 512 RoIs); they differ for the mask loss, whose count is
     the positives on each GPU. DETR normalizes its box losses over all processes in the same way.
     """
+    if not is_distributed():  # a Python number: no host-to-device copy (which synchronizes with a GPU)
+        return max(float(count), 1.0)
     count = torch.as_tensor(float(count), device=device)
-    if is_distributed():
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return count.clamp(min=1.0)
+    dist.all_reduce(count)
+    return (count / dist.get_world_size()).clamp(min=1.0)
 
 
 def mean_over_processes(values):

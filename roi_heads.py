@@ -1,187 +1,29 @@
-"""RoI heads of Mask R-CNN: RoIAlign, FPN level assignment, the box head and the RoIHeads module.
+"""RoI heads of Mask R-CNN: the box head and the RoIHeads module (RoIAlign is in roi_align.py).
 
 Fast R-CNN, Girshick 2015 (arXiv:1504.08083) Sec. 2: RoI features -> fc layers -> two sibling outputs (class scores
 and per-class box deltas), multi-task loss Eq. 1, RoI sampling (25% foreground at IoU >= 0.5).
-Mask R-CNN, He et al. 2017 (arXiv:1703.06870) Sec. 3: RoIAlign (Fig. 3), the mask branch (in masks.py) and L_mask.
-FPN, Lin et al. 2017 (arXiv:1612.03144) Sec. 4.2, Eq. 1: the pyramid level an RoI is pooled from.
+Mask R-CNN, He et al. 2017 (arXiv:1703.06870) Sec. 3: RoIAlign (Fig. 3; roi_align.py, re-exported here), the mask
+branch (masks.py) and L_mask; Sec. 3.1 "Inference": per-class NMS of the detections.
 Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 4: the box head is "4conv1fc" with GN (Wu & He 2018).
 Sampling, losses and post-processing follow torchvision's RoIHeads, the reference of tests/test_roi_heads.py.
 
-Shapes: N images, C channels, H, W feature map, R RoIs, S, Q pooled height and width (7 box, 14 mask),
-GY, GX sampling points per bin along y and x, K classes incl. background, G ground-truth boxes, D detections.
+Shapes: N images, C channels, R RoIs, S pooled side (7 box, 14 mask), K classes incl. background, G ground-truth
+boxes, P positive RoIs, D detections.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from boxes import BalancedSampler, BoxCoder, Matcher, batched_nms, box_area, box_iou, clip_boxes, remove_small_boxes
+from boxes import BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou
 from distributed import loss_denominator
 from masks import MaskHead, mask_loss, paste_masks
 from norm import make_norm
+from roi_align import map_levels, mask_targets, multilevel_roi_align, roi_align
 
 __all__ = ["roi_align", "map_levels", "multilevel_roi_align", "mask_targets", "BoxHead", "BoxPredictor", "MaskHead",
            "RoIHeads", "fast_rcnn_loss", "paste_masks"]
 
-OUTSIDE = -3.0  # a normalized grid_sample coordinate off the map: the sample reads the zero padding, i.e. adds 0
 BACKGROUND = 0  # class 0 (Fast R-CNN Sec. 2: "K object classes plus a catch-all background class")
-
-
-def as_rois(boxes):
-    """(R, 5) rois (batch index, x1, y1, x2, y2), or a list of (R_i, 4) boxes per image -> (R, 5) rois."""
-    if isinstance(boxes, torch.Tensor):
-        assert boxes.dim() == 2 and boxes.shape[1] == 5, f"rois must be (R, 5), got {tuple(boxes.shape)}"
-        return boxes
-    index = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]  # (R_i, 1) image index of each box
-    return torch.cat([torch.cat(index), torch.cat(boxes)], dim=1)  # (R, 5)
-
-
-def sample_points(start, size, bins, grid, max_grid, length):
-    """RoIAlign's regular sampling points along one axis (Mask R-CNN Fig. 3), as torchvision's kernel places them.
-
-    start, size (R,): RoI start and extent in feature-map pixels; bins: pooled cells; grid (R,): points per cell.
-    Returns points (R, bins, max_grid) clamped into [0, length - 1], and keep (R, bins, max_grid): False for the
-    padding points beyond an RoI's own grid and for points outside [-1, length], which torchvision counts as 0.
-    """
-    bin_size = size / bins  # (R,)
-    cell = torch.arange(bins, device=start.device, dtype=start.dtype)  # (bins,)
-    point = torch.arange(max_grid, device=start.device, dtype=start.dtype)  # (max_grid,)
-    # bin start + (i + 1/2) * bin_size / grid: `grid` points spread evenly inside each cell, none on its border
-    pts = (start[:, None, None] + cell[None, :, None] * bin_size[:, None, None]
-           + (point[None, None, :] + 0.5) * bin_size[:, None, None] / grid.clamp(min=1)[:, None, None])
-    keep = (point[None, None, :] < grid[:, None, None]) & (pts >= -1.0) & (pts <= length)
-    return pts.clamp(min=0, max=length - 1), keep
-
-
-def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
-    """RoIAlign (Mask R-CNN Sec. 3, Fig. 3) with the signature and semantics of torchvision.ops.roi_align.
-
-    input (N, C, H, W); boxes (R, 5) as (batch index, x1, y1, x2, y2) or a list of (R_i, 4) per image, in image
-    pixels (times spatial_scale gives map pixels). Each RoI is cut into S x Q cells; each cell averages the bilinear
-    values at GY x GX regular points (sampling_ratio each, or ceil(RoI side / cells) per RoI when <= 0).
-    aligned=False is Mask R-CNN's original RoIAlign (no half-pixel shift, RoI sides at least 1 pixel);
-    aligned=True shifts by -0.5 so that pixel centres are at integer + 0.5 (Detectron2's ROIAlignV2).
-    Returns (R, C, S, Q).
-
-    All points are sampled by one grid_sample per image (no loop over RoIs): a point x in map pixels is at the
-    normalized coordinate (2x + 1) / W - 1 for align_corners=False, and bilinear weights then equal torchvision's.
-    """
-    S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    rois = as_rois(boxes)
-    N, C, H, W = input.shape
-    # grid_sample's grid has the input's dtype; fp16/bf16 coordinates would be off by up to a pixel, so sample in fp32.
-    feats = input if input.dtype in (torch.float32, torch.float64) else input.float()
-    rois = rois.to(feats.dtype)
-    offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (rois[:, 1:] * spatial_scale - offset).unbind(dim=1)  # (R,) each, in map pixels
-    roi_w, roi_h = x2 - x1, y2 - y1
-    if not aligned:
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)  # Mask R-CNN: no RoI thinner than one pixel
-    if sampling_ratio > 0:
-        grid_y = grid_x = torch.full_like(roi_h, sampling_ratio)
-        GY = GX = sampling_ratio
-    else:
-        # adaptive: ceil(side / cells) points per cell, per RoI; all RoIs use the largest grid, masked per RoI
-        grid_y, grid_x = torch.ceil(roi_h / S).clamp(min=0), torch.ceil(roi_w / Q).clamp(min=0)
-        GY = max(int(grid_y.max()), 1) if rois.shape[0] else 1
-        GX = max(int(grid_x.max()), 1) if rois.shape[0] else 1
-    ys, keep_y = sample_points(y1, roi_h, S, grid_y, GY, H)  # (R, S, GY)
-    xs, keep_x = sample_points(x1, roi_w, Q, grid_x, GX, W)  # (R, Q, GX)
-    # A dropped point goes off the map on one axis, so grid_sample's zero padding makes it count 0 (any other axis).
-    gy = torch.where(keep_y, (2 * ys + 1) / H - 1, OUTSIDE)  # (R, S, GY)
-    gx = torch.where(keep_x, (2 * xs + 1) / W - 1, OUTSIDE)  # (R, Q, GX)
-    R = rois.shape[0]
-    grid = torch.stack([gx[:, None, :, None, :].expand(R, S, Q, GY, GX),
-                        gy[:, :, None, :, None].expand(R, S, Q, GY, GX)], dim=-1)  # (R, S, Q, GY, GX, 2) as (x, y)
-    grid = grid.reshape(R, S * Q, GY * GX, 2)  # (R, S*Q, GY*GX, 2): a cell's points side by side, to average
-    # adaptive: torchvision divides the sum over an RoI's points by its own count grid_y * grid_x (at least 1)
-    rescale = None if sampling_ratio > 0 else (GY * GX) / (grid_y * grid_x).clamp(min=1)  # (R,)
-
-    batch_index = rois[:, 0].long()
-    pooled = []
-    order = []
-    for n in range(N):  # one grid_sample per image: grid_sample pairs grid and input batch entries one to one
-        idx = torch.where(batch_index == n)[0]
-        if idx.numel() == 0:
-            continue
-        points = grid[idx].reshape(1, -1, GY * GX, 2)  # (1, R_n*S*Q, GY*GX, 2): image n's RoIs as one grid
-        samples = F.grid_sample(feats[n:n + 1], points, mode="bilinear", padding_mode="zeros",
-                                align_corners=False)  # (1, C, R_n*S*Q, GY*GX)
-        cells = samples.mean(dim=-1).reshape(C, idx.numel(), S, Q).permute(1, 0, 2, 3)  # (R_n, C, S, Q)
-        pooled.append(cells if rescale is None else cells * rescale[idx, None, None, None])
-        order.append(idx)
-    if not pooled:
-        return feats.new_zeros((R, C, S, Q)).to(input.dtype)
-    order = torch.cat(order)
-    assert order.numel() == R, f"roi batch indices must lie in [0, {N}); got {rois[:, 0].unique().tolist()}"
-    out = torch.cat(pooled).index_select(0, torch.argsort(order))  # (R, C, S, Q) back in the order of rois
-    return out.to(input.dtype)
-
-
-def map_levels(boxes, k_min=2, k_max=5, canonical_size=224, canonical_level=4):
-    """FPN Eq. 1: the pyramid level P_k an RoI (R, 4) is pooled from -> (R,) int64 level k in [k_min, k_max]."""
-    side = torch.sqrt(box_area(boxes))  # (R,) sqrt(w * h)
-    # FPN Eq. (1): k = floor(k0 + log2(sqrt(wh) / 224)), k0 = 4; +1e-6 as torchvision, so 448 maps exactly to 5
-    level = torch.floor(canonical_level + torch.log2(side / canonical_size) + 1e-6)
-    return level.clamp(min=k_min, max=k_max).to(torch.int64)
-
-
-def multilevel_roi_align(features, boxes, image_shape, output_size, sampling_ratio=2, aligned=False):
-    """RoIAlign each RoI from its FPN level (Eq. 1): features [P2..P5] (N, C, H_k, W_k), boxes [(R_i, 4) per image]
-    in pixels of the padded batch of size image_shape (H, W) -> (sum R_i, C, S, S), as torchvision MultiScaleRoIAlign.
-    """
-    rois = as_rois(boxes)  # (R, 5)
-    # level scale = 1 / stride, recovered from the sizes and rounded to a power of two (H / 4 -> 1/4 for P2, ...)
-    scales = [2.0 ** round(math.log2(f.shape[-2] / image_shape[0])) for f in features]
-    if len(features) == 1:
-        return roi_align(features[0], rois, output_size, scales[0], sampling_ratio, aligned)
-    k_min, k_max = round(-math.log2(scales[0])), round(-math.log2(scales[-1]))
-    levels = map_levels(rois[:, 1:], k_min=k_min, k_max=k_max)  # (R,)
-    S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    out = features[0].new_zeros((rois.shape[0], features[0].shape[1], S, Q))
-    for k, (feature, scale) in enumerate(zip(features, scales), start=k_min):  # loop over levels, not RoIs
-        idx = torch.where(levels == k)[0]
-        out[idx] = roi_align(feature, rois[idx], (S, Q), scale, sampling_ratio, aligned)
-    return out
-
-
-def mask_targets(gt_masks, rois, gt_index, M):
-    """Mask R-CNN Sec. 3: an RoI's mask target is its matched GT mask cut out by the RoI and resized to M x M.
-
-    gt_masks (G, h, w), rois (P, 4), gt_index (P,) -> (P, M, M) float in [0, 1]; equal to torchvision's
-    project_masks_on_boxes, i.e. roi_align(gt_masks, rois, M, aligned=False, sampling_ratio=-1).
-    RoIAlign is separable: its points form a grid ys x xs and a bilinear weight is wy * wx, so a cell's average is
-    (Ay @ mask @ Bx^T)[cell] with Ay (M, h), Bx (M, w) each axis's interpolation weights averaged over the cell's
-    points. For one-channel masks this is two matrix products instead of up to ~30 x 30 points per cell for big
-    objects. Ay is sparse and picks each RoI's own GT mask: it is one (P*M, G*h) sparse matrix.
-    """
-    P, (G, h, w) = rois.shape[0], gt_masks.shape
-    if P == 0:
-        return rois.new_zeros((0, M, M))
-    x1, y1, x2, y2 = rois.unbind(dim=1)  # (P,) each
-    roi_w, roi_h = (x2 - x1).clamp(min=1.0), (y2 - y1).clamp(min=1.0)  # aligned=False: at least one pixel
-    grid_y, grid_x = torch.ceil(roi_h / M), torch.ceil(roi_w / M)  # (P,) adaptive sampling, at least 1
-    ys, keep_y = sample_points(y1, roi_h, M, grid_y, int(grid_y.max()), h)  # (P, M, GY)
-    xs, keep_x = sample_points(x1, roi_w, M, grid_x, int(grid_x.max()), w)  # (P, M, GX)
-
-    def interpolation(pts, keep, grid, length):  # -> (P, M, 2*G*) pixel indices and averaged bilinear weights
-        low = pts.floor()
-        frac = pts - low
-        weight = keep / grid[:, None, None]  # each point's share of the cell's average
-        index = torch.cat([low, (low + 1).clamp(max=length - 1)], dim=-1).to(torch.int64)
-        return index, torch.cat([(1 - frac) * weight, frac * weight], dim=-1)
-
-    iy, wy = interpolation(ys, keep_y, grid_y, h)  # (P, M, 2GY)
-    ix, wx = interpolation(xs, keep_x, grid_x, w)  # (P, M, 2GX)
-    Bx = wx.new_zeros((P, M, w)).scatter_add_(2, ix, wx)  # (P, M, w)
-    row = torch.arange(P * M, device=rois.device).repeat_interleave(iy.shape[-1])  # (P*M*2GY,) (RoI, cell) row
-    col = (gt_index.to(torch.int64)[:, None, None] * h + iy).reshape(-1)  # (P*M*2GY,) row of the stacked GT masks
-    Ay = torch.sparse_coo_tensor(torch.stack([row, col]), wy.reshape(-1).float(), (P * M, G * h),
-                                 check_invariants=True)  # (P*M, G*h)
-    with torch.autocast(rois.device.type, enabled=False):  # targets need no gradient; sparse mm has no bf16 kernel
-        rows_pooled = torch.sparse.mm(Ay, gt_masks.reshape(G * h, w).float())  # (P*M, w); duplicates add
-        return rows_pooled.reshape(P, M, w) @ Bx.float().transpose(1, 2)  # (P, M, w) @ (P, w, M) -> (P, M, M)
 
 
 class BoxHead(nn.Module):
@@ -256,12 +98,13 @@ def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets):
     """
     n_rois = loss_denominator(labels.numel(), device=labels.device)
     loss_cls = F.cross_entropy(class_logits, labels, reduction="sum") / n_rois
-    fg = torch.where(labels > BACKGROUND)[0]  # (P,) Iverson bracket [u >= 1]
+    fg = labels > BACKGROUND  # (R,) Iverson bracket [u >= 1], as a mask: no host sync to list the foreground
     box_deltas = box_deltas.reshape(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)  # (R, K or 1, 4)
-    column = labels[fg] if box_deltas.shape[1] > 1 else 0  # the GT class's deltas, or the only ones
+    column = labels.clamp(min=0) if box_deltas.shape[1] > 1 else 0  # the GT class's deltas, or the only ones
     # Fast R-CNN Eq. 3 smooth-L1 has beta = 1; torchvision uses beta = 1/9 (a narrower quadratic zone)
-    loss_box = F.smooth_l1_loss(box_deltas[fg, column], regression_targets[fg], beta=1 / 9, reduction="sum")
-    return loss_cls, loss_box / n_rois
+    loss_box = F.smooth_l1_loss(box_deltas[torch.arange(labels.shape[0], device=labels.device), column],
+                                regression_targets, beta=1 / 9, reduction="none")  # (R, 4)
+    return loss_cls, torch.where(fg[:, None], loss_box, 0.0).sum() / n_rois
 
 
 class RoIHeads(nn.Module):
@@ -300,8 +143,8 @@ class RoIHeads(nn.Module):
                 match = self.matcher(box_iou(gt_boxes, props))  # (P,) GT index or a negative sentinel
                 gt_idx = match.clamp(min=0)
                 cls = gt_labels[gt_idx].to(torch.int64)
-                cls[match == Matcher.BELOW_LOW_THRESHOLD] = BACKGROUND
-                cls[match == Matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
+                cls = torch.where(match == Matcher.BELOW_LOW_THRESHOLD, BACKGROUND, cls)
+                cls = torch.where(match == Matcher.BETWEEN_THRESHOLDS, -1, cls)  # ignored by the sampler
             pos, neg = self.sampler(cls.clamp(max=1))  # sampler labels: 1 positive, 0 negative, -1 ignore
             keep = torch.sort(torch.cat([pos, neg])).values  # (R_i,) in proposal order, as torchvision
             props, gt_idx, cls = props[keep], gt_idx[keep], cls[keep]
@@ -323,19 +166,30 @@ class RoIHeads(nn.Module):
 
     def detect(self, scores, boxes, per_image, image_sizes):
         """Class probabilities (R, K) and boxes (R, K, 4) of the RoIs of all images (per_image of them per image)
-        -> per image {"boxes" (D, 4), "labels" (D,), "scores" (D,)}."""
-        K = scores.shape[1]
-        detections = []
-        for b, s, size in zip(boxes.split(per_image), scores.split(per_image), image_sizes):  # loop over images
-            b = clip_boxes(b, size)[:, 1:].reshape(-1, 4)  # (R_i*(K-1), 4): background column dropped
-            labels = torch.arange(1, K, device=s.device).repeat(s.shape[0])  # (R_i*(K-1),) class of each row
-            s = s[:, 1:].reshape(-1)  # (R_i*(K-1),)
-            keep = torch.where(s > self.score_thresh)[0]
-            b, s, labels = b[keep], s[keep], labels[keep]
-            keep = remove_small_boxes(b, min_size=1e-2)  # torchvision: drop boxes under 0.01 pixel
-            b, s, labels = b[keep], s[keep], labels[keep]
-            keep = batched_nms(b, s, labels, self.nms_thresh)[:self.detections_per_img]  # NMS per class
-            detections.append({"boxes": b[keep], "labels": labels[keep], "scores": s[keep]})
+        -> per image {"boxes" (D, 4), "labels" (D,), "scores" (D,)}.
+
+        All images at once: one batched_nms whose groups are (image, class) pairs. Host syncs: listing the
+        candidates, the NMS, and the number of detections per image."""
+        K, N = scores.shape[1], len(per_image)
+        limits = boxes.new_empty((boxes.shape[0], 1, 4))  # (R, 1, 4) as (w, h, w, h) of each RoI's image: fills
+        image = torch.empty(boxes.shape[0], dtype=torch.int64, device=boxes.device)  # (R,) image of each RoI
+        for i, (limit, img, (h, w)) in enumerate(zip(limits.split(per_image), image.split(per_image), image_sizes)):
+            limit[..., 0::2], limit[..., 1::2] = w, h
+            img.fill_(i)
+        b = torch.min(boxes[:, 1:].clamp(min=0), limits)  # (R, K-1, 4) clipped as clip_boxes; background dropped
+        s = scores[:, 1:]  # (R, K-1)
+        # scores > score_thresh, and boxes of at least 0.01 pixel (torchvision's remove_small_boxes)
+        candidate = (s > self.score_thresh) & (b[..., 2] - b[..., 0] >= 1e-2) & (b[..., 3] - b[..., 1] >= 1e-2)
+        roi, column = torch.where(candidate)  # (D0,) each: RoI-major, class-minor, as torchvision flattens them
+        b, s, labels, image = b[roi, column], s[roi, column], column + 1, image[roi]
+        keep = batched_nms(b, s, image * K + labels, self.nms_thresh)  # NMS per image and class, by score
+        keep = keep[torch.sort(image[keep], stable=True).indices]  # grouped by image, still by score inside
+        counts = torch.bincount(image[keep], minlength=N).tolist()  # host sync: detections per image before the cap
+        detections, start = [], 0
+        for count in counts:
+            top = keep[start:start + min(count, self.detections_per_img)]
+            detections.append({"boxes": b[top], "labels": labels[top], "scores": s[top]})
+            start += count
         return detections
 
     def forward(self, features, proposals, image_shape, image_sizes, targets=None, masks=True):
@@ -372,12 +226,16 @@ class RoIHeads(nn.Module):
     def mask_losses(self, features, rois, labels, matched, targets, image_shape):
         """Mask R-CNN Sec. 3: L_mask is defined on positive RoIs only; rois [(R_i, 4)], labels (R,), matched
         [(R_i,)] GT index of each RoI (as sample_rois returns them)."""
-        fg = [torch.where(lab > BACKGROUND)[0] for lab in labels.split([r.shape[0] for r in rois])]
-        fg_rois = [r[i] for r, i in zip(rois, fg)]
+        fg = labels > BACKGROUND  # (R,)
+        counts = torch.stack([f.sum() for f in fg.split([r.shape[0] for r in rois])]).tolist()  # host sync: P_i
+        # The P = sum P_i foreground indices, increasing: a stable sort puts the True entries first and in order, so
+        # this is torch.where(fg)[0] with the count already known (no second host sync).
+        fg = torch.sort((~fg).to(torch.uint8), stable=True).indices[:sum(counts)]  # (P,)
+        fg_rois = torch.cat(rois)[fg].split(counts)  # [(P_i, 4)]
         mask_logits = self.predict_masks(features, fg_rois, image_shape)  # (P, K, M, M)
-        gt = [mask_targets(t["masks"], r, m[i], mask_logits.shape[-1])
-              for t, r, m, i in zip(targets, fg_rois, matched, fg)]  # [(P_i, M, M)] per image
-        return mask_loss(mask_logits, labels[labels > BACKGROUND], torch.cat(gt))
+        gt = [mask_targets(t["masks"], r, m, mask_logits.shape[-1])
+              for t, r, m in zip(targets, fg_rois, torch.cat(matched)[fg].split(counts))]  # [(P_i, M, M)] per image
+        return mask_loss(mask_logits, labels[fg], torch.cat(gt))
 
     def add_masks(self, features, detections, image_shape):
         """Mask R-CNN Sec. 3.1 "Inference": the mask branch runs on the final detection boxes; adds "mask_probs"."""

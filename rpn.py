@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from boxes import (IGNORE, NEGATIVE, POSITIVE, BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes,
-                   remove_small_boxes)
+from boxes import IGNORE, NEGATIVE, POSITIVE, BalancedSampler, BoxCoder, Matcher, box_iou, padded_nms
 from distributed import loss_denominator
 
 
@@ -153,30 +152,45 @@ class RPN(nn.Module):
         return proposals, losses
 
     def select_proposals(self, proposals, objectness, image_sizes, num_anchors_per_level):
-        """proposals (N, T, 4), objectness logits (N, T) -> N x (R, 4): per-level top-k, clip, filter, per-level NMS."""
-        mode = "train" if self.training else "test"
-        top_idx, levels, offset = [], [], 0
-        for level, num in enumerate(num_anchors_per_level):  # top-k on logits within each level, as torchvision
-            k = min(self.pre_nms_top_n[mode], num)
-            top_idx.append(objectness[:, offset:offset + num].topk(k, dim=1).indices + offset)  # (N, k)
-            levels.append(torch.full((k,), level, dtype=torch.int64, device=objectness.device))
-            offset += num
-        top_idx = torch.cat(top_idx, dim=1)  # (N, sum of k)
-        levels = torch.cat(levels)  # (sum of k,)
-        batch_idx = torch.arange(proposals.shape[0], device=proposals.device)[:, None]  # (N, 1)
-        scores = torch.sigmoid(objectness[batch_idx, top_idx])  # (N, sum of k)
-        proposals = proposals[batch_idx, top_idx]  # (N, sum of k, 4)
+        """proposals (N, T, 4), objectness logits (N, T) -> N x (R, 4): per-level top-k, clip, filter, per-level NMS.
 
-        selected = []
-        for boxes, scores_i, image_size in zip(proposals, scores, image_sizes):  # loop over images
-            boxes = clip_boxes(boxes, image_size)
-            keep = remove_small_boxes(boxes, self.min_size)
-            boxes, scores_i, levels_i = boxes[keep], scores_i[keep], levels[keep]
-            keep = torch.where(scores_i >= self.score_thresh)[0]
-            boxes, scores_i, levels_i = boxes[keep], scores_i[keep], levels_i[keep]
-            keep = batched_nms(boxes, scores_i, levels_i, self.nms_thresh)  # NMS within each level, as torchvision
-            selected.append(boxes[keep[:self.post_nms_top_n[mode]]])  # (R, 4), by decreasing score
-        return selected
+        All images and levels at once: the top-k candidates of each (level, image) form one row of a padded
+        (L*N, k) batch (levels with fewer than k anchors are padded, and paired only up to their length), and
+        padded_nms runs on all rows together. The only host sync besides the NMS is the number of proposals each
+        image keeps.
+        """
+        mode = "train" if self.training else "test"
+        k = min(self.pre_nms_top_n[mode], max(num_anchors_per_level))  # row length of the padded batch
+        slot = torch.arange(k, device=objectness.device)  # (k,) position in a row
+        top_idx, valid, lengths, offset = [], [], [], 0
+        n, L = objectness.shape[0], len(num_anchors_per_level)
+        for num in num_anchors_per_level:  # top-k on logits within each level, as torchvision
+            k_level = min(self.pre_nms_top_n[mode], num)
+            idx = objectness[:, offset:offset + num].topk(k_level, dim=1).indices + offset  # (N, k_level)
+            top_idx.append(F.pad(idx, (0, k - k_level)))  # (N, k): padded with anchor 0, marked invalid below
+            valid.append(slot < k_level)  # (k,)
+            lengths += [k_level] * n
+            offset += num
+        top_idx = torch.stack(top_idx, dim=1)  # (N, L, k)
+        batch_idx = torch.arange(n, device=proposals.device)[:, None, None]  # (N, 1, 1)
+        scores = torch.sigmoid(objectness[batch_idx, top_idx])  # (N, L, k)
+        limits = proposals.new_empty((n, 1, 1, 4))  # (N, 1, 1, 4) as (w, h, w, h): fills, not a host-to-device copy
+        for limit, (h, w) in zip(limits, image_sizes):
+            limit[..., 0::2], limit[..., 1::2] = w, h
+        boxes = torch.min(proposals[batch_idx, top_idx].clamp(min=0), limits)  # (N, L, k, 4) clipped, as clip_boxes
+        size_ok = ((boxes[..., 2] - boxes[..., 0] >= self.min_size)
+                   & (boxes[..., 3] - boxes[..., 1] >= self.min_size))  # (N, L, k), as remove_small_boxes
+        valid = torch.stack(valid) & size_ok & (scores >= self.score_thresh)  # (N, L, k)
+        # NMS within each level, as torchvision; rows level-major, so that rows of equal length are neighbours
+        keep = padded_nms(boxes.transpose(0, 1).reshape(L * n, k, 4), scores.transpose(0, 1).reshape(L * n, k),
+                          valid.transpose(0, 1).reshape(L * n, k), self.nms_thresh, lengths)  # (L*N, k)
+        keep = keep.view(L, n, k).transpose(0, 1).reshape(n, L * k)  # (N, L*k)
+        # per image: the kept boxes by decreasing score, ties in level-then-top-k order (a stable sort, as batched_nms)
+        order = torch.sort(scores.view(n, L * k).masked_fill(~keep, -1.0), dim=1, descending=True,
+                           stable=True).indices  # (N, L*k): kept first (scores are >= 0)
+        counts = keep.sum(dim=1).clamp(max=self.post_nms_top_n[mode]).tolist()  # host sync: R per image
+        boxes = boxes.view(n, L * k, 4).gather(1, order[:, :max(counts, default=0), None].expand(-1, -1, 4))
+        return [b[:r] for b, r in zip(boxes, counts)]  # N x (R, 4), by decreasing score
 
     def label_anchors(self, anchors, gt_boxes):
         """anchors (T, 4), gt_boxes (G, 4) -> labels (T,) in {1, 0, -1}, matched gt box (T, 4) for every anchor.
@@ -188,9 +202,8 @@ class RPN(nn.Module):
             return (torch.full((anchors.shape[0],), NEGATIVE, dtype=torch.float32, device=anchors.device),
                     torch.zeros_like(anchors))
         matched = self.matcher(box_iou(gt_boxes, anchors))  # (T,)
-        labels = torch.full((anchors.shape[0],), POSITIVE, dtype=torch.float32, device=anchors.device)
-        labels[matched == Matcher.BELOW_LOW_THRESHOLD] = NEGATIVE
-        labels[matched == Matcher.BETWEEN_THRESHOLDS] = IGNORE
+        labels = torch.where(matched == Matcher.BELOW_LOW_THRESHOLD, NEGATIVE, POSITIVE)  # no boolean indexing
+        labels = torch.where(matched == Matcher.BETWEEN_THRESHOLDS, IGNORE, labels).to(torch.float32)  # (T,)
         return labels, gt_boxes[matched.clamp(min=0)]
 
     def losses(self, anchors, pred_objectness, pred_deltas, targets):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from boxes import (BalancedSampler, BoxCoder, Matcher, batched_nms, box_area, box_iou, clip_boxes, nms,
+import boxes as boxes_module
+from boxes import (BalancedSampler, BoxCoder, Matcher, batched_nms, box_area, box_iou, clip_boxes, nms, padded_nms,
                    remove_small_boxes)
 
 tv = pytest.importorskip("torchvision")
@@ -83,6 +84,68 @@ def test_batched_nms_matches_torchvision():
     same = torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 3)
     assert batched_nms(same, torch.tensor([0.1, 0.3, 0.2]), torch.tensor([0, 1, 0]), 0.5).tolist() == [1, 2]
     assert batched_nms(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
+
+
+def reference_batched_nms(boxes, scores, idxs, threshold):
+    """torchvision's nms once per group, kept boxes by decreasing score with ties in input order (our contract)."""
+    keep = torch.zeros(scores.shape[0], dtype=torch.bool)
+    for group in torch.unique(idxs):
+        members = torch.where(idxs == group)[0]
+        keep[members[tv.ops.nms(boxes[members], scores[members], threshold)]] = True
+    kept = torch.where(keep)[0]
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+
+
+def test_batched_nms_many_groups_ties_and_identical_boxes():
+    g = torch.Generator().manual_seed(12)
+    boxes = random_boxes(2500, size=300.0, max_side=80.0, seed=13)
+    boxes[:40] = boxes[40]  # a group of identical boxes: all but the first suppressed
+    scores = torch.randint(0, 6, (2500,), generator=g).float() / 5  # many exact ties, across and within groups
+    idxs = torch.randint(0, 80, (2500,), generator=g)  # 80 classes, as per-class NMS at inference
+    idxs[:41] = 81
+    for threshold in (0.3, 0.5, 0.7):
+        assert torch.equal(batched_nms(boxes, scores, idxs, threshold),
+                           reference_batched_nms(boxes, scores, idxs, threshold))
+
+
+@pytest.mark.parametrize("block", [64, 3000, 1 << 24])
+def test_batched_nms_in_blocks_and_padded_by_group(monkeypatch, block):
+    # a small block forces several row blocks and, above one block, the padded-by-group path (one big group: not)
+    monkeypatch.setattr(boxes_module, "NMS_BLOCK_CPU", block)  # these tests run on the CPU
+    g = torch.Generator().manual_seed(14)
+    for groups in (1, 3, 20):
+        boxes = random_boxes(600, size=200.0, max_side=60.0, seed=groups)
+        scores = torch.randint(0, 50, (600,), generator=g).float()
+        idxs = torch.randint(0, groups, (600,), generator=g) * 7  # sparse group ids
+        assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), reference_batched_nms(boxes, scores, idxs, 0.5))
+        assert torch.equal(nms(boxes, scores, 0.5), tv.ops.nms(boxes, scores, 0.5))
+
+
+@pytest.mark.parametrize("block", [50, 1 << 24])
+def test_padded_nms_matches_torchvision_per_row(monkeypatch, block):
+    monkeypatch.setattr(boxes_module, "NMS_BLOCK_CPU", block)  # these tests run on the CPU
+    g = torch.Generator().manual_seed(15)
+    B, K = 7, 300
+    boxes = random_boxes(B * K, size=200.0, max_side=60.0, seed=16).reshape(B, K, 4)
+    scores = torch.randint(0, 20, (B, K), generator=g).float()  # ties
+    valid = torch.rand(B, K, generator=g) > 0.3
+    valid[2] = False  # an empty row
+    boxes[3] = boxes[3, :1]  # a row of identical boxes: all but one suppressed
+    valid[4, 150:] = False  # a row padded at its end, with garbage boxes in the padding
+    boxes[4, 150:] = torch.tensor([5.0, 5.0, 5.0, 5.0])
+    keep = padded_nms(boxes, scores, valid, 0.5)
+    assert keep.shape == (B, K) and not (keep & ~valid).any()
+    for b in range(B):
+        members = torch.where(valid[b])[0]
+        expected = members[tv.ops.nms(boxes[b, members], scores[b, members], 0.5)]
+        assert torch.equal(torch.where(keep[b])[0], torch.sort(expected).values)
+    assert keep[3].sum() == 1 and keep[2].sum() == 0
+    # rows of known lengths (all entries beyond are padding) give the same answer, paired only up to the length
+    lengths = [300, 300, 300, 300, 150, 300, 300]
+    order = [0, 1, 2, 3, 5, 6, 4]  # rows of equal length next to each other
+    keep_lengths = padded_nms(boxes[order], scores[order], valid[order], 0.5, [lengths[b] for b in order])
+    assert torch.equal(keep_lengths, keep[order])
+    assert padded_nms(torch.zeros(0, 5, 4), torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool), 0.5).shape == (0, 5)
 
 
 def test_box_coder_round_trip_and_torchvision():

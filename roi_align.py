@@ -1,0 +1,186 @@
+"""RoIAlign: pooling a fixed-size feature from every RoI, on one map or on the level of a feature pyramid.
+
+Mask R-CNN, He et al. 2017 (arXiv:1703.06870) Sec. 3 "RoIAlign", Fig. 3: no quantization of the RoI or its bins;
+bilinear values at regular sampling points of each bin, averaged. FPN, Lin et al. 2017 (arXiv:1612.03144) Sec. 4.2,
+Eq. 1: the pyramid level an RoI is pooled from. Mask R-CNN Sec. 3: the mask target of an RoI is its GT mask pooled
+the same way (mask_targets). Semantics follow torchvision.ops.roi_align / MultiScaleRoIAlign and
+roi_heads.project_masks_on_boxes, the references of tests/test_roi_heads.py.
+
+Shapes: N images, C channels, H, W feature map, L levels, R RoIs, S, Q pooled height and width (7 box, 14 mask),
+GY, GX sampling points per bin along y and x, G ground-truth masks of size (h, w), P RoIs, M mask side.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from boxes import box_area
+
+__all__ = ["as_rois", "sample_points", "roi_align", "pool_levels", "map_levels", "multilevel_roi_align",
+           "mask_targets"]
+
+OUTSIDE = -3.0  # a normalized grid_sample coordinate off the map: the sample reads the zero padding, i.e. adds 0
+
+
+def as_rois(boxes):
+    """(R, 5) rois (batch index, x1, y1, x2, y2), or a list of (R_i, 4) boxes per image -> (R, 5) rois."""
+    if isinstance(boxes, torch.Tensor):
+        assert boxes.dim() == 2 and boxes.shape[1] == 5, f"rois must be (R, 5), got {tuple(boxes.shape)}"
+        return boxes
+    index = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]  # (R_i, 1) image index of each box
+    return torch.cat([torch.cat(index), torch.cat(boxes)], dim=1)  # (R, 5)
+
+
+def sample_points(start, size, bins, grid, max_grid, length):
+    """RoIAlign's regular sampling points along one axis (Mask R-CNN Fig. 3), as torchvision's kernel places them.
+
+    start, size (R,): RoI start and extent in feature-map pixels; bins: pooled cells; grid (R,): points per cell;
+    length: the map's extent, a number or (R,) per RoI (RoIs pooled from different FPN levels).
+    Returns points (R, bins, max_grid) clamped into [0, length - 1], and keep (R, bins, max_grid): False for the
+    padding points beyond an RoI's own grid and for points outside [-1, length], which torchvision counts as 0.
+    """
+    if isinstance(length, torch.Tensor):
+        length = length[:, None, None]  # (R, 1, 1)
+    bin_size = size / bins  # (R,)
+    cell = torch.arange(bins, device=start.device, dtype=start.dtype)  # (bins,)
+    point = torch.arange(max_grid, device=start.device, dtype=start.dtype)  # (max_grid,)
+    # bin start + (i + 1/2) * bin_size / grid: `grid` points spread evenly inside each cell, none on its border
+    pts = (start[:, None, None] + cell[None, :, None] * bin_size[:, None, None]
+           + (point[None, None, :] + 0.5) * bin_size[:, None, None] / grid.clamp(min=1)[:, None, None])
+    keep = (point[None, None, :] < grid[:, None, None]) & (pts >= -1.0) & (pts <= length)
+    return pts.clamp(min=0).clamp_(max=length - 1), keep
+
+
+def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+    """RoIAlign (Mask R-CNN Sec. 3, Fig. 3) with the signature and semantics of torchvision.ops.roi_align.
+
+    input (N, C, H, W); boxes (R, 5) as (batch index, x1, y1, x2, y2) or a list of (R_i, 4) per image, in image
+    pixels (times spatial_scale gives map pixels). Each RoI is cut into S x Q cells; each cell averages the bilinear
+    values at GY x GX regular points (sampling_ratio each, or ceil(RoI side / cells) per RoI when <= 0).
+    aligned=False is Mask R-CNN's original RoIAlign (no half-pixel shift, RoI sides at least 1 pixel);
+    aligned=True shifts by -0.5 so that pixel centres are at integer + 0.5 (Detectron2's ROIAlignV2).
+    Returns (R, C, S, Q).
+    """
+    rois = as_rois(boxes)
+    return pool_levels([input], rois, torch.zeros_like(rois[:, 0], dtype=torch.int64), [spatial_scale], output_size,
+                       sampling_ratio, aligned)
+
+
+def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, aligned):
+    """RoIAlign of each RoI (R, 5) from the map features[levels[r]] (N, C, H_l, W_l) at scale scales[levels[r]].
+
+    All points are sampled by grid_sample (no loop over RoIs): a point x in map pixels is at the normalized
+    coordinate (2x + 1) / W - 1 for align_corners=False, and bilinear weights then equal torchvision's. The points of
+    every RoI are computed at once; grid_sample pairs grid and input batch entries one to one, so it runs once per
+    (level, image) on that pair's RoIs, made contiguous by one sort. One host sync: the RoI count of every pair.
+    """
+    S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    N, C = features[0].shape[:2]
+    L, R = len(features), rois.shape[0]
+    # grid_sample's grid has the input's dtype; fp16/bf16 coordinates would be off by up to a pixel, so sample in fp32.
+    maps = [f if f.dtype in (torch.float32, torch.float64) else f.float() for f in features]
+    rois = rois.to(maps[0].dtype)
+    table = rois.new_empty((L, 3))  # per level: scale, H, W, by fill_ (a copy from the host would synchronize a GPU)
+    for row, scale, f in zip(table, scales, features):
+        for entry, value in zip(row, (scale, *f.shape[-2:])):
+            entry.fill_(value)
+    scale, H, W = table[levels].unbind(dim=1)  # (R,) each
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (rois[:, 1:] * scale[:, None] - offset).unbind(dim=1)  # (R,) each, in map pixels
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)  # Mask R-CNN: no RoI thinner than one pixel
+    if sampling_ratio > 0:
+        grid_y = grid_x = torch.full_like(roi_h, sampling_ratio)
+        GY = GX = sampling_ratio
+    else:
+        # adaptive: ceil(side / cells) points per cell, per RoI; all RoIs use the largest grid, masked per RoI
+        grid_y, grid_x = torch.ceil(roi_h / S).clamp(min=0), torch.ceil(roi_w / Q).clamp(min=0)
+        GY, GX = torch.stack([grid_y.max(), grid_x.max()]).clamp(min=1).int().tolist() if R else (1, 1)  # host sync
+    ys, keep_y = sample_points(y1, roi_h, S, grid_y, GY, H)  # (R, S, GY)
+    xs, keep_x = sample_points(x1, roi_w, Q, grid_x, GX, W)  # (R, Q, GX)
+    # A dropped point goes off the map on one axis, so grid_sample's zero padding makes it count 0 (any other axis).
+    gy = torch.where(keep_y, (2 * ys + 1) / H[:, None, None] - 1, OUTSIDE)  # (R, S, GY)
+    gx = torch.where(keep_x, (2 * xs + 1) / W[:, None, None] - 1, OUTSIDE)  # (R, Q, GX)
+    grid = torch.stack([gx[:, None, :, None, :].expand(R, S, Q, GY, GX),
+                        gy[:, :, None, :, None].expand(R, S, Q, GY, GX)], dim=-1)  # (R, S, Q, GY, GX, 2) as (x, y)
+
+    pair = levels * N + rois[:, 0].long()  # (R,) the (level, image) each RoI is pooled from
+    order = torch.sort(pair, stable=True).indices  # (R,) RoIs grouped by pair
+    counts = torch.bincount(pair, minlength=L * N).tolist()  # host sync: RoIs per (level, image)
+    assert len(counts) == L * N, f"roi batch indices must lie in [0, {N})"
+    grid = grid[order].reshape(R, S * Q, GY * GX, 2)  # (R, S*Q, GY*GX, 2): a cell's points side by side, to average
+    pooled, start = [], 0
+    for p, count in enumerate(counts):  # loop over (level, image) pairs, not RoIs
+        if count:
+            level, n = divmod(p, N)
+            points = grid[start:start + count].reshape(1, count * S * Q, GY * GX, 2)  # that pair's RoIs as one grid
+            samples = F.grid_sample(maps[level][n:n + 1], points, mode="bilinear", padding_mode="zeros",
+                                    align_corners=False)  # (1, C, count*S*Q, GY*GX)
+            pooled.append(samples.mean(dim=-1).reshape(C, count, S, Q).permute(1, 0, 2, 3))  # (count, C, S, Q)
+            start += count
+    if not pooled:
+        return maps[0].new_zeros((R, C, S, Q)).to(features[0].dtype)
+    out = torch.cat(pooled)  # (R, C, S, Q) in the order of `order`
+    if sampling_ratio <= 0:  # adaptive: torchvision divides an RoI's sum by its own count grid_y * grid_x (>= 1)
+        out = out * ((GY * GX) / (grid_y * grid_x).clamp(min=1))[order, None, None, None]
+    return out.new_empty(out.shape).index_copy(0, order, out).to(features[0].dtype)  # back in the order of rois
+
+
+def map_levels(boxes, k_min=2, k_max=5, canonical_size=224, canonical_level=4):
+    """FPN Eq. 1: the pyramid level P_k an RoI (R, 4) is pooled from -> (R,) int64 level k in [k_min, k_max]."""
+    side = torch.sqrt(box_area(boxes))  # (R,) sqrt(w * h)
+    # FPN Eq. (1): k = floor(k0 + log2(sqrt(wh) / 224)), k0 = 4; +1e-6 as torchvision, so 448 maps exactly to 5
+    level = torch.floor(canonical_level + torch.log2(side / canonical_size) + 1e-6)
+    return level.clamp(min=k_min, max=k_max).to(torch.int64)
+
+
+def multilevel_roi_align(features, boxes, image_shape, output_size, sampling_ratio=2, aligned=False):
+    """RoIAlign each RoI from its FPN level (Eq. 1): features [P2..P5] (N, C, H_k, W_k), boxes [(R_i, 4) per image]
+    in pixels of the padded batch of size image_shape (H, W) -> (sum R_i, C, S, S), as torchvision MultiScaleRoIAlign.
+    """
+    rois = as_rois(boxes)  # (R, 5)
+    # level scale = 1 / stride, recovered from the sizes and rounded to a power of two (H / 4 -> 1/4 for P2, ...)
+    scales = [2.0 ** round(math.log2(f.shape[-2] / image_shape[0])) for f in features]
+    k_min, k_max = round(-math.log2(scales[0])), round(-math.log2(scales[-1]))
+    levels = map_levels(rois[:, 1:], k_min=k_min, k_max=k_max) - k_min  # (R,) index into features
+    return pool_levels(features, rois, levels, scales, output_size, sampling_ratio, aligned)
+
+
+def mask_targets(gt_masks, rois, gt_index, M):
+    """Mask R-CNN Sec. 3: an RoI's mask target is its matched GT mask cut out by the RoI and resized to M x M.
+
+    gt_masks (G, h, w), rois (P, 4), gt_index (P,) -> (P, M, M) float in [0, 1]; equal to torchvision's
+    project_masks_on_boxes, i.e. roi_align(gt_masks, rois, M, aligned=False, sampling_ratio=-1).
+    RoIAlign is separable: its points form a grid ys x xs and a bilinear weight is wy * wx, so a cell's average is
+    (Ay @ mask @ Bx^T)[cell] with Ay (M, h), Bx (M, w) each axis's interpolation weights averaged over the cell's
+    points. For one-channel masks this is two matrix products instead of up to ~30 x 30 points per cell for big
+    objects. Ay is sparse and picks each RoI's own GT mask: it is one (P*M, G*h) sparse matrix.
+    """
+    P, (G, h, w) = rois.shape[0], gt_masks.shape
+    if P == 0:
+        return rois.new_zeros((0, M, M))
+    x1, y1, x2, y2 = rois.unbind(dim=1)  # (P,) each
+    roi_w, roi_h = (x2 - x1).clamp(min=1.0), (y2 - y1).clamp(min=1.0)  # aligned=False: at least one pixel
+    grid_y, grid_x = torch.ceil(roi_h / M), torch.ceil(roi_w / M)  # (P,) adaptive sampling, at least 1
+    GY, GX = torch.stack([grid_y.max(), grid_x.max()]).int().tolist()  # host sync: the largest grids
+    ys, keep_y = sample_points(y1, roi_h, M, grid_y, GY, h)  # (P, M, GY)
+    xs, keep_x = sample_points(x1, roi_w, M, grid_x, GX, w)  # (P, M, GX)
+
+    def interpolation(pts, keep, grid, length):  # -> (P, M, 2*G*) pixel indices and averaged bilinear weights
+        low = pts.floor()
+        frac = pts - low
+        weight = keep / grid[:, None, None]  # each point's share of the cell's average
+        index = torch.cat([low, (low + 1).clamp(max=length - 1)], dim=-1).to(torch.int64)
+        return index, torch.cat([(1 - frac) * weight, frac * weight], dim=-1)
+
+    iy, wy = interpolation(ys, keep_y, grid_y, h)  # (P, M, 2GY)
+    ix, wx = interpolation(xs, keep_x, grid_x, w)  # (P, M, 2GX)
+    Bx = wx.new_zeros((P, M, w)).scatter_add_(2, ix, wx)  # (P, M, w)
+    row = torch.arange(P * M, device=rois.device).repeat_interleave(iy.shape[-1])  # (P*M*2GY,) (RoI, cell) row
+    col = (gt_index.to(torch.int64)[:, None, None] * h + iy).reshape(-1)  # (P*M*2GY,) row of the stacked GT masks
+    Ay = torch.sparse_coo_tensor(torch.stack([row, col]), wy.reshape(-1).float(), (P * M, G * h),
+                                 check_invariants=True)  # (P*M, G*h)
+    with torch.autocast(rois.device.type, enabled=False):  # targets need no gradient; sparse mm has no bf16 kernel
+        rows_pooled = torch.sparse.mm(Ay, gt_masks.reshape(G * h, w).float())  # (P*M, w); duplicates add
+        return rows_pooled.reshape(P, M, w) @ Bx.float().transpose(1, 2)  # (P, M, w) @ (P, w, M) -> (P, M, M)
