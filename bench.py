@@ -171,8 +171,14 @@ def bench_model(model, train_inputs, infer_inputs, batch_size, device, amp="none
             "infer_s_per_image": statistics.median(seconds), "detections_per_image": len(detections[0]["boxes"])}
 
 
+# Ops whose result decides what the host does next: each waits for the GPU to finish all work queued before it.
+HOST_SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::equal", "aten::_unique2", "aten::masked_select")
+
+
 def profile_training(step, device, row_limit=20):
-    """torch.profiler over PROFILE_ITERS training steps -> a table of the top ops by self time (CUDA time on GPU).
+    """torch.profiler over PROFILE_ITERS training steps -> a table of the top ops by self time (CUDA time on GPU),
+    then per step: operator calls, host synchronizations (HOST_SYNC_OPS) and, on a GPU, kernel launches.
+    A step that launches many small kernels or waits for the GPU often is bound by the CPU, not by the GPU.
     One step runs first, unprofiled, so the optimizer's momentum buffers already exist."""
     step()
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -182,8 +188,15 @@ def profile_training(step, device, row_limit=20):
         for _ in range(PROFILE_ITERS):
             step()
         synchronize(device)
+    averages = prof.key_averages()
+    calls = {e.key: e.count / PROFILE_ITERS for e in averages}
+    aten_calls = sum(n for k, n in calls.items() if k.startswith("aten::"))  # nested ones too (conv2d -> convolution)
+    summary = (f"per step: {aten_calls:.0f} aten calls, "
+               f"{sum(calls.get(k, 0) for k in HOST_SYNC_OPS):.0f} host syncs ({', '.join(HOST_SYNC_OPS)})")
+    if device.type == "cuda":
+        summary += f", {calls.get('cudaLaunchKernel', 0):.0f} kernel launches"
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+    return averages.table(sort_by=sort_by, row_limit=row_limit) + "\n" + summary
 
 
 def report(results, ratios):

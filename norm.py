@@ -121,17 +121,18 @@ class _GroupNormFunction(torch.autograd.Function):
             dyc = dy.reshape(N, C, HW)  # (N, C, H*W)
             db = dyc.sum(dim=-1, dtype=stat)  # (N, C) sum over pixels of dy
             ds = (dyc * x_hat.reshape(N, C, HW)).sum(dim=-1, dtype=stat)  # (N, C) sum over pixels of dy * x_hat
+            sums = torch.stack((db, ds))  # (2, N, C), so that both go through the group sums together
             gamma = weight.to(stat) if weight is not None else torch.ones(C, dtype=stat, device=dy.device)
-            gamma_db = (db * gamma).reshape(N, G, C // G).sum(-1)  # (N, G) sum_S gamma * dy
-            gamma_ds = (ds * gamma).reshape(N, G, C // G).sum(-1)  # (N, G) sum_S gamma * dy * x_hat
-            k = rstd * (-1.0 / L)  # (N, G)
+            # (2, N, C) -> (2, N, G, C/G) -> (2, N, G): -r/L sum_S gamma * dy and -r/L sum_S gamma * dy * x_hat
+            terms = (sums * gamma).reshape(2, N, G, C // G).sum(-1) * (rstd * (-1.0 / L))
             # dx = (r * gamma) * dy + (-r/L sum_S gamma dy) + (-r/L sum_S gamma dy x_hat) * x_hat, two passes
-            rest = torch.addcmul((k * gamma_db)[..., None], x_hat.reshape(N, G, L), (k * gamma_ds)[..., None])
+            rest = torch.addcmul(terms[0, ..., None], x_hat.reshape(N, G, L), terms[1, ..., None])  # (N, G, L)
             scale = (rstd[..., None] * gamma.reshape(G, C // G)).reshape(N, C, 1)  # (N, G, C/G) -> (N, C, 1)
             dx = torch.addcmul(rest.reshape(N, C, HW), dyc, scale, out=torch.empty_like(dyc)).reshape(dy.shape)
         if weight is None:
             return dx, None, None, None, None
-        return dx, ds.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None
+        dbeta, dgamma = sums.sum(1).to(weight.dtype)  # (C,) each: sums over the images
+        return dx, dgamma, dbeta, None, None
 
 
 class GroupNorm(nn.Module):
