@@ -94,19 +94,30 @@ class BoxCoder:
         return boxes.reshape(shape)
 
 
+def image_limits(image_sizes, like):
+    """[(h, w)] per image -> (N, 4) upper bounds (w, h, w, h) with like's dtype and device, for clip_boxes.
+    Written entry by entry (fills): a tensor made from a Python list is a host-to-device copy, which waits for a GPU."""
+    limits = like.new_empty((len(image_sizes), 4))
+    for limit, (h, w) in zip(limits, image_sizes):
+        limit[0::2], limit[1::2] = w, h
+    return limits
+
+
 def clip_boxes(boxes, size):
-    """Clamp (..., 4) boxes into an image of size (h, w)."""
-    h, w = size
-    x = boxes[..., 0::2].clamp(min=0, max=w)  # (..., 2): x1, x2
-    y = boxes[..., 1::2].clamp(min=0, max=h)  # (..., 2): y1, y2
-    return torch.stack((x, y), dim=-1).reshape(boxes.shape)  # (..., 2, 2) -> (..., 4) as x1, y1, x2, y2
+    """Clamp (..., 4) boxes into their image. size: (h, w), or limits (w, h, w, h) broadcasting against boxes, as
+    image_limits gives them (a batch of boxes from several images clipped at once)."""
+    limits = size if isinstance(size, torch.Tensor) else image_limits([size], boxes)[0]  # (..., 4) or (4,)
+    return torch.min(boxes.clamp(min=0), limits)
+
+
+def big_enough(boxes, min_size):
+    """(..., 4) boxes -> (...,) bool: width and height both >= min_size."""
+    return (boxes[..., 2] - boxes[..., 0] >= min_size) & (boxes[..., 3] - boxes[..., 1] >= min_size)
 
 
 def remove_small_boxes(boxes, min_size):
     """Indices of the (N, 4) boxes whose width and height are both >= min_size."""
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    return torch.where((w >= min_size) & (h >= min_size))[0]
+    return torch.where(big_enough(boxes, min_size))[0]
 
 
 def _suppression_pairs(boxes, valid, groups, iou_threshold, lengths=None):
@@ -225,7 +236,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold):
     to find G and K). The RPN, whose groups are known in advance, calls padded_nms itself.
     """
     n = scores.shape[0]
-    if n * n > nms_block(boxes.device):  # more than one block of pairs: padding each group to the largest may be much cheaper
+    if n * n > nms_block(boxes.device):  # over one block of pairs: padding each group to the largest may cost less
         group_ids, group, counts = torch.unique(idxs, return_inverse=True, return_counts=True)  # (G,), (N,), (G,)
         G, K = group_ids.shape[0], int(counts.max())  # host syncs
         if G * K * K < n * n:

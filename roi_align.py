@@ -82,8 +82,7 @@ def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, ali
     rois = rois.to(maps[0].dtype)
     table = rois.new_empty((L, 3))  # per level: scale, H, W, by fill_ (a copy from the host would synchronize a GPU)
     for row, scale, f in zip(table, scales, features):
-        for entry, value in zip(row, (scale, *f.shape[-2:])):
-            entry.fill_(value)
+        row[0], row[1], row[2] = scale, f.shape[-2], f.shape[-1]
     scale, H, W = table[levels].unbind(dim=1)  # (R,) each
     offset = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (rois[:, 1:] * scale[:, None] - offset).unbind(dim=1)  # (R,) each, in map pixels

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from boxes import BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou
+from boxes import BalancedSampler, BoxCoder, Matcher, batched_nms, big_enough, box_iou, clip_boxes, image_limits
 from distributed import loss_denominator
 from masks import MaskHead, mask_loss, paste_masks
 from norm import make_norm
@@ -171,15 +171,14 @@ class RoIHeads(nn.Module):
         All images at once: one batched_nms whose groups are (image, class) pairs. Host syncs: listing the
         candidates, the NMS, and the number of detections per image."""
         K, N = scores.shape[1], len(per_image)
-        limits = boxes.new_empty((boxes.shape[0], 1, 4))  # (R, 1, 4) as (w, h, w, h) of each RoI's image: fills
         image = torch.empty(boxes.shape[0], dtype=torch.int64, device=boxes.device)  # (R,) image of each RoI
-        for i, (limit, img, (h, w)) in enumerate(zip(limits.split(per_image), image.split(per_image), image_sizes)):
-            limit[..., 0::2], limit[..., 1::2] = w, h
-            img.fill_(i)
-        b = torch.min(boxes[:, 1:].clamp(min=0), limits)  # (R, K-1, 4) clipped as clip_boxes; background dropped
+        for i, img in enumerate(image.split(per_image)):
+            img.fill_(i)  # fills, not a host-to-device copy
+        limits = image_limits(image_sizes, boxes)[image, None]  # (R, 1, 4) each RoI's image bounds
+        b = clip_boxes(boxes[:, 1:], limits)  # (R, K-1, 4): background dropped
         s = scores[:, 1:]  # (R, K-1)
         # scores > score_thresh, and boxes of at least 0.01 pixel (torchvision's remove_small_boxes)
-        candidate = (s > self.score_thresh) & (b[..., 2] - b[..., 0] >= 1e-2) & (b[..., 3] - b[..., 1] >= 1e-2)
+        candidate = (s > self.score_thresh) & big_enough(b, 1e-2)
         roi, column = torch.where(candidate)  # (D0,) each: RoI-major, class-minor, as torchvision flattens them
         b, s, labels, image = b[roi, column], s[roi, column], column + 1, image[roi]
         keep = batched_nms(b, s, image * K + labels, self.nms_thresh)  # NMS per image and class, by score

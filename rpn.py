@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from boxes import IGNORE, NEGATIVE, POSITIVE, BalancedSampler, BoxCoder, Matcher, box_iou, padded_nms
+from boxes import (IGNORE, NEGATIVE, POSITIVE, BalancedSampler, BoxCoder, Matcher, big_enough, box_iou, clip_boxes,
+                   image_limits, padded_nms)
 from distributed import loss_denominator
 
 
@@ -174,13 +175,9 @@ class RPN(nn.Module):
         top_idx = torch.stack(top_idx, dim=1)  # (N, L, k)
         batch_idx = torch.arange(n, device=proposals.device)[:, None, None]  # (N, 1, 1)
         scores = torch.sigmoid(objectness[batch_idx, top_idx])  # (N, L, k)
-        limits = proposals.new_empty((n, 1, 1, 4))  # (N, 1, 1, 4) as (w, h, w, h): fills, not a host-to-device copy
-        for limit, (h, w) in zip(limits, image_sizes):
-            limit[..., 0::2], limit[..., 1::2] = w, h
-        boxes = torch.min(proposals[batch_idx, top_idx].clamp(min=0), limits)  # (N, L, k, 4) clipped, as clip_boxes
-        size_ok = ((boxes[..., 2] - boxes[..., 0] >= self.min_size)
-                   & (boxes[..., 3] - boxes[..., 1] >= self.min_size))  # (N, L, k), as remove_small_boxes
-        valid = torch.stack(valid) & size_ok & (scores >= self.score_thresh)  # (N, L, k)
+        limits = image_limits(image_sizes, proposals)[:, None, None]  # (N, 1, 1, 4)
+        boxes = clip_boxes(proposals[batch_idx, top_idx], limits)  # (N, L, k, 4)
+        valid = torch.stack(valid) & big_enough(boxes, self.min_size) & (scores >= self.score_thresh)  # (N, L, k)
         # NMS within each level, as torchvision; rows level-major, so that rows of equal length are neighbours
         keep = padded_nms(boxes.transpose(0, 1).reshape(L * n, k, 4), scores.transpose(0, 1).reshape(L * n, k),
                           valid.transpose(0, 1).reshape(L * n, k), self.nms_thresh, lengths)  # (L*N, k)
