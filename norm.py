@@ -57,31 +57,32 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 def _group_statistics(x, num_groups, eps):
-    """x (N, C, *) -> x viewed as (N, G, C/G * H * W), the groups' mean mu (N, G) and r = 1 / sqrt(sigma^2 + eps)
-    (N, G) of GN Eq. 2, in float32 at least: reductions with a float32 result read bf16/fp16 values directly."""
-    N, G = x.shape[0], num_groups
-    xg = x.reshape(N, G, x.shape[1] // G * math.prod(x.shape[2:]))  # (N, G, L); sizes spelled out for N = 0
-    mean = torch.mean(xg, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))  # (N, G) mu
-    var = mean.clone() if N == 0 else torch.var(xg, dim=-1, correction=0, out=torch.empty_like(mean))  # sigma^2
-    return xg, mean, (var + eps).rsqrt_()
+    """x (N, C, *) -> x viewed as (N, G, C/G, S) with S the product of the spatial sizes, the groups' mean mu and
+    r = 1 / sqrt(sigma^2 + eps) of GN Eq. 2, both (N, G, 1, 1) and float32 at least: reductions with dtype= or an
+    out= of float32 read bf16/fp16 values directly (such calls are also exempt from autocast)."""
+    N, C, G = x.shape[0], x.shape[1], num_groups
+    xg = x.reshape(N, G, C // G, math.prod(x.shape[2:]))  # (N, G, C/G, S); sizes spelled out for N = 0
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean = torch.mean(xg, (2, 3), keepdim=True, dtype=stat)  # (N, G, 1, 1) mu
+    var = mean.clone() if N == 0 else torch.var(xg, (2, 3), correction=0, keepdim=True, out=torch.empty_like(mean))
+    return xg, mean, var.add_(eps).rsqrt_()  # sigma^2 biased, as GN Eq. 2
 
 
 def _group_norm_no_grad(x, weight, bias, num_groups, eps):
     """GN Eqs. 1-3 when no gradient is needed (inference): y = x * scale + shift in one pass over x, with per-channel
     scale = gamma * r and shift = beta - mu * gamma * r computed in float32 and applied inside the kernel."""
-    N, C, G = x.shape[0], x.shape[1], num_groups
-    with torch.autocast(x.device.type, enabled=False):  # autocast would run the reductions on a float32 copy
-        _, mean, rstd = _group_statistics(x, G, eps)
-        gamma = (weight if weight is not None else rstd.new_ones(C)).reshape(G, C // G)  # (G, C/G)
-        beta = (bias if bias is not None else rstd.new_zeros(C)).reshape(G, C // G)
-        scale = rstd[..., None] * gamma  # (N, G, C/G): channel c of group g gets gamma_c * r_g
-        shift = torch.addcmul(beta, (mean * rstd)[..., None], gamma, value=-1)  # (N, G, C/G) beta - mu * gamma * r
-        return torch.addcmul(_per_channel(shift.reshape(N, C), x), x, _per_channel(scale.reshape(N, C), x),
-                             out=torch.empty_like(x))
+    xg, mean, rstd = _group_statistics(x, num_groups, eps)  # (N, G, C/G, S), (N, G, 1, 1), (N, G, 1, 1)
+    N, G, Cg = xg.shape[:3]
+    gamma = weight.view(G, Cg, 1) if weight is not None else rstd.new_ones(G, Cg, 1)  # (G, C/G, 1)
+    beta = bias.view(G, Cg, 1) if bias is not None else rstd.new_zeros(G, Cg, 1)
+    scale = rstd * gamma  # (N, G, C/G, 1): channel c of group g gets gamma_c * r_g
+    shift = torch.addcmul(beta, mean, scale, value=-1)  # (N, G, C/G, 1) beta - mu * gamma * r
+    per_channel = (N, G * Cg) + (1,) * (x.dim() - 2)  # (N, C, 1, ..., 1), broadcasts against x in its own layout
+    return torch.addcmul(shift.view(per_channel), x, scale.view(per_channel), out=torch.empty_like(x))
 
 
 class _GroupNormFunction(torch.autograd.Function):
-    """GN Eqs. 1-3 with a written-out backward pass, in few passes over the activation.
+    """GN Eqs. 1-3 with a written-out backward pass, in few passes over the activation and few small ops.
 
     Per image n and group g (S_i of GN Eq. 1: its L = C/G * H * W values), with r = 1 / sqrt(sigma^2 + eps):
         forward   x_hat = (x - mu) * r,   y = gamma * x_hat + beta
@@ -93,46 +94,44 @@ class _GroupNormFunction(torch.autograd.Function):
     x_hat (not x) is kept for backward: sum dy * x_hat has no cancellation even when |mu| >> sigma, which
     matters when x_hat is stored in bf16. Statistics and per-channel sums are float32 for bf16/fp16 inputs;
     every big tensor is read and written in the input's dtype (reductions with dtype=float32 and out= with a
-    bf16 destination cast inside the kernel, so no float32 copy of the activation is made).
+    bf16 destination cast inside the kernel, so no float32 copy of the activation is made). Autocast needs no
+    switching off: it leaves in-place ops and calls with out= or dtype= alone, and the rest (mul, stack) are not on
+    its lists.
+    Everything works on the grouped view (N, G, C/G, S), where per-group (N, G, 1, 1) and per-channel (G, C/G, 1)
+    tensors broadcast without reshapes: on a GPU at batch 2 the step is bound by the CPU issuing small ops.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps):
-        with torch.autocast(x.device.type, enabled=False):  # autocast would run sum and addcmul on float32 copies
-            xg, mean, rstd = _group_statistics(x, num_groups, eps)  # (N, G, L), (N, G), (N, G)
-            x_hat = torch.addcmul((-mean * rstd)[..., None], xg, rstd[..., None], out=torch.empty_like(xg))  # Eq. 1
-            x_hat = x_hat.reshape(x.shape)
-            y = x_hat
-            if weight is not None:  # GN Eq. 3: y = gamma * x_hat + beta, per channel
-                y = torch.addcmul(_per_channel(bias, x), x_hat, _per_channel(weight, x), out=torch.empty_like(x))
+        xg, mean, rstd = _group_statistics(x, num_groups, eps)  # (N, G, C/G, S), (N, G, 1, 1), (N, G, 1, 1)
+        G, Cg = xg.shape[1:3]
+        x_hat = torch.addcmul(mean.mul_(rstd).neg_(), xg, rstd, out=torch.empty_like(xg))  # GN Eq. 1: (x - mu) r
+        y = x_hat.view(x.shape)
+        if weight is not None:  # GN Eq. 3: y = gamma * x_hat + beta, per channel, in x's own memory layout
+            per_channel = (G * Cg,) + (1,) * (x.dim() - 2)  # (C, 1, ..., 1)
+            y = torch.addcmul(bias.view(per_channel), y, weight.view(per_channel), out=torch.empty_like(x))
         ctx.save_for_backward(x_hat, rstd, weight)
-        ctx.num_groups = num_groups
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x_hat, rstd, weight = ctx.saved_tensors
-        N, C, G = x_hat.shape[0], x_hat.shape[1], ctx.num_groups
-        L = C // G * math.prod(x_hat.shape[2:])
-        stat = rstd.dtype
-        with torch.autocast(dy.device.type, enabled=False):
-            HW = math.prod(dy.shape[2:])
-            dyc = dy.reshape(N, C, HW)  # (N, C, H*W)
-            db = dyc.sum(dim=-1, dtype=stat)  # (N, C) sum over pixels of dy
-            ds = (dyc * x_hat.reshape(N, C, HW)).sum(dim=-1, dtype=stat)  # (N, C) sum over pixels of dy * x_hat
-            sums = torch.stack((db, ds))  # (2, N, C), so that both go through the group sums together
-            gamma = weight.to(stat) if weight is not None else torch.ones(C, dtype=stat, device=dy.device)
-            # (2, N, C) -> (2, N, G, C/G) -> (2, N, G): -r/L sum_S gamma * dy and -r/L sum_S gamma * dy * x_hat
-            terms = (sums * gamma).reshape(2, N, G, C // G).sum(-1) * (rstd * (-1.0 / L))
-            # dx = (r * gamma) * dy + (-r/L sum_S gamma dy) + (-r/L sum_S gamma dy x_hat) * x_hat, two passes
-            rest = torch.addcmul(terms[0, ..., None], x_hat.reshape(N, G, L), terms[1, ..., None])  # (N, G, L)
-            scale = (rstd[..., None] * gamma.reshape(G, C // G)).reshape(N, C, 1)  # (N, G, C/G) -> (N, C, 1)
-            dx = torch.addcmul(rest.reshape(N, C, HW), dyc, scale, out=torch.empty_like(dyc)).reshape(dy.shape)
+        x_hat, rstd, weight = ctx.saved_tensors  # (N, G, C/G, S), (N, G, 1, 1), (C,) or None
+        N, G, Cg, S = x_hat.shape
+        dyg = dy.reshape(x_hat.shape)  # (N, G, C/G, S)
+        # (2, N, G, C/G, 1): per channel, db = sum over pixels of dy and ds = sum over pixels of dy * x_hat
+        sums = torch.stack((dyg.sum(3, keepdim=True, dtype=rstd.dtype),
+                            (dyg * x_hat).sum(3, keepdim=True, dtype=rstd.dtype)))
+        scale = rstd * (weight.view(G, Cg, 1) if weight is not None else rstd.new_ones(G, Cg, 1))  # (N, G, C/G, 1)
+        # (2, N, G, 1, 1): -r/L sum_S gamma * dy and -r/L sum_S gamma * dy * x_hat
+        minus_db, minus_ds = (sums * scale).sum(3, keepdim=True).mul_(-1.0 / (Cg * S)).unbind()
+        # dx = (r * gamma) * dy + (-r/L sum_S gamma dy) + (-r/L sum_S gamma dy x_hat) * x_hat: two passes, the
+        # first in float32 (its two terms may cancel against the third)
+        dx = torch.addcmul(torch.addcmul(minus_db, x_hat, minus_ds), dyg, scale, out=torch.empty_like(dyg))
         if weight is None:
-            return dx, None, None, None, None
-        dbeta, dgamma = sums.sum(1).to(weight.dtype)  # (C,) each: sums over the images
-        return dx, dgamma, dbeta, None, None
+            return dx.view(dy.shape), None, None, None, None
+        dbeta, dgamma = sums.sum(1).view(2, G * Cg).to(weight.dtype).unbind()  # (C,) each: sums over the images
+        return dx.view(dy.shape), dgamma, dbeta, None, None
 
 
 class GroupNorm(nn.Module):

@@ -55,6 +55,30 @@ def test_group_norm_hand_worked():
 def test_group_norm_without_affine():
     x = torch.randn(2, 8, 3, 3)
     torch.testing.assert_close(GroupNorm(2, 8, affine=False)(x), nn.GroupNorm(2, 8, affine=False)(x))
+    x = (torch.randn(2, 8, 3, 3) * 2 + 1).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 8, 3, 3)
+    (GroupNorm(2, 8, affine=False)(x) * g).sum().backward()
+    (nn.GroupNorm(2, 8, affine=False)(x_ref) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_group_norm_channels_last_input(grad):
+    # --channels-last: NHWC activations are normalized like NCHW ones and the output keeps the NHWC layout
+    ours, ref = GroupNorm(4, 16), nn.GroupNorm(4, 16)
+    _randomize_affine(ours, ref)
+    x = (torch.randn(2, 16, 5, 6) * 3 + 2).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+    x_ref = x.detach().contiguous().requires_grad_(grad)
+    y, y_ref = ours(x), ref(x_ref)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref)
+    if grad:
+        g = torch.randn(2, 16, 5, 6)
+        (y * g).sum().backward()
+        (y_ref * g).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
 
 
 def test_group_norm_bf16_autocast_uses_float32_statistics():
