@@ -34,20 +34,17 @@ def as_rois(boxes):
 def sample_points(start, size, bins, grid, max_grid, length):
     """RoIAlign's regular sampling points along one axis (Mask R-CNN Fig. 3), as torchvision's kernel places them.
 
-    start, size (R,): RoI start and extent in feature-map pixels; bins: pooled cells; grid (R,): points per cell;
-    length: the map's extent, a number or (R,) per RoI (RoIs pooled from different FPN levels).
+    start, size, grid (R, 1, 1): RoI start and extent in feature-map pixels and points per cell; bins: pooled
+    cells; length: the map's extent, a number or (R, 1, 1) per RoI (RoIs pooled from different FPN levels).
     Returns points (R, bins, max_grid) clamped into [0, length - 1], and keep (R, bins, max_grid): False for the
     padding points beyond an RoI's own grid and for points outside [-1, length], which torchvision counts as 0.
     """
-    if isinstance(length, torch.Tensor):
-        length = length[:, None, None]  # (R, 1, 1)
-    bin_size = size / bins  # (R,)
-    cell = torch.arange(bins, device=start.device, dtype=start.dtype)  # (bins,)
-    point = torch.arange(max_grid, device=start.device, dtype=start.dtype)  # (max_grid,)
+    bin_size = size / bins  # (R, 1, 1)
+    cell = torch.arange(bins, device=start.device, dtype=start.dtype).view(bins, 1)  # (bins, 1)
+    half = torch.arange(0.5, max_grid, device=start.device, dtype=start.dtype)  # (max_grid,) i + 1/2
     # bin start + (i + 1/2) * bin_size / grid: `grid` points spread evenly inside each cell, none on its border
-    pts = (start[:, None, None] + cell[None, :, None] * bin_size[:, None, None]
-           + (point[None, None, :] + 0.5) * bin_size[:, None, None] / grid.clamp(min=1)[:, None, None])
-    keep = (point[None, None, :] < grid[:, None, None]) & (pts >= -1.0) & (pts <= length)
+    pts = torch.addcmul(start, cell, bin_size) + half * bin_size / grid.clamp(min=1)  # (R, bins, max_grid)
+    keep = (half < grid) & (pts >= -1.0) & (pts <= length)  # i < grid for whole numbers i, grid
     return pts.clamp(min=0).clamp_(max=length - 1), keep
 
 
@@ -70,23 +67,25 @@ def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, ali
     """RoIAlign of each RoI (R, 5) from the map features[levels[r]] (N, C, H_l, W_l) at scale scales[levels[r]].
 
     All points are sampled by grid_sample (no loop over RoIs): a point x in map pixels is at the normalized
-    coordinate (2x + 1) / W - 1 for align_corners=False, and bilinear weights then equal torchvision's. The points of
-    every RoI are computed at once; grid_sample pairs grid and input batch entries one to one, so it runs once per
-    (level, image) on that pair's RoIs, made contiguous by one sort. One host sync: the RoI count of every pair.
+    coordinate (2x + 1) / W - 1 for align_corners=False, and bilinear weights then equal torchvision's. grid_sample
+    pairs grid and input batch entries one to one, so it runs once per (level, image) on that pair's RoIs: the RoIs
+    are first sorted by pair, and the points of all of them are computed at once. One host sync: the RoI count of
+    every pair (the small per-level table copied from the host right after it waits for nothing more).
     """
     S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     N, C = features[0].shape[:2]
     L, R = len(features), rois.shape[0]
     # grid_sample's grid has the input's dtype; fp16/bf16 coordinates would be off by up to a pixel, so sample in fp32.
     maps = [f if f.dtype in (torch.float32, torch.float64) else f.float() for f in features]
-    rois = rois.to(maps[0].dtype)
-    table = rois.new_empty((L, 3))  # per level: scale, H, W, by fill_ (a copy from the host would synchronize a GPU)
-    for row, scale, f in zip(table, scales, features):
-        row[0], row[1], row[2] = scale, f.shape[-2], f.shape[-1]
-    scale, H, W = table[levels].unbind(dim=1)  # (R,) each
+    pair = levels * N + rois[:, 0].long()  # (R,) the (level, image) each RoI is pooled from
+    order = torch.sort(pair, stable=True).indices  # (R,) RoIs grouped by pair
+    counts = torch.bincount(pair, minlength=L * N).tolist()  # host sync: RoIs per (level, image)
+    assert len(counts) == L * N, f"roi batch indices must lie in [0, {N})"
+    table = maps[0].new_tensor([(s, f.shape[-2], f.shape[-1]) for s, f in zip(scales, features)])  # (L, 3)
+    scale, H, W = table[levels[order], :, None, None].unbind(dim=1)  # (R, 1, 1) each, in the order of `order`
     offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (rois[:, 1:] * scale[:, None] - offset).unbind(dim=1)  # (R,) each, in map pixels
-    roi_w, roi_h = x2 - x1, y2 - y1
+    x1, y1, x2, y2 = (rois[order, 1:, None, None].to(maps[0].dtype) * scale[:, None] - offset).unbind(dim=1)
+    roi_w, roi_h = x2 - x1, y2 - y1  # (R, 1, 1) each, in map pixels
     if not aligned:
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)  # Mask R-CNN: no RoI thinner than one pixel
     if sampling_ratio > 0:
@@ -99,30 +98,24 @@ def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, ali
     ys, keep_y = sample_points(y1, roi_h, S, grid_y, GY, H)  # (R, S, GY)
     xs, keep_x = sample_points(x1, roi_w, Q, grid_x, GX, W)  # (R, Q, GX)
     # A dropped point goes off the map on one axis, so grid_sample's zero padding makes it count 0 (any other axis).
-    gy = torch.where(keep_y, (2 * ys + 1) / H[:, None, None] - 1, OUTSIDE)  # (R, S, GY)
-    gx = torch.where(keep_x, (2 * xs + 1) / W[:, None, None] - 1, OUTSIDE)  # (R, Q, GX)
-    grid = torch.stack([gx[:, None, :, None, :].expand(R, S, Q, GY, GX),
-                        gy[:, :, None, :, None].expand(R, S, Q, GY, GX)], dim=-1)  # (R, S, Q, GY, GX, 2) as (x, y)
-
-    pair = levels * N + rois[:, 0].long()  # (R,) the (level, image) each RoI is pooled from
-    order = torch.sort(pair, stable=True).indices  # (R,) RoIs grouped by pair
-    counts = torch.bincount(pair, minlength=L * N).tolist()  # host sync: RoIs per (level, image)
-    assert len(counts) == L * N, f"roi batch indices must lie in [0, {N})"
-    grid = grid[order].reshape(R, S * Q, GY * GX, 2)  # (R, S*Q, GY*GX, 2): a cell's points side by side, to average
+    gy = torch.where(keep_y, (2 * ys + 1) / H - 1, OUTSIDE)  # (R, S, GY)
+    gx = torch.where(keep_x, (2 * xs + 1) / W - 1, OUTSIDE)  # (R, Q, GX)
+    grid = torch.stack([gx.view(R, 1, Q, 1, GX).expand(R, S, Q, GY, GX),
+                        gy.view(R, S, 1, GY, 1).expand(R, S, Q, GY, GX)], dim=-1)  # (R, S, Q, GY, GX, 2) as (x, y)
+    grid = grid.view(R * S * Q, GY * GX, 2)  # a cell's points side by side, to average
     pooled, start = [], 0
     for p, count in enumerate(counts):  # loop over (level, image) pairs, not RoIs
         if count:
             level, n = divmod(p, N)
-            points = grid[start:start + count].reshape(1, count * S * Q, GY * GX, 2)  # that pair's RoIs as one grid
-            samples = F.grid_sample(maps[level][n:n + 1], points, mode="bilinear", padding_mode="zeros",
-                                    align_corners=False)  # (1, C, count*S*Q, GY*GX)
-            pooled.append(samples.mean(dim=-1).reshape(C, count, S, Q).permute(1, 0, 2, 3))  # (count, C, S, Q)
-            start += count
+            samples = F.grid_sample(maps[level][n, None], grid[None, start:start + count * S * Q],
+                                    mode="bilinear", padding_mode="zeros", align_corners=False)  # (1, C, count*S*Q, GY*GX)
+            pooled.append(samples.mean(dim=-1))  # (1, C, count*S*Q)
+            start += count * S * Q
     if not pooled:
         return maps[0].new_zeros((R, C, S, Q)).to(features[0].dtype)
-    out = torch.cat(pooled)  # (R, C, S, Q) in the order of `order`
+    out = torch.cat(pooled, dim=2).view(C, R, S, Q).permute(1, 0, 2, 3)  # (R, C, S, Q) in the order of `order`
     if sampling_ratio <= 0:  # adaptive: torchvision divides an RoI's sum by its own count grid_y * grid_x (>= 1)
-        out = out * ((GY * GX) / (grid_y * grid_x).clamp(min=1))[order, None, None, None]
+        out = out * ((GY * GX) / (grid_y * grid_x).clamp(min=1))[:, None]
     return out.new_empty(out.shape).index_copy(0, order, out).to(features[0].dtype)  # back in the order of rois
 
 
@@ -159,9 +152,9 @@ def mask_targets(gt_masks, rois, gt_index, M):
     P, (G, h, w) = rois.shape[0], gt_masks.shape
     if P == 0:
         return rois.new_zeros((0, M, M))
-    x1, y1, x2, y2 = rois.unbind(dim=1)  # (P,) each
+    x1, y1, x2, y2 = rois[:, :, None, None].unbind(dim=1)  # (P, 1, 1) each
     roi_w, roi_h = (x2 - x1).clamp(min=1.0), (y2 - y1).clamp(min=1.0)  # aligned=False: at least one pixel
-    grid_y, grid_x = torch.ceil(roi_h / M), torch.ceil(roi_w / M)  # (P,) adaptive sampling, at least 1
+    grid_y, grid_x = torch.ceil(roi_h / M), torch.ceil(roi_w / M)  # (P, 1, 1) adaptive sampling, at least 1
     GY, GX = torch.stack([grid_y.max(), grid_x.max()]).int().tolist()  # host sync: the largest grids
     ys, keep_y = sample_points(y1, roi_h, M, grid_y, GY, h)  # (P, M, GY)
     xs, keep_x = sample_points(x1, roi_w, M, grid_x, GX, w)  # (P, M, GX)
@@ -169,7 +162,7 @@ def mask_targets(gt_masks, rois, gt_index, M):
     def interpolation(pts, keep, grid, length):  # -> (P, M, 2*G*) pixel indices and averaged bilinear weights
         low = pts.floor()
         frac = pts - low
-        weight = keep / grid[:, None, None]  # each point's share of the cell's average
+        weight = keep / grid  # each point's share of the cell's average
         index = torch.cat([low, (low + 1).clamp(max=length - 1)], dim=-1).to(torch.int64)
         return index, torch.cat([(1 - frac) * weight, frac * weight], dim=-1)
 
