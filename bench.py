@@ -191,7 +191,10 @@ def profile_training(step, device, row_limit=20):
     averages = prof.key_averages()
     calls = {e.key: e.count / PROFILE_ITERS for e in averages}
     aten_calls = sum(n for k, n in calls.items() if k.startswith("aten::"))  # nested ones too (conv2d -> convolution)
-    summary = (f"per step: {aten_calls:.0f} aten calls, "
+    # top-level: called by Python or by the autograd engine, not by another aten op; each costs the CPU a dispatch
+    top_level = sum(1 for e in prof.events() if e.name.startswith("aten::")
+                    and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))) / PROFILE_ITERS
+    summary = (f"per step: {top_level:.0f} top-level aten calls ({aten_calls:.0f} with nested ones), "
                f"{sum(calls.get(k, 0) for k in HOST_SYNC_OPS):.0f} host syncs ({', '.join(HOST_SYNC_OPS)})")
     if device.type == "cuda":
         summary += f", {calls.get('cudaLaunchKernel', 0):.0f} kernel launches"

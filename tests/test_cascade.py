@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-import data
 import evaluate
 import train
 from cascade import CascadeRoIHeads, cascade_state_dict, load_weights, scale_gradient
 from model import build_model
 from roi_heads import BoxHead, MaskHead, fast_rcnn_loss
+from shapes import make_shapes
 
 C, K, REP = 8, 3, 32                          # feature channels, classes incl. background, box feature size
 IMAGE_SHAPE, IMAGE_SIZES = (64, 128), [(64, 128), (60, 100)]
@@ -184,7 +184,7 @@ def test_mask_rcnn_weights_load_into_stage_one(tiny_pair, tmp_path):
 
 def test_switching_a_mask_rcnn_run_to_cascade(tmp_path, capsys):
     # the paper's recipe (Sec. 5): train Mask R-CNN, then continue from its weights as a cascade, from iteration 0
-    data.make_shapes(str(tmp_path / "shapes"), num_train=4, num_val=2, seed=0)
+    make_shapes(str(tmp_path / "shapes"), num_train=4, num_val=2, seed=0)
     ann, images = tmp_path / "shapes" / "annotations", tmp_path / "shapes"
     common = ["--train-ann", str(ann / "instances_train.json"), "--train-images", str(images / "train"),
               "--val-ann", str(ann / "instances_val.json"), "--val-images", str(images / "val"), "--data", "custom",

@@ -12,7 +12,8 @@ from pycocotools.coco import COCO
 
 from conftest import SHARED_DATA
 from data import (IMAGE_MEAN, IMAGE_STD, CocoDataset, DataError, PennFudanDataset, TrainSampler, build_dataset,
-                  collate, make_eval_loader, make_shapes, make_train_loader, resized_size)
+                  collate, make_eval_loader, make_train_loader, resized_size)
+from shapes import make_shapes
 
 PENNFUDAN = os.path.join(SHARED_DATA, "PennFudanPed")
 COCO_SUBSET = os.path.join(SHARED_DATA, "coco_subset")

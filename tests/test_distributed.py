@@ -17,6 +17,7 @@ import evaluate
 import model
 import train
 from conftest import ROOT
+from shapes import make_shapes
 
 # Every anchor and RoI enters the losses: without random sub-sampling the result does not depend on how the random
 # draws are split between processes, so one process and two can be compared number for number.
@@ -33,7 +34,7 @@ def _free_port():
 def shapes_dir(tmp_path_factory):
     """A folder whose data_cache/shapes holds the synthetic set, written once for this module."""
     root = tmp_path_factory.mktemp("dist")
-    data.make_shapes(os.path.join(root, "data_cache", "shapes"))
+    make_shapes(os.path.join(root, "data_cache", "shapes"))
     return root
 
 

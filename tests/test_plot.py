@@ -4,9 +4,9 @@ import json
 import pytest
 from PIL import Image
 
-import data
 import plot
 import train
+from shapes import make_shapes
 
 
 def write_run(run_dir, args, rows):
@@ -127,7 +127,7 @@ def test_samples_cli_wants_zero_or_two_runs(runs):
 
 def test_draw_predictions_side_by_side(tmp_path):
     shapes = tmp_path / "shapes"
-    data.make_shapes(str(shapes), num_train=4, num_val=2)
+    make_shapes(str(shapes), num_train=4, num_val=2)
     run = tmp_path / "run"
     train.main(["--train-ann", str(shapes / "annotations" / "instances_train.json"),
                 "--train-images", str(shapes / "train"),

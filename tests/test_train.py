@@ -9,6 +9,7 @@ import torch
 import data
 import evaluate
 import train
+from shapes import make_shapes
 
 
 def test_schedule_at_batch_16():
@@ -51,7 +52,7 @@ def test_scratch_with_frozen_bn_is_refused():
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    data.make_shapes(str(root), num_train=8, num_val=4, seed=0)
+    make_shapes(str(root), num_train=8, num_val=4, seed=0)
     return root
 
 

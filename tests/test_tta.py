@@ -18,6 +18,7 @@ import train
 import tta
 from masks import paste_masks
 from model import build_model
+from shapes import make_shapes
 
 
 class RectangleDetector:
@@ -130,7 +131,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tta")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # anything written to the working directory (data_cache/, runs/) stays in tmp
-        data.make_shapes("shapes", num_train=4, num_val=2, seed=0)
+        make_shapes("shapes", num_train=4, num_val=2, seed=0)
         train.main(["--train-ann", "shapes/annotations/instances_train.json", "--train-images", "shapes/train",
                     "--val-ann", "shapes/annotations/instances_val.json", "--val-images", "shapes/val",
                     "--data", "custom", "--preset", "tiny", "--device", "cpu", "--batch-size", "2",
