@@ -70,7 +70,8 @@ def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, ali
     coordinate (2x + 1) / W - 1 for align_corners=False, and bilinear weights then equal torchvision's. grid_sample
     pairs grid and input batch entries one to one, so it runs once per (level, image) on that pair's RoIs: the RoIs
     are first sorted by pair, and the points of all of them are computed at once. One host sync: the RoI count of
-    every pair (the small per-level table copied from the host right after it waits for nothing more).
+    every pair. The small per-level table is copied from the host right after it, when the GPU has no work queued
+    for that copy to wait for.
     """
     S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     N, C = features[0].shape[:2]
