@@ -109,8 +109,8 @@ def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, ali
         if count:
             level, n = divmod(p, N)
             samples = F.grid_sample(maps[level][n, None], grid[None, start:start + count * S * Q],
-                                    mode="bilinear", padding_mode="zeros", align_corners=False)  # (1, C, count*S*Q, GY*GX)
-            pooled.append(samples.mean(dim=-1))  # (1, C, count*S*Q)
+                                    mode="bilinear", padding_mode="zeros", align_corners=False)
+            pooled.append(samples.mean(dim=-1))  # (1, C, count*S*Q, GY*GX) -> (1, C, count*S*Q)
             start += count * S * Q
     if not pooled:
         return maps[0].new_zeros((R, C, S, Q)).to(features[0].dtype)
