@@ -218,9 +218,16 @@ def nms(boxes, scores, iou_threshold):
     Returns int64 indices of the kept boxes, by decreasing score; a box is dropped if its IoU with a kept,
     higher-scoring box is > iou_threshold (torchvision semantics). Equal scores keep their input order (stable sort).
     """
+    return _one_row_nms(boxes, scores, None, iou_threshold)
+
+
+def _one_row_nms(boxes, scores, idxs, iou_threshold):
+    """nms() of (N, 4) boxes as one row of pairs; with idxs (N,), only boxes of the same group suppress each other.
+    -> kept indices, by decreasing score, ties in input order."""
     order = torch.sort(scores, descending=True, stable=True).indices  # (N,)
     valid = torch.ones((1, order.shape[0]), dtype=torch.bool, device=boxes.device)  # (1, N): one row, no padding
-    src, dst = _suppression_pairs(boxes[order][None], valid, None, iou_threshold)  # box src suppresses dst
+    groups = None if idxs is None else idxs[order][None]  # (1, N)
+    src, dst = _suppression_pairs(boxes[order][None], valid, groups, iou_threshold)  # box src suppresses dst
     return order[_greedy_fixed_point(src, dst, valid[0])]
 
 
@@ -246,10 +253,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold):
             index = by_group[((torch.cumsum(counts, 0) - counts)[:, None] + slot).clamp(max=n - 1)]  # (G, K)
             kept = torch.sort(index[padded_nms(boxes[index], scores[index], valid, iou_threshold)]).values
             return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
-    order = torch.sort(scores, descending=True, stable=True).indices  # (N,)
-    valid = torch.ones((1, n), dtype=torch.bool, device=boxes.device)  # (1, N)
-    src, dst = _suppression_pairs(boxes[order][None], valid, idxs[order][None], iou_threshold)
-    return order[_greedy_fixed_point(src, dst, valid[0])]  # kept, by decreasing score, ties in input order
+    return _one_row_nms(boxes, scores, idxs, iou_threshold)
 
 
 class Matcher:
