@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from norm import FrozenBatchNorm2d, GroupNorm, SyncBatchNorm, make_norm
+from norm import FrozenBatchNorm2d, GroupNorm, SyncBatchNorm, _group_statistics, make_norm
 
 
 def _randomize_affine(*modules, seed=0):
@@ -123,6 +123,21 @@ def test_group_norm_inference_path_equals_training_path(dtype):
     assert y_inference.dtype == y_training.dtype == dtype
     tol = {} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}  # bf16: one rounding of y apart
     torch.testing.assert_close(y_inference, y_training.detach(), **tol)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_statistics_both_variance_paths(one_pass, dtype):
+    # GPUs take sigma^2 from torch.var (one pass), other devices as the mean of (x - mu)^2; CI runs on a CPU, so
+    # both are called here. Input with |mu| = 100 sigma: both must give float64's statistics of the same values
+    # to float32 precision. E[x^2] - mu^2 in float32 would lose ~1e4 * 2^-24, i.e. fail this tolerance.
+    torch.manual_seed(0)
+    x = (torch.randn(2, 16, 5, 6) * 0.5 + 50.0).to(dtype)
+    xg, mean, rstd = _group_statistics(x, 4, 1e-5, one_pass=one_pass)
+    groups = x.double().view(2, 4, -1)  # (N, G, C/G * H * W)
+    assert xg.shape == (2, 4, 4, 30) and mean.dtype == rstd.dtype == torch.float32
+    torch.testing.assert_close(mean.view(2, 4), groups.mean(-1).float())
+    torch.testing.assert_close(rstd.view(2, 4), (groups.var(-1, correction=0) + 1e-5).rsqrt().float())
 
 
 def test_group_norm_float64_gradcheck():
