@@ -88,10 +88,10 @@ class ResNet(nn.Module):
 
     layers: bottleneck blocks per stage (ResNet Table 1). groups, width_per_group: ResNeXt cardinality and width
     (1, 64 is plain ResNet). base_planes: bottleneck planes of the first stage, doubled per stage (64 in ResNet;
-    smaller only for thin teaching models). norm: a make_norm kind used after every conv. freeze_at: 0 trains everything (the
-    paper's scratch setting, Sec. 4); 1 freezes the stem (conv1, bn1); k >= 2 also freezes layer1..layer{k-1}.
-    Freezing sets requires_grad=False; a "bn" layer in a frozen stage still updates its running statistics in
-    training mode, which is why the fine-tuning baseline pairs freeze_at with norm="frozen_bn".
+    smaller only for thin teaching models). norm: a make_norm kind used after every conv. freeze_at: 0 trains
+    everything (the paper's scratch setting, Sec. 4); 1 freezes the stem (conv1, bn1); k >= 2 also freezes
+    layer1..layer{k-1}. Freezing sets requires_grad=False; a "bn" layer in a frozen stage still updates its running
+    statistics in training mode, which is why the fine-tuning baseline pairs freeze_at with norm="frozen_bn".
     """
 
     def __init__(self, layers=(3, 4, 6, 3), groups=1, width_per_group=64, stem_channels=64, norm="gn",

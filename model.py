@@ -110,7 +110,8 @@ class MaskRCNN(nn.Module):
         return self.postprocess(detections, image_sizes, original_sizes or image_sizes)
 
     def features(self, images):
-        """[P2..P6] with FPN ((N, C, H/4, W/4), ...), else the backbone's maps (VGG-16: [conv5_3 (N, 512, H/16, W/16)])."""
+        """[P2..P6] with FPN ((N, C, H/4, W/4), ...), else the backbone's maps (VGG-16: [conv5_3 (N, 512, H/16,
+        W/16)])."""
         features = self.backbone(images)  # {"C2": .., "C5": ..} or VGG's {"C5": ..}
         if self.fpn is not None:
             features = self.fpn(features)  # {"P2": (N, C, H/4, W/4), ..., "P6"}

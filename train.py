@@ -365,7 +365,8 @@ def main(argv=None):
         done = it + 1
         if main_process and (done % args.log_period == 0 or done == args.max_iters):
             row = {"iter": done, "lr": lr, "loss": total.item(), **terms,
-                   "sec_per_iter": (time.perf_counter() - tic) / args.log_period, **{f"seen_{k}": v for k, v in seen.items()}}
+                   "sec_per_iter": (time.perf_counter() - tic) / args.log_period,
+                   **{f"seen_{k}": v for k, v in seen.items()}}
             if device.type == "cuda":
                 row["max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
             metrics.write(json.dumps(row) + "\n")

@@ -207,8 +207,8 @@ def make_inputs(num_gt=(3, 2)):
         gt = torch.cat([corner, corner + 12 + torch.rand(n, 2, generator=g) * 110], dim=1)  # sides 12..122
         jitter = gt.repeat(6, 1) + torch.randn(6 * n, 4, generator=g) * 6  # overlapping proposals: positives
         props = torch.cat([jitter, random_boxes(30, (h, w), min_side=6, max_side=250, generator=g).float()])
-        props = torch.stack([props[:, 0::2].clamp(0, w).min(1).values, props[:, 1::2].clamp(0, h).min(1).values,
-                             props[:, 0::2].clamp(0, w).max(1).values + 1, props[:, 1::2].clamp(0, h).max(1).values + 1],
+        xs, ys = props[:, 0::2].clamp(0, w), props[:, 1::2].clamp(0, h)  # (P, 2) each
+        props = torch.stack([xs.min(1).values, ys.min(1).values, xs.max(1).values + 1, ys.max(1).values + 1],
                             dim=1)  # clipped, x1 < x2, y1 < y2 (x1, y1, x2, y2)
         masks = torch.zeros(n, h, w, dtype=torch.uint8)
         for i, (x1, y1, x2, y2) in enumerate(gt.round().long().tolist()):  # test data: a filled box per object

@@ -57,7 +57,8 @@ def shapes(tmp_path_factory):
 
 
 def run_args(shapes, out, *extra):
-    return ["--train-ann", str(shapes / "annotations" / "instances_train.json"), "--train-images", str(shapes / "train"),
+    return ["--train-ann", str(shapes / "annotations" / "instances_train.json"),
+            "--train-images", str(shapes / "train"),
             "--val-ann", str(shapes / "annotations" / "instances_val.json"), "--val-images", str(shapes / "val"),
             "--data", "custom", "--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--min-size", "96",
             "--workers", "0", "--log-period", "1", "--warmup-iters", "2", "--output-dir", str(out), *extra]
@@ -138,7 +139,8 @@ def test_samples_seen_are_counted(shapes, tmp_path):
     # Rethinking Sec. 3.2: images, instances and pixels seen. Recount them from the same batches.
     train.main(run_args(shapes, tmp_path, "--max-iters", "3", "--no-eval"))
     train_set = data.build_dataset("custom", "train", train=True, min_size=96, max_size=1333,
-                                   ann=str(shapes / "annotations" / "instances_train.json"), images=str(shapes / "train"))
+                                   ann=str(shapes / "annotations" / "instances_train.json"),
+                                   images=str(shapes / "train"))
     batches = data.make_train_loader(train_set, batch_size=2, seed=0, workers=0)
     images = instances = pixels = 0
     for _ in range(3):

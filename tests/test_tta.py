@@ -41,7 +41,8 @@ class RectangleDetector:
                 boxes = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
             self.detected.append(boxes)
             outputs.append({"boxes": boxes * torch.tensor([out_w / w, out_h / h, out_w / w, out_h / h]),
-                            "scores": torch.full((len(boxes),), 0.9), "labels": torch.ones(len(boxes), dtype=torch.int64)})
+                            "scores": torch.full((len(boxes),), 0.9),
+                            "labels": torch.ones(len(boxes), dtype=torch.int64)})
         return outputs
 
     def mask_probs(self, images, image_sizes, boxes, labels):
