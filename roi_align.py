@@ -7,19 +7,32 @@ the same way (mask_targets). Semantics follow torchvision.ops.roi_align / MultiS
 roi_heads.project_masks_on_boxes, the references of tests/test_roi_heads.py.
 
 Shapes: N images, C channels, H, W feature map, L levels, R RoIs, S, Q pooled height and width (7 box, 14 mask),
-GY, GX sampling points per bin along y and x, G ground-truth masks of size (h, w), P RoIs, M mask side.
+GY, GX sampling points per bin along y and x, A = 2 GY, B = 2 GX their neighbouring pixel rows and columns, G
+ground-truth masks of size (h, w), P RoIs, M mask side.
 """
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from boxes import box_area
 
-__all__ = ["as_rois", "sample_points", "roi_align", "pool_levels", "map_levels", "multilevel_roi_align",
-           "mask_targets"]
+__all__ = ["as_rois", "sample_points", "axis_weights", "roi_align", "pool_levels", "sparse_pooling",
+           "pool_grid", "pool_sparse", "map_levels", "multilevel_roi_align", "mask_targets"]
 
 OUTSIDE = -3.0  # a normalized grid_sample coordinate off the map: the sample reads the zero padding, i.e. adds 0
+# Devices that pool maps needing a gradient with a sparse matrix of bilinear weights (pool_sparse) instead of
+# grid_sample (pool_grid); both give torchvision's values. On a CPU, grid_sample's backward is the slowest op of a
+# training step (2 threads, 256 channels, 512 RoIs from a 100x152 map: 1.9 s forward and backward, 0.11 s as a sparse
+# product with 4 entries per sampling point), while its forward is faster than building that matrix, so inference
+# keeps it. On a GPU, grid_sample is what was measured.
+SPARSE_DEVICES = ("cpu",)
+
+
+def sparse_pooling(maps):
+    """Whether pool_levels reads the points of these maps (N, C, H_l, W_l) with pool_sparse (see SPARSE_DEVICES)."""
+    return maps[0].device.type in SPARSE_DEVICES and torch.is_grad_enabled() and maps[0].requires_grad
 
 
 def as_rois(boxes):
@@ -48,6 +61,18 @@ def sample_points(start, size, bins, grid, max_grid, length):
     return pts.clamp(min=0).clamp_(max=length - 1), keep
 
 
+def axis_weights(pts, keep, grid, length):
+    """Bilinear interpolation along one axis, averaged over a cell's points: points (R, bins, G) from sample_points
+    -> pixel indices (R, bins, 2G) int64 (each point's lower and upper neighbour) and weights (R, bins, 2G), each
+    point's (1 - frac, frac) times its share keep / grid of the cell's average. A point on the last pixel (frac 0)
+    gets that pixel twice, as torchvision's kernel does. length: a number or (R, 1, 1)."""
+    low = pts.floor()
+    frac = pts - low
+    weight = keep / grid.clamp(min=1)  # each point's share of the cell's average; 0 for dropped points
+    index = torch.cat([low, (low + 1).clamp(max=length - 1)], dim=-1).to(torch.int64)
+    return index, torch.cat([(1 - frac) * weight, frac * weight], dim=-1)
+
+
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
     """RoIAlign (Mask R-CNN Sec. 3, Fig. 3) with the signature and semantics of torchvision.ops.roi_align.
 
@@ -66,16 +91,17 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
 def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, aligned):
     """RoIAlign of each RoI (R, 5) from the map features[levels[r]] (N, C, H_l, W_l) at scale scales[levels[r]].
 
-    All points are sampled by grid_sample (no loop over RoIs): a point x in map pixels is at the normalized
-    coordinate (2x + 1) / W - 1 for align_corners=False, and bilinear weights then equal torchvision's. grid_sample
-    pairs grid and input batch entries one to one, so it runs once per (level, image) on that pair's RoIs: the RoIs
-    are first sorted by pair, and the points of all of them are computed at once. One host sync: the RoI count of
-    every pair. The small per-level table is copied from the host right after it, when the GPU has no work queued
-    for that copy to wait for.
+    No loop over RoIs: the RoIs are sorted by the (level, image) pair they are pooled from, the sampling points of
+    all of them are computed at once, and each pair's RoIs are pooled in one call (pool_sparse for CPU maps that
+    need gradients, pool_grid otherwise: see SPARSE_DEVICES). One host sync: the RoI count of every pair. The small
+    per-level table is copied from the host right after it, when the GPU has no work queued for that copy to wait
+    for.
     """
     S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     N, C = features[0].shape[:2]
     L, R = len(features), rois.shape[0]
+    if R == 0:
+        return features[0].new_zeros((0, C, S, Q))
     # grid_sample's grid has the input's dtype; fp16/bf16 coordinates would be off by up to a pixel, so sample in fp32.
     maps = [f if f.dtype in (torch.float32, torch.float64) else f.float() for f in features]
     pair = levels * N + rois[:, 0].long()  # (R,) the (level, image) each RoI is pooled from
@@ -95,9 +121,29 @@ def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, ali
     else:
         # adaptive: ceil(side / cells) points per cell, per RoI; all RoIs use the largest grid, masked per RoI
         grid_y, grid_x = torch.ceil(roi_h / S).clamp(min=0), torch.ceil(roi_w / Q).clamp(min=0)
-        GY, GX = torch.stack([grid_y.max(), grid_x.max()]).clamp(min=1).int().tolist() if R else (1, 1)  # host sync
+        GY, GX = torch.stack([grid_y.max(), grid_x.max()]).clamp(min=1).int().tolist()  # host sync
     ys, keep_y = sample_points(y1, roi_h, S, grid_y, GY, H)  # (R, S, GY)
     xs, keep_x = sample_points(x1, roi_w, Q, grid_x, GX, W)  # (R, Q, GX)
+    if sparse_pooling(maps):
+        out = pool_sparse(maps, counts, axis_weights(ys, keep_y, grid_y, H), axis_weights(xs, keep_x, grid_x, W))
+    else:
+        out = pool_grid(maps, counts, (ys, keep_y, H), (xs, keep_x, W))
+        if sampling_ratio <= 0:  # adaptive: torchvision divides an RoI's sum by its own count grid_y * grid_x (>= 1)
+            out = out * ((GY * GX) / (grid_y * grid_x).clamp(min=1))[:, None]
+    return out.new_empty(out.shape).index_copy(0, order, out).to(features[0].dtype)  # back in the order of rois
+
+
+def pool_grid(maps, counts, y_points, x_points):
+    """The points of each (level, image) pair's RoIs read by grid_sample and averaged per cell -> (R, C, S, Q), RoIs
+    in pair order. y_points: points (R, S, GY), keep (R, S, GY) and map height (R, 1, 1); x_points likewise.
+
+    A point x in map pixels is at the normalized coordinate (2x + 1) / W - 1 for align_corners=False, and bilinear
+    weights then equal torchvision's. grid_sample pairs grid and input batch entries one to one, hence one call per
+    pair. The mean is over all GY * GX points; dropped points read the zero padding, i.e. count 0.
+    """
+    (ys, keep_y, H), (xs, keep_x, W) = y_points, x_points
+    N, C = maps[0].shape[:2]
+    (R, S, GY), (Q, GX) = ys.shape, xs.shape[1:]
     # A dropped point goes off the map on one axis, so grid_sample's zero padding makes it count 0 (any other axis).
     gy = torch.where(keep_y, (2 * ys + 1) / H - 1, OUTSIDE)  # (R, S, GY)
     gx = torch.where(keep_x, (2 * xs + 1) / W - 1, OUTSIDE)  # (R, Q, GX)
@@ -112,12 +158,39 @@ def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, ali
                                     mode="bilinear", padding_mode="zeros", align_corners=False)
             pooled.append(samples.mean(dim=-1))  # (1, C, count*S*Q, GY*GX) -> (1, C, count*S*Q)
             start += count * S * Q
-    if not pooled:
-        return maps[0].new_zeros((R, C, S, Q)).to(features[0].dtype)
-    out = torch.cat(pooled, dim=2).view(C, R, S, Q).permute(1, 0, 2, 3)  # (R, C, S, Q) in the order of `order`
-    if sampling_ratio <= 0:  # adaptive: torchvision divides an RoI's sum by its own count grid_y * grid_x (>= 1)
-        out = out * ((GY * GX) / (grid_y * grid_x).clamp(min=1))[:, None]
-    return out.new_empty(out.shape).index_copy(0, order, out).to(features[0].dtype)  # back in the order of rois
+    return torch.cat(pooled, dim=2).view(C, R, S, Q).permute(1, 0, 2, 3)  # (R, C, S, Q)
+
+
+def pool_sparse(maps, counts, y_weights, x_weights):
+    """RoIAlign as a sparse matrix product -> (R, C, S, Q), RoIs in pair order. y_weights: axis_weights' pixel rows
+    (R, S, A) and weights (R, S, A); x_weights: columns (R, Q, B) and weights (R, Q, B).
+
+    A pooled value is a weighted sum of map pixels (Mask R-CNN Fig. 3 is linear in the map): cell (i, j) of RoI r
+    reads pixel (iy[r, i, a], ix[r, j, b]) with weight wy[r, i, a] * wx[r, j, b], already divided by the RoI's own
+    point count. So the cells of a (level, image) pair's RoIs are one sparse (cells, H * W) matrix times the map seen
+    as (H * W, C); a pixel read twice adds up when the matrix is coalesced. Its gradient is the transposed product.
+    """
+    (iy, wy), (ix, wx) = y_weights, x_weights
+    N, C = maps[0].shape[:2]
+    (R, S, A), (Q, B) = iy.shape, ix.shape[1:]
+    weights = (wy.view(R, S, 1, A, 1) * wx.view(R, 1, Q, 1, B)).view(R, S * Q * A * B)  # (R, cells * A * B)
+    pooled, start = [], 0
+    # sparse products have no bf16 kernel, and PyTorch warns that its CSR layout is in beta at each process's first
+    with torch.autocast(maps[0].device.type, enabled=False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        for p, count in enumerate(counts):  # loop over (level, image) pairs, not RoIs
+            if count:
+                level, n = divmod(p, N)
+                H, W = maps[level].shape[-2:]
+                rows, cols = iy[start:start + count].view(count, S, 1, A, 1), ix[start:start + count]
+                pixels = rows * W + cols.view(count, 1, Q, 1, B)  # (count, S, Q, A, B) flat pixel index
+                cells = torch.arange(count * S * Q, device=iy.device).repeat_interleave(A * B)  # (count*S*Q*A*B,)
+                matrix = torch.sparse_coo_tensor(torch.stack([cells, pixels.flatten()]),
+                                                 weights[start:start + count].flatten(), (count * S * Q, H * W),
+                                                 check_invariants=False).coalesce().to_sparse_csr()
+                pooled.append(matrix @ maps[level][n].reshape(C, H * W).t())  # (count*S*Q, C)
+                start += count
+    return torch.cat(pooled).view(R, S, Q, C).permute(0, 3, 1, 2)  # (R, C, S, Q)
 
 
 def map_levels(boxes, k_min=2, k_max=5, canonical_size=224, canonical_level=4):
@@ -159,16 +232,8 @@ def mask_targets(gt_masks, rois, gt_index, M):
     GY, GX = torch.stack([grid_y.max(), grid_x.max()]).int().tolist()  # host sync: the largest grids
     ys, keep_y = sample_points(y1, roi_h, M, grid_y, GY, h)  # (P, M, GY)
     xs, keep_x = sample_points(x1, roi_w, M, grid_x, GX, w)  # (P, M, GX)
-
-    def interpolation(pts, keep, grid, length):  # -> (P, M, 2*G*) pixel indices and averaged bilinear weights
-        low = pts.floor()
-        frac = pts - low
-        weight = keep / grid  # each point's share of the cell's average
-        index = torch.cat([low, (low + 1).clamp(max=length - 1)], dim=-1).to(torch.int64)
-        return index, torch.cat([(1 - frac) * weight, frac * weight], dim=-1)
-
-    iy, wy = interpolation(ys, keep_y, grid_y, h)  # (P, M, 2GY)
-    ix, wx = interpolation(xs, keep_x, grid_x, w)  # (P, M, 2GX)
+    iy, wy = axis_weights(ys, keep_y, grid_y, h)  # (P, M, 2GY)
+    ix, wx = axis_weights(xs, keep_x, grid_x, w)  # (P, M, 2GX)
     Bx = wx.new_zeros((P, M, w)).scatter_add_(2, ix, wx)  # (P, M, w)
     row = torch.arange(P * M, device=rois.device).repeat_interleave(iy.shape[-1])  # (P*M*2GY,) (RoI, cell) row
     col = (gt_index.to(torch.int64)[:, None, None] * h + iy).reshape(-1)  # (P*M*2GY,) row of the stacked GT masks

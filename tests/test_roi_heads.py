@@ -4,11 +4,20 @@ from collections import OrderedDict
 import pytest
 import torch
 
+import roi_align as roi_align_module
 from masks import mask_loss
 from roi_heads import (BoxHead, BoxPredictor, MaskHead, RoIHeads, map_levels, mask_targets, multilevel_roi_align,
                        paste_masks, roi_align)
 
 tv = pytest.importorskip("torchvision")
+
+
+@pytest.fixture(params=["sparse", "grid_sample"])
+def pooling(request, monkeypatch):
+    """Runs a test with each way RoIAlign reads its points, whatever the device and the need for gradients: a sparse
+    matrix product (training on a CPU) and grid_sample (GPUs, inference on a CPU)."""
+    monkeypatch.setattr(roi_align_module, "sparse_pooling", lambda maps: request.param == "sparse")
+    return request.param
 
 
 def random_boxes(n, size, min_side=0.2, max_side=None, generator=None):
@@ -22,10 +31,18 @@ def random_boxes(n, size, min_side=0.2, max_side=None, generator=None):
 
 
 # ---------------------------------------------------------------- roi_align
+def test_sparse_pooling_for_cpu_maps_that_need_gradients():
+    maps = [torch.zeros(1, 2, 4, 4, requires_grad=True)]
+    assert roi_align_module.sparse_pooling(maps)  # training on a CPU: grid_sample's backward is the slow part
+    with torch.no_grad():
+        assert not roi_align_module.sparse_pooling(maps)  # inference: grid_sample's forward is the fast one
+    assert not roi_align_module.sparse_pooling([torch.zeros(1, 2, 4, 4)])
+
+
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [2, -1, 0])
 @pytest.mark.parametrize("spatial_scale", [1.0, 0.25])
-def test_roi_align_matches_torchvision_values_and_gradients(aligned, sampling_ratio, spatial_scale):
+def test_roi_align_matches_torchvision_values_and_gradients(aligned, sampling_ratio, spatial_scale, pooling):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 13, 17, generator=g, dtype=torch.float64, requires_grad=True)
     image = (13 / spatial_scale, 17 / spatial_scale)
@@ -45,7 +62,7 @@ def test_roi_align_matches_torchvision_values_and_gradients(aligned, sampling_ra
     torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=1e-12)
 
 
-def test_roi_align_float32_list_boxes_and_bfloat16():
+def test_roi_align_float32_list_boxes_and_bfloat16(pooling):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 50, 76, generator=g)
     boxes = [random_boxes(n, (200, 304), min_side=2, generator=g).float() for n in (30, 0)]  # one image without RoIs
@@ -60,7 +77,7 @@ def test_roi_align_float32_list_boxes_and_bfloat16():
 
 
 @pytest.mark.parametrize("aligned, shift", [(False, 0.0), (True, 0.5)])
-def test_roi_align_on_a_ramp_reads_the_bin_centres(aligned, shift):
+def test_roi_align_on_a_ramp_reads_the_bin_centres(aligned, shift, pooling):
     # f(y, x) = x at pixel (y, x). Bilinear interpolation of a ramp is exact and the points of a bin are symmetric
     # about its centre, so every pooled value is the x of the bin centre (aligned=True: minus half a pixel).
     ramp = torch.arange(10.0).expand(1, 1, 8, 10)
@@ -70,7 +87,7 @@ def test_roi_align_on_a_ramp_reads_the_bin_centres(aligned, shift):
     torch.testing.assert_close(out[0, 0], expected.expand(2, 3))
 
 
-def test_roi_align_counts_points_outside_the_map_as_zero():
+def test_roi_align_counts_points_outside_the_map_as_zero(pooling):
     ones = torch.ones(1, 1, 4, 4)
     # x from -4 to 4 in 2 bins: bin 0 has points at -3 and -1 (x < -1 is dropped, -1 is clamped to 0 and read as 1);
     # bin 1 has points at 1 and 3: both inside. Averages: (0 + 1) / 2 and 1.
@@ -86,7 +103,7 @@ def test_map_levels_fpn_equation_1():
     assert map_levels(boxes).tolist() == [3, 4, 5, 5, 2]
 
 
-def test_multilevel_roi_align_matches_torchvision():
+def test_multilevel_roi_align_matches_torchvision(pooling):
     g = torch.Generator().manual_seed(2)
     H, W = 256, 320
     features = [torch.randn(2, 4, H // s, W // s, generator=g) for s in (4, 8, 16, 32)]  # P2..P5
