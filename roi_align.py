@@ -175,15 +175,16 @@ def pool_sparse(maps, counts, y_weights, x_weights):
     (R, S, A), (Q, B) = iy.shape, ix.shape[1:]
     weights = (wy.view(R, S, 1, A, 1) * wx.view(R, 1, Q, 1, B)).view(R, S * Q * A * B)  # (R, cells * A * B)
     pooled, start = [], 0
-    # sparse products have no bf16 kernel, and PyTorch warns that its CSR layout is in beta at each process's first
+    # the product stays in the maps' float32 under autocast; PyTorch's note that CSR is in beta is muted
     with torch.autocast(maps[0].device.type, enabled=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
         for p, count in enumerate(counts):  # loop over (level, image) pairs, not RoIs
             if count:
                 level, n = divmod(p, N)
                 H, W = maps[level].shape[-2:]
-                rows, cols = iy[start:start + count].view(count, S, 1, A, 1), ix[start:start + count]
-                pixels = rows * W + cols.view(count, 1, Q, 1, B)  # (count, S, Q, A, B) flat pixel index
+                rows = iy[start:start + count].view(count, S, 1, A, 1)
+                cols = ix[start:start + count].view(count, 1, Q, 1, B)
+                pixels = rows * W + cols  # (count, S, Q, A, B) flat pixel index
                 cells = torch.arange(count * S * Q, device=iy.device).repeat_interleave(A * B)  # (count*S*Q*A*B,)
                 matrix = torch.sparse_coo_tensor(torch.stack([cells, pixels.flatten()]),
                                                  weights[start:start + count].flatten(), (count * S * Q, H * W),
