@@ -23,11 +23,15 @@ __all__ = ["as_rois", "sample_points", "axis_weights", "roi_align", "pool_levels
 
 OUTSIDE = -3.0  # a normalized grid_sample coordinate off the map: the sample reads the zero padding, i.e. adds 0
 # Devices that pool maps needing a gradient with a sparse matrix of bilinear weights (pool_sparse) instead of
-# grid_sample (pool_grid); both give torchvision's values. On a CPU, grid_sample's backward is the slowest op of a
-# training step (2 threads, 256 channels, 512 RoIs from a 100x152 map: 1.9 s forward and backward, 0.11 s as a sparse
-# product with 4 entries per sampling point), while its forward is faster than building that matrix, so inference
-# keeps it. On a GPU, grid_sample is what was measured.
+# grid_sample (pool_grid); both give torchvision's values. On a CPU, grid_sample's backward is the costliest op of a
+# training step after the convolutions (2 threads, 256 channels, 512 RoIs from a 100x152 map: 1.9 s forward and
+# backward, 0.11 s as a sparse product with 4 entries per sampling point), while its forward is faster than building
+# that matrix, so inference keeps it. On a GPU, grid_sample is what was measured.
 SPARSE_DEVICES = ("cpu",)
+# PyTorch notes once per process that its CSR layout is in beta; pool_sparse relies only on its product and gradient,
+# which tests/test_roi_heads.py checks against torchvision. (Muting it inside pool_sparse with catch_warnings would
+# reset Python's once-per-location record of other warnings at every call.)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 def sparse_pooling(maps):
@@ -175,9 +179,7 @@ def pool_sparse(maps, counts, y_weights, x_weights):
     (R, S, A), (Q, B) = iy.shape, ix.shape[1:]
     weights = (wy.view(R, S, 1, A, 1) * wx.view(R, 1, Q, 1, B)).view(R, S * Q * A * B)  # (R, cells * A * B)
     pooled, start = [], 0
-    # the product stays in the maps' float32 under autocast; PyTorch's note that CSR is in beta is muted
-    with torch.autocast(maps[0].device.type, enabled=False), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+    with torch.autocast(maps[0].device.type, enabled=False):  # the product stays in the maps' float32
         for p, count in enumerate(counts):  # loop over (level, image) pairs, not RoIs
             if count:
                 level, n = divmod(p, N)
