@@ -87,11 +87,12 @@ def mean_over_processes(values):
     return dict(zip(values, stacked / dist.get_world_size()))
 
 
-def sum_over_processes(numbers):
-    """[int or float] -> the same list, each summed over the processes (e.g. images seen per iteration)."""
+def sum_over_processes(numbers, device=None):
+    """[int or float] -> the same list, each summed over the processes (e.g. images seen per iteration). device:
+    where the backend reduces, i.e. this process's GPU with nccl (which has no CPU tensors), the CPU with gloo."""
     if not is_distributed():
         return list(numbers)
-    totals = torch.tensor(numbers, dtype=torch.float64)
+    totals = torch.tensor(numbers, dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     return [type(n)(t) for n, t in zip(numbers, totals.tolist())]
 
