@@ -71,11 +71,13 @@ class BoxCoder:
         return torch.stack((dx, dy, dw, dh), dim=1)  # (R, 4)
 
     def decode(self, deltas, ref_boxes):
-        """deltas (R, 4) or (R, K, 4), ref_boxes (R, 4) -> boxes with the shape of deltas."""
+        """deltas (R, 4) or (R, K, 4), ref_boxes (R, 4) -> boxes with the shape of deltas, float32 at least (as
+        Detectron2: bf16 deltas from autocast would give coordinates beyond 1024 pixels on a grid of 8)."""
         wx, wy, ww, wh = self.weights
         shape = deltas.shape
+        dtype = torch.promote_types(torch.promote_types(deltas.dtype, ref_boxes.dtype), torch.float32)
         deltas = deltas.reshape(shape[0], shape[1] if deltas.dim() == 3 else 1, 4)  # (R, K, 4); K = 1: agnostic
-        ref_boxes = ref_boxes.to(deltas.dtype)
+        deltas, ref_boxes = deltas.to(dtype), ref_boxes.to(dtype)
         ref_w = (ref_boxes[:, 2] - ref_boxes[:, 0])[:, None]  # (R, 1)
         ref_h = (ref_boxes[:, 3] - ref_boxes[:, 1])[:, None]
         ref_x = ref_boxes[:, 0, None] + 0.5 * ref_w

@@ -135,8 +135,10 @@ class RPN(nn.Module):
         assert len(features) == len(self.anchor_generator.sizes), (
             f"expected {len(self.anchor_generator.sizes)} pyramid levels, got {len(features)}")
         pred_objectness, pred_deltas = self.head(features)
+        # Boxes are float32 at least: under bf16 autocast the maps are bf16, whose 8-bit mantissa would put
+        # coordinates beyond 1024 pixels on a grid of 8 (torchvision keeps the maps' dtype; Detectron2 float32).
         anchors = self.anchor_generator(image_shape, [f.shape[-2:] for f in features], features[0].device,
-                                        features[0].dtype)  # L x (H*W*A, 4)
+                                        torch.promote_types(features[0].dtype, torch.float32))  # L x (H*W*A, 4)
         num_anchors_per_level = [a.shape[0] for a in anchors]
         anchors = torch.cat(anchors, dim=0)  # (T, 4), the same for every image
         pred_objectness, pred_deltas = flatten_predictions(pred_objectness, pred_deltas)  # (N, T), (N, T, 4)

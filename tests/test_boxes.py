@@ -160,6 +160,15 @@ def test_box_coder_round_trip_and_torchvision():
         torch.testing.assert_close(coder.decode(class_deltas, ref), expected, rtol=0, atol=0)
 
 
+def test_box_coder_decodes_bf16_deltas_in_float32():
+    # autocast's bf16 deltas: boxes come out in float32, not on bf16's grid of 8 pixels beyond 1024
+    ref = torch.tensor([[1001.3, 517.7, 1203.9, 781.1]])
+    deltas = torch.tensor([[0.1, -0.2, 0.05, 0.3]]).bfloat16()
+    box = BoxCoder().decode(deltas, ref)
+    assert box.dtype == torch.float32
+    torch.testing.assert_close(box, BoxCoder().decode(deltas.float(), ref), rtol=0, atol=0)
+
+
 def test_box_coder_clamps_large_scale_deltas():
     # a 16x16 anchor with t_w = t_h = 10 would be 16 * e^10 wide; the clamp log(1000/16) caps it at 1000
     anchor = torch.tensor([[0.0, 0.0, 16.0, 16.0]])

@@ -135,6 +135,25 @@ def test_presets_train_on_empty_images_and_detect_nothing_gracefully(preset):
     assert out["boxes"].shape == (0, 4) and out["masks"].shape == (0, 1, 32, 48)
 
 
+def test_boxes_stay_float32_under_bf16_autocast():
+    # bf16 keeps 8 significant bits: x = 1001.3 would become 1000. The convolutions run in bf16, the anchors,
+    # proposals, the RoIs the heads are trained on and the detections stay float32.
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=3)
+    images, sizes = torch.randn(1, 3, 128, 160), [(128, 160)]
+    target = [{"boxes": torch.tensor([[10.3, 20.7, 90.1, 100.9]]), "labels": torch.tensor([1]),
+               "masks": torch.ones(1, 128, 160, dtype=torch.uint8)}]
+    seen = []
+    model.roi_heads.register_forward_pre_hook(lambda module, args: seen.append(args[1]))  # args[1]: proposals
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.features(images)
+        losses = model(images, sizes, target)
+        model.eval()
+        (out,) = model(images, sizes)
+    assert features[0].dtype == torch.bfloat16 and all(torch.isfinite(v) for v in losses.values())
+    assert [p.dtype for p in seen[0] + seen[1]] == [torch.float32] * 2 and out["boxes"].dtype == torch.float32
+
+
 def test_presets_are_what_the_paper_says():
     gn = build_model("r50_fpn_gn", num_classes=81)
     names = {type(m).__name__ for m in gn.modules()}
