@@ -51,6 +51,21 @@ def _read_image(path, mode="RGB"):
         raise DataError(f"unreadable or corrupt image {path}: {e}") from None
 
 
+def _is_numbers(value, length=None):
+    """A list of numbers (of `length` numbers, if given), as a json bbox or polygon must be."""
+    return (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
+            and (length is None or len(value) == length))
+
+
+def _is_segmentation(segm):
+    """COCO polygons [[x1, y1, x2, y2, x3, y3, ...], ...] (an even count >= 6 of numbers each) or RLE {counts, size}.
+    RLE contents are checked only when decoded (_mask): pycocotools does it there."""
+    if isinstance(segm, dict):
+        return {"counts", "size"} <= segm.keys()
+    return (isinstance(segm, list) and len(segm) > 0
+            and all(_is_numbers(p) and len(p) >= 6 and len(p) % 2 == 0 for p in segm))
+
+
 def resized_size(h, w, min_size=800, max_size=1333):
     """Mask R-CNN Sec. 3.1: shorter side -> min_size, unless the longer side would pass max_size (Detectron rule).
     Sizes are rounded to the nearest pixel, as Detectron2 does (torchvision floors: 1066 instead of 1067 for 640 px)."""
@@ -112,6 +127,13 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
             raise DataError(f"{source}: missing key(s) {', '.join(missing)} (needs images, annotations, categories)")
         if not os.path.isdir(image_dir):
             raise DataError(f"image folder {image_dir} does not exist (for {source})")
+        for key, kind, fields in (("categories", "category", ("id", "name")), ("annotations", "annotation", ("id",)),
+                                  ("images", "image", ("id", "file_name", "height", "width"))):
+            for i, record in enumerate(data[key]):
+                missing = [field for field in fields if field not in record]
+                if missing:  # a record without "id" is named by its position in the json list
+                    name = f"{kind} id {record['id']}" if "id" in record else f"{key}[{i}]"
+                    raise DataError(f"{source}: {name} has no {', '.join(missing)}")
         self.cat_ids = sorted(c["id"] for c in data["categories"])
         names = {c["id"]: c["name"] for c in data["categories"]}
         self.class_names = [names[c] for c in self.cat_ids]
@@ -128,8 +150,11 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
                 self._keypoints[ann.get("id")] = self._read_keypoints(ann, culprit)
             if ann.get("image_id") not in self._anns:
                 raise DataError(f"{culprit} refers to unknown image id {ann.get('image_id')}")
-            if len(ann.get("bbox", ())) != 4:
-                raise DataError(f"{culprit} has no [x, y, w, h] bbox")
+            if not _is_numbers(ann.get("bbox"), length=4):
+                raise DataError(f"{culprit} has bbox {ann.get('bbox')!r}, not [x, y, w, h] (4 numbers)")
+            if self.has_masks and not _is_segmentation(ann.get("segmentation")):
+                raise DataError(f"{culprit} has a bad segmentation: expected polygons [[x1, y1, x2, y2, x3, y3, ...], "
+                                f"...] (an even count >= 6 of numbers each) or RLE {{counts, size}}")
             if ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
                 dropped.append(ann["id"])
             elif not ann.get("iscrowd", 0) and not ann.get("difficult", 0):  # crowd regions and VOC's "difficult"
@@ -154,7 +179,7 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
             path = os.path.join(image_dir, self.coco.imgs[image_id]["file_name"])
             if not os.path.isfile(path):  # fail before training starts, not at iteration 40k
                 raise DataError(f"missing image file {path} (image id {image_id} in {source})")
-        self.image_dir, self.train, self.flip_prob = image_dir, train, flip_prob
+        self.source, self.image_dir, self.train, self.flip_prob = source, image_dir, train, flip_prob
         self.min_size, self.max_size = min_size, max_size
 
     def _setup_keypoints(self, data, source, keypoint_sigmas):
@@ -199,10 +224,10 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         return len(self.image_ids)
 
     def _mask(self, ann):
-        try:  # polygons and (un)compressed RLE -> (H0, W0) uint8, via pycocotools frPyObjects
+        try:  # polygons and (un)compressed RLE -> (H0, W0) uint8, via pycocotools frPyObjects; bad RLE shows here
             return self.coco.annToMask(ann)
         except (TypeError, ValueError, IndexError, KeyError) as e:
-            raise DataError(f"annotation id {ann['id']}: unreadable segmentation ({e!r})") from None
+            raise DataError(f"{self.source}: annotation id {ann['id']}: unreadable segmentation ({e!r})") from None
 
     def __getitem__(self, item):
         index, aug_seed = item if isinstance(item, tuple) else (item, item)
@@ -224,7 +249,7 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
             masks = np.stack([self._mask(ann) for ann in anns]) if anns else np.zeros((0, h0, w0), np.uint8)
             masks = torch.from_numpy(masks)  # (G, H0, W0)
         lo, hi = self.min_size if isinstance(self.min_size, (tuple, list)) else (self.min_size, self.min_size)
-        flip, min_size = False, hi  # test time: no flip, the largest training scale (800 in the paper)
+        flip, min_size = False, hi  # test time: no flip, min_size (the top of a range); train.py: --min-size
         if self.train:  # Rethinking Sec. 4: horizontal flip; Sec. 5.1/5.2: shorter side uniform in [lo, hi]
             flip = torch.rand((), generator=generator).item() < self.flip_prob
             min_size = int(torch.randint(lo, hi + 1, (), generator=generator))
@@ -350,11 +375,12 @@ def make_eval_loader(dataset, batch_size=1, workers=2, rank=0, world_size=1, col
 
 def build_dataset(data, split, train, min_size=800, max_size=1333, subset=None, subset_seed=0, ann=None,
                   images=None, keypoint_sigmas=None):
-    """Resolve train.py's --data: "shapes", a PennFudanPed folder, a COCO root; explicit --ann/--images override."""
+    """Resolve --data: "shapes", a PennFudanPed folder, a VOCdevkit, a COCO root; explicit ann + images override
+    (train.py's and evaluate.py's --<split>-ann and --<split>-images)."""
     kw = dict(train=train, min_size=min_size, max_size=max_size, subset=subset, subset_seed=subset_seed)
     if ann or images:
         if not (ann and images):
-            raise DataError(f"--ann and --images must be given together (got ann={ann}, images={images})")
+            raise DataError(f"--{split}-ann and --{split}-images must be given together (got only {ann or images})")
         return CocoDataset(ann, images, keypoint_sigmas=keypoint_sigmas, **kw)
     if data == "shapes":
         root = make_shapes(os.path.join("data_cache", "shapes"))

@@ -2,6 +2,7 @@
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -273,6 +274,8 @@ def test_build_dataset_resolves_paths(tiny, tmp_path, monkeypatch):
     ds = build_dataset(str(root), "val", train=False, min_size=40)
     assert isinstance(ds, CocoDataset) and ds.image_dir == str(root / "val2017") and len(ds) == 3
     assert len(build_dataset("ignored", "val", False, ann=tiny["ann"], images=tiny["dir"])) == 3
+    one_line_error("--val-ann and --val-images must be given together", build_dataset, "ignored", "val", False,
+                   ann=tiny["ann"])  # the flags of train.py and evaluate.py
     with pytest.raises(DataError, match="instances_train"):
         build_dataset(str(root), "train", train=True)
     monkeypatch.chdir(tmp_path)
@@ -308,6 +311,40 @@ def test_unknown_category_id(tmp_path):
     ann = {"id": 77, "image_id": 1, "category_id": 99, "bbox": [0, 0, 2, 2], "iscrowd": 0, "segmentation": []}
     path = write_json(tmp_path / "a.json", [{"id": 1, "file_name": "x.png", "height": 4, "width": 4}], [ann])
     one_line_error("annotation id 77 has unknown category_id 99", CocoDataset, path, str(tmp_path))
+
+
+DROP = object()  # as a parameter value below: delete the field
+
+
+@pytest.mark.parametrize("part, field, value, culprit", [
+    ("annotations", "id", DROP, "annotations[0] has no id"),
+    ("categories", "name", DROP, "category id 5 has no name"),
+    ("images", "file_name", DROP, "image id 1 has no file_name"),
+    ("images", "height", DROP, "image id 1 has no height"),
+    ("images", "width", DROP, "image id 1 has no width"),
+    ("annotations", "bbox", "1234", "annotation id 7 has bbox '1234', not [x, y, w, h]"),
+    ("annotations", "bbox", [1, 1, 4], "annotation id 7 has bbox [1, 1, 4], not [x, y, w, h]"),
+    ("annotations", "segmentation", [[1, 2, 3]], "annotation id 7 has a bad segmentation"),
+    ("annotations", "segmentation", [[1, 1, 5, 1, 5]], "annotation id 7 has a bad segmentation"),
+    ("annotations", "segmentation", [[1, 1, 5, 1, 5, "x"]], "annotation id 7 has a bad segmentation"),
+    ("annotations", "segmentation", [], "annotation id 7 has a bad segmentation"),
+    ("annotations", "segmentation", {"counts": "abc"}, "annotation id 7 has a bad segmentation"),
+])
+def test_malformed_json_fails_at_setup(tmp_path, part, field, value, culprit):
+    """One bad field: a one-line DataError naming the json, the record and the field when the dataset is built,
+    not a KeyError from pycocotools or an error in a DataLoader worker mid-training."""
+    write_image(tmp_path / "1.png", 8, 8)
+    parts = {"images": [{"id": 1, "file_name": "1.png", "height": 8, "width": 8}],
+             "annotations": [{"id": 7, "image_id": 1, "category_id": 5, "bbox": [1, 1, 4, 4], "iscrowd": 0,
+                              "segmentation": [[1, 1, 5, 1, 5, 5]]}],
+             "categories": [{"id": 5, "name": "b"}]}
+    assert len(CocoDataset(write_json(tmp_path / "good.json", **parts), str(tmp_path))[0][1]["masks"]) == 1
+    if value is DROP:
+        del parts[part][0][field]
+    else:
+        parts[part][0][field] = value
+    path = write_json(tmp_path / "bad.json", **parts)
+    one_line_error(re.escape(f"{path}: {culprit}"), CocoDataset, path, str(tmp_path))
 
 
 def test_empty_dataset(tmp_path):
