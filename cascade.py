@@ -21,7 +21,9 @@ Where the papers leave details open we follow Detectron2's CascadeROIHeads:
 Departures from Detectron2:
 - training: every stage adds the ground-truth boxes to its input and samples 512 RoIs at 25% foreground with its
   own IoU threshold, as mmdetection's Cascade R-CNN does; Detectron2 samples once, before stage 1, and later stages
-  label all of the previous stage's boxes (no resampling, no GT added again);
+  label all of the previous stage's boxes (no resampling, no GT added again). mmdetection also drops the sampled
+  RoIs that were GT boxes before regressing the rest for the next stage; here they go on, so a later stage can
+  sample a GT box twice (itself and its regressed copy);
 - the mask head learns from the last stage's RoIs (foreground at IoU >= 0.7), the RoIs it sees at test; Detectron2
   trains it on stage 1's RoIs (foreground at IoU >= 0.5).
 

@@ -16,14 +16,12 @@ import re
 
 from torch import nn
 
-from backbone import VGG16, ResNet
+from backbone import RESNET_LAYERS, VGG16, ResNet
 from cascade import CascadeRoIHeads
 from fpn import FPN
 from keypoints import KeypointHead
 from roi_heads import BoxHead, BoxPredictor, MaskHead, RoIHeads, paste_masks
 from rpn import RPN
-
-RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 # Every preset is a plain set of keyword arguments for `build_model`; `**overrides` replaces any of them.
 _PAPER = dict(
@@ -172,7 +170,7 @@ def build_model(preset, num_classes, **overrides):
     box_heads = [BoxHead(in_channels=channels, num_convs=cfg["box_num_convs"], conv_dim=cfg["box_conv_dim"],
                          num_fcs=cfg["box_num_fcs"], fc_dim=cfg["box_fc_dim"], norm=cfg["head_norm"],
                          num_groups=cfg["num_groups"]) for _ in range(3 if cfg["cascade"] else 1)]
-    if vgg:  # fc6 / fc7 belong to VGG-16: MSRA init as the convs (He et al. 2015, Eq. 10: std sqrt(2 / fan_in))
+    if vgg:  # fc6 / fc7 belong to VGG-16: MSRA init, forward form (He et al. 2015, Eq. 10: std sqrt(2 / fan_in))
         for head in box_heads:
             for fc in head.fcs:
                 nn.init.kaiming_normal_(fc.weight, mode="fan_in", nonlinearity="relu")
