@@ -39,6 +39,10 @@ COCO_KEYPOINT_SIGMAS = (.026, .025, .025, .035, .035, .079, .079, .072, .072, .0
 class DataError(ValueError):
     """Bad input data. The message is one line naming the culprit (file, annotation id, image id)."""
 
+    def line(self):
+        """That line, also when a loader worker raised the error (its text then ends the worker's traceback)."""
+        return str(self).strip().splitlines()[-1].removeprefix("data.DataError: ")
+
 
 def _read_image(path, mode="RGB"):
     """(H0, W0, 3) uint8 array for mode "RGB"; mode None keeps the stored values; PIL errors become DataError."""

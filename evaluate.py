@@ -5,7 +5,7 @@ Lin et al., "Microsoft COCO" (2014) and cocodataset.org/#detection-eval; keypoin
 cocodataset.org/#keypoints-eval. A model without mask head gets box AP only; on PASCAL VOC (Sec. 5.2) VOC mAP at
 IoU 0.5 is added, area and 11-point (voc.py).
 
-    python evaluate.py --checkpoint runs/demo/model_0001000.pth            # data flags default to the run's own
+    python evaluate.py --checkpoint runs/demo/model_0000400.pth            # data flags default to the run's own
     torchrun --nproc_per_node=8 evaluate.py --checkpoint ...               # each GPU takes 1/8 of the images
     python evaluate.py --checkpoint CKPT --tta-scales 400,600,800,1000,1200 --tta-flip --max-size 2000   # Sec. 5.1
 
@@ -25,6 +25,7 @@ import torch
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+import checkpoint
 import data
 import distributed
 import tta
@@ -132,13 +133,10 @@ def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, t
     return metrics
 
 
-def load_run(checkpoint, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None):
-    """The model of a train.py checkpoint and its validation set; data flags default to the run's own.
+def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None):
+    """The model of a train.py checkpoint (path) and its validation set; data flags default to the run's own.
     Problems end the program with a one-line error naming the checkpoint or the data."""
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as e:
-        sys.exit(f"error: cannot read checkpoint {checkpoint}: {e}")
+    ckpt = checkpoint.read(path, keys=("model", "args"))
     run = ckpt["args"]
     try:
         dataset = data.build_dataset(data_root or run["data"], "val", train=False,
@@ -155,7 +153,7 @@ def load_run(checkpoint, data_root=None, val_ann=None, val_images=None, min_size
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        sys.exit(f"error: checkpoint {checkpoint} does not fit preset {run['preset']} with "
+        sys.exit(f"error: checkpoint {path} does not fit preset {run['preset']} with "
                  f"{dataset.num_classes} classes: {str(e).splitlines()[0]}")
     return model, dataset
 
@@ -180,9 +178,9 @@ def main(argv=None):
     p.add_argument("--val-images", help="image folder for --val-ann")
     p.add_argument("--min-size", type=int, help="shorter side at test (default: the checkpoint's; paper: 800)")
     p.add_argument("--max-size", type=int, help="cap on the longer side (default: the checkpoint's; paper: 1333)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
+    p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     p.add_argument("--results", help="write the COCO results json here")
     p.add_argument("--tta-scales", type=scale_list, default=(),
                    help="test-time augmentation: comma-separated shorter sides, e.g. 400,500,...,1200 (Detectron; "
@@ -197,8 +195,11 @@ def main(argv=None):
                               args.max_size)
     if (args.tta_scales or args.tta_flip) and model.roi_heads.keypoint_head is not None:
         sys.exit("error: --tta-scales/--tta-flip merge boxes and masks; evaluate keypoint models without them")
-    metrics = evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers,
-                       results_file=args.results, tta_scales=args.tta_scales, tta_flip=args.tta_flip)
+    try:
+        metrics = evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers,
+                           results_file=args.results, tta_scales=args.tta_scales, tta_flip=args.tta_flip)
+    except data.DataError as e:  # raised in a loader worker: the one line that names the culprit
+        sys.exit(f"error: {e.line()}")
     distributed.cleanup()
     return metrics
 

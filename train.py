@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import cascade
+import checkpoint
 import data
 import distributed
 import evaluate
@@ -29,6 +29,32 @@ from model import PRESETS, build_model
 from norm import GroupNorm, SyncBatchNorm
 
 ITERS_1X, BATCH_1X = 90_000, 16     # Detectron's "1x": 90k iterations at 16 images (~12 COCO epochs)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def scale_range(text):
+    """--train-scales "640,800" -> (640, 800); anything but two sides LO <= HI is a one-line argparse error."""
+    scales = tuple(int(x) for x in text.split(","))
+    if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
+        raise argparse.ArgumentTypeError(f"expected LO,HI shorter sides with 0 < LO <= HI, got {text!r}")
+    return scales
+
+
+def schedule_name(text):
+    """--schedule "6x": N x 90k iterations, N >= 1 (shorter schedules would drop the LR before they start)."""
+    try:
+        n = float(text.removesuffix("x"))
+    except ValueError:
+        n = 0.0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected Nx with N >= 1 such as 1x, 3x or 6x, got {text!r}")
+    return text
 
 
 def get_args(argv=None):
@@ -45,10 +71,10 @@ def get_args(argv=None):
     g.add_argument("--min-size", type=int, help="shorter image side (paper: 800; default 800, or the native size "
                                                 "of the synthetic shapes)")
     g.add_argument("--max-size", type=int, default=1333, help="cap on the longer side (Detectron: 1333)")
-    g.add_argument("--train-scales", type=lambda s: tuple(int(x) for x in s.split(",")),
+    g.add_argument("--train-scales", type=scale_range,
                    help="LO,HI: training shorter side drawn from [LO, HI] (Sec. 5: 640,800 enhanced baselines; "
                         "512,800 for 35k images); default: --min-size only")
-    g.add_argument("--train-subset", type=int, help="train on a random subset of N images (Sec. 5.2: 1k..35k)")
+    g.add_argument("--train-subset", type=positive_int, help="train on a random subset of N images (Sec. 5.2: 1k..35k)")
     g.add_argument("--subset-seed", type=int, default=0, help="seed that picks the subset")
     g.add_argument("--keypoint-sigmas", type=lambda s: [float(x) for x in s.split(",")],
                    help="comma-separated OKS sigma per keypoint, for a keypoints json that is not COCO's 17 person "
@@ -78,21 +104,22 @@ def get_args(argv=None):
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     g.add_argument("--weight-decay", type=float, default=1e-4,
                    help="weight decay (paper: 1e-4), not applied to normalization parameters (Detectron)")
-    g.add_argument("--schedule", help="Nx = N x 90k iterations at batch 16, scaled to the effective batch; sets "
-                                      "--max-iters "
-                                      "and the LR drops at the last 60k and 20k (paper: 2x..6x from scratch)")
-    g.add_argument("--max-iters", type=int, help="training iterations (default: the schedule, 1x, or 400 on shapes)")
+    g.add_argument("--schedule", type=schedule_name,
+                   help="Nx = N x 90k iterations at batch 16, scaled to the effective batch, with the LR drops at "
+                        "the last 60k and 20k (paper: 2x..6x from scratch; default 1x, or --max-iters)")
+    g.add_argument("--max-iters", type=positive_int,
+                   help="training iterations instead of a schedule (default: 1x, or 400 on shapes)")
     g.add_argument("--lr-steps", type=lambda s: [int(x) for x in s.split(",")],
-                   help="comma-separated iterations where the LR drops (default: from --schedule; at 80%% on "
-                        "shapes; else none)")
+                   help="comma-separated iterations where the LR drops (default: the schedule's; with --max-iters "
+                        "none; at 80%% on shapes)")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="LR factor at each drop (paper: 0.1)")
     g.add_argument("--warmup-iters", type=int, help="linear warm-up iterations (Detectron: 500; 50 on shapes)")
     g.add_argument("--warmup-factor", type=float, default=1 / 3, help="warm-up starting LR factor (Detectron: 1/3)")
 
     g = p.add_argument_group("run control")
     g.add_argument("--eval-period", type=int, default=0, help="evaluate every N iterations (0: only at the end)")
-    g.add_argument("--ckpt-period", type=int, default=500, help="checkpoint every N iterations")
-    g.add_argument("--log-period", type=int, default=20, help="write a metrics row every N iterations")
+    g.add_argument("--ckpt-period", type=positive_int, default=500, help="checkpoint every N iterations")
+    g.add_argument("--log-period", type=positive_int, default=20, help="write a metrics row every N iterations")
     g.add_argument("--output-dir", default="runs/demo", help="where checkpoints, metrics.jsonl and args.json go")
     g.add_argument("--resume", help="checkpoint path, or 'auto' for the latest one in --output-dir")
     g.add_argument("--seed", type=int, default=0, help="seed for init, sampling and augmentation")
@@ -121,15 +148,20 @@ def resolve(args, world_size=1):
     # the linear scaling rule gives at batch 4, a short warm-up, one LR drop at 80%, images at their native 128 px.
     demo = args.data == "shapes" and not args.train_ann
     args.lr = args.lr or (0.02 if demo else 0.02 * batch / BATCH_1X)   # linear scaling rule (Goyal et al.)
-    if args.schedule:
-        n = float(args.schedule.rstrip("x"))
-        args.max_iters, args.lr_steps = schedule(n, batch)
-    args.max_iters = args.max_iters or (400 if demo else ITERS_1X * BATCH_1X // batch)
+    if args.schedule and (args.max_iters or args.lr_steps):
+        sys.exit("error: --schedule sets the iterations and the LR drops; give it or --max-iters/--lr-steps")
+    if args.schedule or not (args.max_iters or demo):  # Detectron's 1x unless told otherwise
+        args.max_iters, steps = schedule(float((args.schedule or "1x").removesuffix("x")), batch)
+        args.lr_steps = args.lr_steps or steps
+    args.max_iters = args.max_iters or 400  # the demo
     args.lr_steps = args.lr_steps or ([args.max_iters * 4 // 5] if demo else [])
     args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else (50 if demo else 500)
     args.min_size = args.min_size or (128 if demo else 800)
     if bool(args.train_ann) != bool(args.val_ann):
         sys.exit("error: --train-ann and --val-ann go together (with --train-images and --val-images)")
+    for ann, images in (("train_ann", "train_images"), ("val_ann", "val_images")):
+        if getattr(args, images) and not getattr(args, ann):
+            sys.exit(f"error: --{images.replace('_', '-')} needs --{ann.replace('_', '-')}")
     norm = args.norm or PRESETS[args.preset]["norm"]
     if args.init == "scratch" and norm == "frozen_bn":
         sys.exit("error: --init scratch with frozen_bn: frozen BN keeps the random init's statistics and never "
@@ -137,6 +169,10 @@ def resolve(args, world_size=1):
     if args.init == "imagenet" and not args.pretrained:
         sys.exit("error: --init imagenet needs --pretrained PATH (a torchvision ImageNet checkpoint; nothing is "
                  "downloaded)")
+    if args.pretrained and args.init != "imagenet":
+        sys.exit("error: --pretrained is read only with --init imagenet")
+    if args.save_backbone and not os.path.isdir(os.path.dirname(args.save_backbone) or "."):
+        sys.exit(f"error: --save-backbone {args.save_backbone}: its folder does not exist")
     if args.amp != "none" and cpu and args.amp == "fp16":
         sys.exit("error: --amp fp16 needs --device cuda; use --amp bf16 on CPU")
     return args
@@ -168,66 +204,6 @@ def param_groups(model, weight_decay):
             if p.requires_grad:
                 (no_decay if isinstance(module, norm_types) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def latest_checkpoint(output_dir):
-    names = [f for f in os.listdir(output_dir) if f.startswith("model_") and f.endswith(".pth")] \
-        if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, max(names)) if names else None
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, model, optimizer, scaler, iteration, args, seen, rng):
-    """Written atomically: a crash mid-write leaves the previous checkpoint intact. rng: every process's RNG state."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-             "args": vars(args), "scaler": scaler.state_dict() if scaler else None, "seen": seen, "rng": rng}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, preset, cascade=False):
-    if not os.path.isfile(path):
-        sys.exit(f"error: checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt["args"]["preset"] != preset:
-        sys.exit(f"error: checkpoint {path} is from preset {ckpt['args']['preset']!r}, not {preset!r}")
-    if ckpt["args"].get("cascade", False) != cascade:
-        hint = f"start a new run with --weights {path} to switch to the cascade" if cascade else "add --cascade"
-        sys.exit(f"error: checkpoint {path} was trained {'without' if cascade else 'with'} --cascade; {hint}")
-    return ckpt
-
-
-def load_pretrained(backbone, path, log=print):
-    """Load a torchvision ImageNet checkpoint into the backbone; report what did not match (the fc is expected)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    result = backbone.load_state_dict(state, strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "classifier."))]
-    log(f"loaded {path}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
-        f"{len(unexpected)} unexpected keys {unexpected[:5]}")
-
-
-def load_weights(model, path, log=print):
-    """--weights: e.g. a scratch Mask R-CNN switched to the cascade for the rest of its training (Sec. 5)."""
-    if not os.path.isfile(path):
-        sys.exit(f"error: --weights {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    missing, unexpected, skipped = cascade.load_weights(model, state.get("model", state))
-    log(f"loaded {path}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
-        f"{unexpected[:3]}, {len(skipped)} skipped for their shape {skipped[:3]}")
 
 
 def main(argv=None):
@@ -268,9 +244,9 @@ def main(argv=None):
                         mask_head=None if train_set.has_masks else False,
                         num_keypoints=train_set.num_keypoints or None).to(device)
     if args.init == "imagenet":
-        load_pretrained(model.backbone, args.pretrained, log)
+        checkpoint.load_pretrained(model.backbone, args.pretrained, log)
     if args.weights:
-        load_weights(model, args.weights, log)
+        checkpoint.load_weights(model, args.weights, log)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:  # in place, so parameter names (and checkpoints) stay those of the plain model
@@ -296,9 +272,9 @@ def main(argv=None):
         return
 
     start_iter, ckpt = 0, None
-    resume = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
+    resume = checkpoint.latest(args.output_dir) if args.resume == "auto" else args.resume
     if resume:
-        ckpt = load_checkpoint(resume, args.preset, args.cascade)
+        ckpt = checkpoint.load_for_resume(resume, args)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler and ckpt["scaler"]:
@@ -315,14 +291,14 @@ def main(argv=None):
     if ckpt:  # restored after the loader exists, so the RNG streams continue exactly where they stopped
         if len(ckpt["rng"]) != world_size:
             sys.exit(f"error: {resume} was written by {len(ckpt['rng'])} process(es); resume it with as many")
-        set_rng_state(ckpt["rng"][rank])
+        checkpoint.set_rng_state(ckpt["rng"][rank])
 
     metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if main_process else None
     seen = dict(ckpt["seen"]) if ckpt else {"images": 0, "instances": 0, "pixels": 0}
     model.train()
     bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, dynamic_ncols=True,
                disable=not main_process)
-    tic = time.perf_counter()
+    tic, tic_iter = time.perf_counter(), start_iter  # sec_per_iter: the time since tic over the iterations since
     for it in bar:
         lr = lr_at(it, args.lr, args.lr_steps, args.lr_gamma, args.warmup_iters, args.warmup_factor)
         for group in optimizer.param_groups:
@@ -330,8 +306,8 @@ def main(argv=None):
 
         try:
             images, image_sizes, targets = next(batches)
-        except data.DataError as e:  # raised in a loader worker: keep the one line that names the culprit
-            sys.exit(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}")
+        except data.DataError as e:  # raised in a loader worker: the one line that names the culprit
+            sys.exit(f"error: {e.line()}")
         images = images.to(device, non_blocking=True,
                            memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
@@ -343,7 +319,7 @@ def main(argv=None):
         total = sum(terms.values())
         if not torch.isfinite(total):
             bad = ", ".join(f"{k} = {v.item():.4g}" for k, v in terms.items() if not torch.isfinite(v))
-            last = latest_checkpoint(args.output_dir)
+            last = checkpoint.latest(args.output_dir)
             sys.exit(f"error: non-finite loss at iteration {it}: {bad}; the last good checkpoint is {last}")
 
         optimizer.zero_grad(set_to_none=True)
@@ -357,7 +333,7 @@ def main(argv=None):
 
         # Rethinking Sec. 3.2 / Fig. 2: count the images, instances and pixels the model has seen (all processes).
         counts = [len(targets), sum(len(t["boxes"]) for t in targets), sum(h * w for h, w in image_sizes)]
-        for key, count in zip(("images", "instances", "pixels"), distributed.sum_over_processes(counts)):
+        for key, count in zip(("images", "instances", "pixels"), distributed.sum_over_processes(counts, device)):
             seen[key] += count
         terms = {k: v.item() for k, v in terms.items()}
         bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{lr:.2g}", **{k[5:]: f"{v:.3f}" for k, v in terms.items()})
@@ -365,25 +341,31 @@ def main(argv=None):
         done = it + 1
         if main_process and (done % args.log_period == 0 or done == args.max_iters):
             row = {"iter": done, "lr": lr, "loss": total.item(), **terms,
-                   "sec_per_iter": (time.perf_counter() - tic) / args.log_period,
+                   "sec_per_iter": (time.perf_counter() - tic) / (done - tic_iter),
                    **{f"seen_{k}": v for k, v in seen.items()}}
             if device.type == "cuda":
                 row["max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-            tic = time.perf_counter()
+            tic, tic_iter = time.perf_counter(), done
         if done % args.ckpt_period == 0 or done == args.max_iters:
-            rng = distributed.all_gather(rng_state())  # every process's, so that resume is exact for each
+            rng = distributed.all_gather(checkpoint.rng_state())  # every process's, so that resume is exact for each
             if main_process:
-                save_checkpoint(os.path.join(args.output_dir, f"model_{done:07d}.pth"), model, optimizer, scaler,
+                checkpoint.save(os.path.join(args.output_dir, f"model_{done:07d}.pth"), model, optimizer, scaler,
                                 done, args, seen, rng)
         if (args.eval_period and done % args.eval_period == 0) or (done == args.max_iters and not args.no_eval):
-            # every process predicts its shard of the images; rank 0 gathers them and runs COCOeval
-            results = evaluate.evaluate(model, val_set, device, amp=args.amp, workers=args.workers)
+            # every process predicts its shard of the images; rank 0 gathers them and runs COCOeval. The loader
+            # draws its workers' seeds from the torch RNG: forked, so that a resumed run takes the same draws.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                try:
+                    results = evaluate.evaluate(model, val_set, device, amp=args.amp, workers=args.workers)
+                except data.DataError as e:
+                    sys.exit(f"error: {e.line()}")
             if main_process:
                 metrics.write(json.dumps({"iter": done, **results}) + "\n")
                 metrics.flush()
             model.train()
+            tic, tic_iter = time.perf_counter(), done  # the evaluation is not training time
     if main_process:
         metrics.close()
         if args.save_backbone:  # torchvision key names: conv1, bn1, layer1..4

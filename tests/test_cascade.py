@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import evaluate
+import checkpoint
 import train
 from cascade import CascadeRoIHeads, cascade_state_dict, load_weights, scale_gradient
 from model import build_model
@@ -177,9 +178,9 @@ def test_mask_rcnn_weights_load_into_stage_one(tiny_pair, tmp_path):
 
     # the same through train.py --weights, from a checkpoint file
     torch.save({"model": state, "iteration": 90}, tmp_path / "model.pth")
-    train.load_weights(cascade, str(tmp_path / "model.pth"))
+    checkpoint.load_weights(cascade, str(tmp_path / "model.pth"))
     with pytest.raises(SystemExit, match="does not exist"):
-        train.load_weights(cascade, str(tmp_path / "missing.pth"))
+        checkpoint.load_weights(cascade, str(tmp_path / "missing.pth"))
 
 
 def test_switching_a_mask_rcnn_run_to_cascade(tmp_path, capsys):

@@ -8,6 +8,7 @@ import torch
 
 import data
 import evaluate
+import checkpoint
 import train
 from shapes import make_shapes
 
@@ -70,11 +71,14 @@ def read_rows(path):
 
 
 def test_resume_is_exact(shapes, tmp_path):
+    # The full run also evaluates at the checkpoint's iteration, after saving it: the resumed run, which starts
+    # after that evaluation, must still take the same random draws.
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train.main(run_args(shapes, full, "--max-iters", "6", "--ckpt-period", "3", "--no-eval"))
+    train.main(run_args(shapes, full, "--max-iters", "6", "--ckpt-period", "3", "--eval-period", "3"))
     resumed.mkdir()
     shutil.copy(full / "model_0000003.pth", resumed / "model_0000003.pth")
-    train.main(run_args(shapes, resumed, "--max-iters", "6", "--ckpt-period", "3", "--no-eval", "--resume", "auto"))
+    train.main(run_args(shapes, resumed, "--max-iters", "6", "--ckpt-period", "3", "--eval-period", "3",
+                        "--resume", "auto"))
     a, b = read_rows(full / "metrics.jsonl"), read_rows(resumed / "metrics.jsonl")
     assert [r["iter"] for r in b] == [4, 5, 6]
     for ra, rb in zip(a[3:], b):
@@ -105,6 +109,54 @@ def test_checkpoint_from_another_preset_is_refused(shapes, tmp_path):
     args[args.index("tiny")] = "r50_fpn_gn"
     with pytest.raises(SystemExit, match="preset 'tiny'"):
         train.main(args)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--schedule", "2x", "--max-iters", "10"], "--schedule sets"),
+    (["--pretrained", "backbone.pth"], "--pretrained is read only with --init imagenet"),
+    (["--train-scales", "800,640"], "0 < LO <= HI"),
+    (["--schedule", "0.5x"], "N >= 1"),
+    (["--ckpt-period", "0"], "positive integer"),
+    (["--val-images", "val"], "--val-images needs --val-ann"),
+])
+def test_flags_that_make_no_sense_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.resolve(train.get_args(["--device", "cpu", *flags]))
+    assert message in str(e.value) + capsys.readouterr().err  # resolve's sys.exit, or argparse's usage error
+
+
+def test_resume_with_other_trajectory_flags_is_refused(shapes, tmp_path):
+    train.main(run_args(shapes, tmp_path, "--max-iters", "1", "--no-eval"))
+    args = run_args(shapes, tmp_path, "--max-iters", "2", "--no-eval", "--resume", "auto", "--seed", "5")
+    with pytest.raises(SystemExit, match=r"--seed 0 -> 5.*--weights"):
+        train.main(args)
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--weights", "--checkpoint"])
+def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(shapes, tmp_path, flag):
+    bad = tmp_path / "notes.pth"
+    bad.write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit) as e:
+        if flag == "--checkpoint":
+            evaluate.main(["--checkpoint", str(bad), "--device", "cpu"])
+        else:
+            train.main(run_args(shapes, tmp_path / "run", "--max-iters", "1", "--no-eval", flag, str(bad)))
+    message = str(e.value)
+    assert message.startswith("error:") and "notes.pth is not a PyTorch checkpoint" in message and "\n" not in message
+
+
+def test_bad_validation_data_found_while_evaluating_is_a_one_line_error(shapes, tmp_path):
+    val = json.loads((shapes / "annotations" / "instances_val.json").read_text())
+    val["images"][0]["height"] += 1  # found only when the image is read, in a loader worker
+    bad = tmp_path / "val.json"
+    bad.write_text(json.dumps(val))
+    args = run_args(shapes, tmp_path / "run", "--max-iters", "1", "--workers", "1")
+    args[args.index("--val-ann") + 1] = str(bad)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    message = str(e.value)
+    assert message.startswith("error:") and f"image id {val['images'][0]['id']} says" in message
+    assert "\n" not in message
 
 
 def test_evaluate_cli_scores_a_training_checkpoint(shapes, tmp_path):
@@ -175,7 +227,7 @@ def test_torchvision_imagenet_checkpoint_loads_into_the_backbone(tmp_path, capsy
     reference = tv.models.resnet50()
     torch.save(reference.state_dict(), path)                  # a torchvision ImageNet-format file, fc included
     model = build_model("r50_fpn_syncbn", num_classes=3)
-    train.load_pretrained(model.backbone, str(path))
+    checkpoint.load_pretrained(model.backbone, str(path))
     out = capsys.readouterr().out
     assert "0 missing keys" in out and "0 unexpected keys" in out   # fc.* is expected and not reported
     assert torch.equal(model.backbone.layer3[2].conv2.weight, reference.layer3[2].conv2.weight)

@@ -1,0 +1,100 @@
+"""Checkpoints: written atomically, resumed exactly, and read with a one-line error when a file is not one.
+
+Rethinking ImageNet Pre-training (arXiv:1811.08883) trains from scratch for up to 6x90k iterations (Table 1), so a
+run is stopped and resumed many times; `--resume` must continue it as if it had not stopped. A checkpoint holds
+the model, the optimizer (momentum buffers), the GradScaler, the iteration, the run's flags, the samples seen
+(Sec. 3.2) and every process's RNG state (data sampling, augmentation, RoI sampling).
+ImageNet weights (--init imagenet) are torchvision ResNet/VGG state dicts, whose key names backbone.py keeps.
+"""
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+import cascade
+
+# Flags that shape the training trajectory: --resume refuses a checkpoint whose run had other values.
+TRAJECTORY_FLAGS = ("data", "train_ann", "train_images", "train_subset", "subset_seed", "min_size", "max_size",
+                    "train_scales", "batch_size", "lr", "momentum", "weight_decay", "lr_steps", "lr_gamma",
+                    "warmup_iters", "warmup_factor", "seed", "norm", "init", "amp")
+
+
+def read(path, what="checkpoint", keys=(), weights_only=False):
+    """torch.load(path) on the CPU, or a one-line error naming `what` and the path: missing, not written by
+    torch.save, or (keys) not a dict with these entries. weights_only for third-party files (--pretrained)."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: {what} {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # unpickling fails in many ways; all mean "not a checkpoint this code can read"
+        sys.exit(f"error: {what} {path} is not a PyTorch checkpoint ({type(e).__name__})")
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        sys.exit(f"error: {what} {path} has no {', '.join(missing)}: not a model_*.pth written by train.py")
+    return state
+
+
+def latest(output_dir):
+    """The newest model_*.pth in output_dir (names carry the iteration with leading zeros), or None."""
+    names = [f for f in os.listdir(output_dir) if f.startswith("model_") and f.endswith(".pth")] \
+        if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, max(names)) if names else None
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path, model, optimizer, scaler, iteration, args, seen, rng):
+    """Written atomically: a crash mid-write leaves the previous checkpoint intact. rng: every process's RNG state."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+             "args": vars(args), "scaler": scaler.state_dict() if scaler else None, "seen": seen, "rng": rng}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_for_resume(path, args):
+    """--resume: the checkpoint of this very run, i.e. the same preset and the same TRAJECTORY_FLAGS."""
+    ckpt = read(path, "checkpoint", keys=("model", "optimizer", "args", "rng"))
+    run = ckpt["args"]
+    if run["preset"] != args.preset:
+        sys.exit(f"error: checkpoint {path} is from preset {run['preset']!r}, not {args.preset!r}")
+    if run.get("cascade", False) != args.cascade:
+        hint = f"start a new run with --weights {path} to switch to the cascade" if args.cascade else "add --cascade"
+        sys.exit(f"error: checkpoint {path} was trained {'without' if args.cascade else 'with'} --cascade; {hint}")
+    changed = [f"--{k.replace('_', '-')} {run.get(k)} -> {getattr(args, k)}" for k in TRAJECTORY_FLAGS
+               if run.get(k) != getattr(args, k)]
+    if changed:
+        sys.exit(f"error: resuming {path} with other flags than its run's ({'; '.join(changed)}) would not continue "
+                 f"it exactly; start a new run from it with --weights {path}")
+    return ckpt
+
+
+def load_pretrained(backbone, path, log=print):
+    """Load a torchvision ImageNet checkpoint into the backbone; report what did not match (the fc is expected)."""
+    state = read(path, "--pretrained", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    result = backbone.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "classifier."))]
+    log(f"loaded {path}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
+        f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+
+
+def load_weights(model, path, log=print):
+    """--weights: e.g. a scratch Mask R-CNN switched to the cascade for the rest of its training (Sec. 5)."""
+    state = read(path, "--weights")
+    missing, unexpected, skipped = cascade.load_weights(model, state.get("model", state))
+    log(f"loaded {path}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
+        f"{unexpected[:3]}, {len(skipped)} skipped for their shape {skipped[:3]}")
