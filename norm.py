@@ -4,8 +4,8 @@ He, Girshick & Dollár 2019 (arXiv:1811.08883), Sec. 3.1 "Normalization": a dete
 normalization that works at detection batch sizes (2 images per GPU). Frozen BN (the usual fine-tuning choice) has
 no statistics to freeze when there is no pre-training, and plain BN with 2 images per GPU has too noisy statistics.
 The paper uses one of two remedies everywhere (backbone, FPN and heads, Sec. 4):
-  - Group Normalization (Wu & He 2018, arXiv:1803.08494, Sec. 3.1 Eqs. 1-3): statistics over groups of channels
-    of one image, independent of the batch size.
+  - Group Normalization (Wu & He 2018, arXiv:1803.08494, Sec. 3.1 Eqs. 1, 2, 6, 7): statistics over groups of
+    channels of one image, independent of the batch size.
   - Synchronized BN (Peng et al. 2018, MegDet): BN whose statistics are computed over the images of all GPUs.
 FrozenBatchNorm2d is the pre-training baseline ("BN*"): BN turned into a fixed per-channel affine transform.
 
@@ -81,8 +81,9 @@ def _group_statistics(x, num_groups, eps, one_pass=None):
 
 
 def _group_norm_no_grad(x, weight, bias, num_groups, eps):
-    """GN Eqs. 1-3 when no gradient is needed (inference): y = x * scale + shift in one pass over x, with per-channel
-    scale = gamma * r and shift = beta - mu * gamma * r computed in float32 and applied inside the kernel."""
+    """GN Eqs. 1, 2, 6, 7 when no gradient is needed (inference): after the statistics, y = x * scale + shift in one
+    pass over x, with per-channel scale = gamma * r and shift = beta - mu * gamma * r computed in float32 and applied
+    inside the kernel."""
     xg, mean, rstd = _group_statistics(x, num_groups, eps)  # (N, G, C/G, S), (N, G, 1, 1), (N, G, 1, 1)
     N, G, Cg = xg.shape[:3]
     gamma = weight.view(G, Cg, 1) if weight is not None else rstd.new_ones(G, Cg, 1)  # (G, C/G, 1)
@@ -94,21 +95,23 @@ def _group_norm_no_grad(x, weight, bias, num_groups, eps):
 
 
 class _GroupNormFunction(torch.autograd.Function):
-    """GN Eqs. 1-3 with a written-out backward pass, in few passes over the activation and few small ops.
+    """GN Eqs. 1, 2, 6, 7 with a written-out backward pass, in few passes over the activation and few small ops.
 
-    Per image n and group g (S_i of GN Eq. 1: its L = C/G * H * W values), with r = 1 / sqrt(sigma^2 + eps):
+    Per image n and group g (S_i of GN Eq. 7: its L = C/G * H * W values), with r = 1 / sqrt(sigma^2 + eps) (Eq. 2):
         forward   x_hat = (x - mu) * r,   y = gamma * x_hat + beta
         backward  dbeta_c = sum dy,   dgamma_c = sum dy * x_hat                    (sums over n and the pixels)
                   dx = r * (gamma * dy - 1/L sum_S gamma * dy - x_hat/L * sum_S gamma * dy * x_hat)
     The backward is the usual normalization derivative: removing the mean and the scale of a group takes out of
     dx its components along 1 and along x_hat. Both group sums are gamma-weighted sums of the per-channel sums
-    db = sum_pixels dy and ds = sum_pixels dy * x_hat, so the whole backward reads dy twice and x_hat twice.
+    db = sum_pixels dy and ds = sum_pixels dy * x_hat, so the backward reads dy three times (the two sums and dx),
+    x_hat twice, and writes and reads one dy * x_hat temporary.
     x_hat (not x) is kept for backward: sum dy * x_hat has no cancellation even when |mu| >> sigma, which
-    matters when x_hat is stored in bf16. Statistics and per-channel sums are float32 for bf16/fp16 inputs;
-    every big tensor is read and written in the input's dtype (reductions with dtype=float32 and out= with a
-    bf16 destination cast inside the kernel, so no float32 copy of the activation is made). Autocast needs no
-    switching off: it leaves in-place ops and calls with out= or dtype= alone, and the rest (mul, stack) are not on
-    its lists.
+    matters when x_hat is stored in bf16. Statistics and per-channel sums are float32 for bf16/fp16 inputs, reduced
+    from the input's dtype directly (dtype= or out= of float32); x_hat, y and dx are written in the input's dtype
+    (out= with a bf16 destination casts inside the kernel). Two full-size float32 temporaries remain: the
+    backward's first dx pass (on purpose, see there) and, on a CPU, the variance's x - mu (_group_statistics).
+    Autocast needs no switching off: it leaves in-place ops and calls with out= or dtype= alone, and the rest
+    (mul, stack) are not on its lists.
     Everything works on the grouped view (N, G, C/G, S), where per-group (N, G, 1, 1) and per-channel (G, C/G, 1)
     tensors broadcast without reshapes: on a GPU at batch 2 the step is bound by the CPU issuing small ops.
     """
@@ -119,7 +122,7 @@ class _GroupNormFunction(torch.autograd.Function):
         G, Cg = xg.shape[1:3]
         x_hat = torch.addcmul(mean.mul_(rstd).neg_(), xg, rstd, out=torch.empty_like(xg))  # GN Eq. 1: (x - mu) r
         y = x_hat.view(x.shape)
-        if weight is not None:  # GN Eq. 3: y = gamma * x_hat + beta, per channel, in x's own memory layout
+        if weight is not None:  # GN Eq. 6: y = gamma * x_hat + beta, per channel, in x's own memory layout
             per_channel = (G * Cg,) + (1,) * (x.dim() - 2)  # (C, 1, ..., 1)
             y = torch.addcmul(bias.view(per_channel), y, weight.view(per_channel), out=torch.empty_like(x))
         ctx.save_for_backward(x_hat, rstd, weight)
@@ -154,24 +157,28 @@ class GroupNorm(nn.Module):
     Statistics are computed in float32 (at least) even for bf16 inputs under autocast; the output keeps the input's
     dtype. The backward pass is written out (_GroupNormFunction): left to autograd, the forward's ~15 small ops and
     their float32 copies of the activation took 61 ms of GPU time per R50-GN Mask R-CNN step (H100, bf16, batch 2),
-    48 ms with this version. Without gradients (inference) the forward is one pass, _group_norm_no_grad.
+    48 ms with this version. Without gradients (inference), _group_norm_no_grad normalizes in one pass over x once
+    the statistics are computed.
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
         super().__init__()
+        if num_groups < 1:
+            raise ValueError(f"GroupNorm: num_groups must be at least 1, got {num_groups}")
         if num_channels % num_groups != 0:
             raise ValueError(f"GroupNorm: {num_channels} channels do not divide into {num_groups} groups; "
                              f"pass a num_groups that divides {num_channels}")
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
         if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels))  # gamma, GN Eq. 3
-            self.bias = nn.Parameter(torch.zeros(num_channels))  # beta, GN Eq. 3
+            self.weight = nn.Parameter(torch.ones(num_channels))  # gamma, GN Eq. 6
+            self.bias = nn.Parameter(torch.zeros(num_channels))  # beta, GN Eq. 6
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
     def forward(self, x):
-        assert x.shape[1] == self.num_channels, f"GroupNorm: expected {self.num_channels} channels, got {x.shape[1]}"
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"GroupNorm: expected an input (N, {self.num_channels}, ...), got shape {tuple(x.shape)}")
         if torch.is_grad_enabled() and (x.requires_grad or self.affine and self.weight.requires_grad):
             return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
         return _group_norm_no_grad(x, self.weight, self.bias, self.num_groups, self.eps)
@@ -234,6 +241,8 @@ class SyncBatchNorm(nn.Module):
 
     def forward(self, x):
         C = self.num_features
+        if x.dim() < 2 or x.shape[1] != C:
+            raise ValueError(f"SyncBatchNorm: expected an input (N, {C}, ...), got shape {tuple(x.shape)}")
         if not self.training:
             scale = self.weight * (self.running_var + self.eps).rsqrt()  # (C,)
             shift = self.bias - self.running_mean * scale  # (C,)
@@ -242,10 +251,14 @@ class SyncBatchNorm(nn.Module):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least, as for GroupNorm
         dims = [0, *range(2, x.dim())]  # every dim but the channel one: N, H, W
         local_n = x.numel() // C  # values per channel in this process
+        synchronized = self._synchronized()
+        if not synchronized and local_n == 1:  # as nn.BatchNorm2d; 0 values (no RoIs) is allowed, the output is empty
+            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when training, got shape "
+                             f"{tuple(x.shape)}")
         local_mean = xf.sum(dims) / max(local_n, 1)  # (C,)
         local_m2 = (xf - _per_channel(local_mean, x)).square().sum(dims)  # (C,) sum of squared deviations (two-pass)
         stats = torch.cat([local_mean.new_full((1,), local_n), local_mean, local_m2])[None]  # (1, 2C+1)
-        if self._synchronized():
+        if synchronized:
             # an all-gather with a gradient: each process fills its own row of a (W, 2C+1) zero table, one summing
             # all-reduce completes the table everywhere
             rows = torch.arange(dist.get_world_size(), device=x.device) == dist.get_rank()  # (W,) one-hot

@@ -217,6 +217,16 @@ def test_make_norm_errors():
         make_norm("batchnorm", 8)
 
 
+def test_group_norm_input_errors():
+    with pytest.raises(ValueError, match="GroupNorm: num_groups must be at least 1, got 0"):
+        GroupNorm(0, 8)
+    gn = GroupNorm(2, 8)
+    with pytest.raises(ValueError, match=r"GroupNorm: expected an input \(N, 8, ...\), got shape \(8,\)"):
+        gn(torch.randn(8))
+    with pytest.raises(ValueError, match=r"GroupNorm: expected an input \(N, 8, ...\), got shape \(2, 6, 3, 3\)"):
+        gn(torch.randn(2, 6, 3, 3))
+
+
 # -------------------------------------------------------------------------------------------------- SyncBatchNorm
 
 def test_sync_bn_single_process_is_batch_norm_and_warns_once():
@@ -252,6 +262,21 @@ def test_sync_bn_empty_batch_keeps_running_stats():
         y = bn(torch.randn(0, 4, 7, 7))
     assert y.shape == (0, 4, 7, 7) and not torch.isnan(bn.running_mean).any()
     assert torch.equal(bn.running_mean, torch.zeros(4)) and torch.equal(bn.running_var, torch.ones(4))
+
+
+def test_sync_bn_input_errors():
+    bn = SyncBatchNorm(4)
+    for mode in (bn.train, bn.eval):
+        mode()
+        with pytest.raises(ValueError, match=r"SyncBatchNorm: expected an input \(N, 4, ...\), got shape \(2, 3, 5\)"):
+            bn(torch.randn(2, 3, 5))
+    bn.train()
+    with pytest.warns(UserWarning, match="SyncBatchNorm"):  # local BatchNorm: one value per channel has no variance
+        with pytest.raises(ValueError, match=r"expected more than 1 value per channel when training, got shape "
+                                             r"\(1, 4, 1, 1\)"):
+            bn(torch.randn(1, 4, 1, 1))
+    bn.eval()
+    assert bn(torch.randn(1, 4, 1, 1)).shape == (1, 4, 1, 1)  # the running statistics need no batch
 
 
 def test_frozen_bn_and_sync_bn_eval_keep_bf16():
