@@ -17,7 +17,8 @@ from norm import make_norm
 def _conv_norm(in_channels, out_channels, kernel_size, norm, num_groups):
     """conv (bias only without a norm) [+ norm], as Sequential so the conv is always `.0` (torchvision's keys)."""
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none")
-    # "c2_xavier_fill" of Detectron / torchvision's FPN: kaiming_uniform_(a=1), i.e. U(+-sqrt(3 / fan_in)).
+    # Caffe2's XavierFill (Detectron), Detectron2's c2_xavier_fill, torchvision's FPN: kaiming_uniform_(a=1), i.e.
+    # U(+-sqrt(3 / fan_in)).
     nn.init.kaiming_uniform_(conv.weight, a=1)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)

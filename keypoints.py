@@ -4,8 +4,10 @@ Mask R-CNN, He et al. 2017 (arXiv:1703.06870) Sec. 5 "Mask R-CNN for Human Pose 
 is a one-hot m x m mask in which only the keypoint's pixel is foreground. The head is "a stack of eight 3x3 512-d
 conv layers, followed by a deconv layer and 2x bilinear upscaling, producing an output resolution of 56x56", on
 14x14 RoIAlign features. Training minimizes, for each visible ground-truth keypoint, "the cross-entropy loss over an
-m^2-way softmax output". Rethinking ImageNet Pre-training (arXiv:1811.08883) Fig. 6 trains this model (R50-FPN,
-GN) from scratch: 65.6 keypoint AP at 2x, against 65.5 with ImageNet pre-training.
+m^2-way softmax output". Departure, as Detectron and torchvision: targets and loss cover every labelled keypoint
+(v > 0, so hidden ones with v = 1 too), not only the visible (v = 2) ones.
+Rethinking ImageNet Pre-training (arXiv:1811.08883) Fig. 6 trains this model (R50-FPN, GN) from scratch: 65.6
+keypoint AP at 2x, against 65.5 with ImageNet pre-training.
 Targets, loss and decoding follow Detectron and torchvision (keypoints_to_heatmap, keypointrcnn_loss,
 heatmaps_to_keypoints), the reference of tests/test_keypoints.py.
 
@@ -101,19 +103,20 @@ def keypoint_targets(keypoints, rois, M):
 
 
 def keypoint_loss(logits, index, valid):
-    """Mask R-CNN Sec. 5: per visible keypoint, cross-entropy of an M^2-way softmax over the heatmap.
+    """Mask R-CNN Sec. 5: per labelled keypoint (v > 0, the departure noted at the top of this file), cross-entropy
+    of an M^2-way softmax over the heatmap.
 
     logits (P, K, M, M), index (P, K) target pixels, valid (P, K). Averaged over the valid keypoints of the whole
     batch (torchvision; Detectron's KRCNN.NORMALIZE_BY_VISIBLE_KEYPOINTS); with several processes, of the joint
     batch (distributed.loss_denominator).
     """
     P, K, M, _ = logits.shape
-    n_visible = loss_denominator(int(valid.sum()), device=logits.device)  # a collective: every process calls it
+    n_valid = loss_denominator(int(valid.sum()), device=logits.device)  # a collective: every process calls it
     if not valid.any():
-        return logits.sum() * 0  # no visible keypoint in any positive RoI: a zero that reaches every parameter
+        return logits.sum() * 0  # no valid keypoint in any positive RoI: a zero that reaches every parameter
     flat = logits.reshape(P * K, M * M)  # (P*K, M*M): one M^2-way classification per (RoI, keypoint)
     keep = valid.reshape(-1)
-    return F.cross_entropy(flat[keep], index.reshape(-1)[keep], reduction="sum") / n_visible
+    return F.cross_entropy(flat[keep], index.reshape(-1)[keep], reduction="sum") / n_valid
 
 
 def heatmaps_to_keypoints(maps, rois):

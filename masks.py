@@ -5,11 +5,11 @@ per class; L_mask is the average per-pixel binary cross-entropy of the ground-tr
 mask head: 4 x conv3x3 256, deconv 2x2 stride 2, 1x1 conv to K masks: 14 x 14 -> 28 x 28), Sec. 3.1 "Inference"
 (the m x m mask is resized to the box in the image).
 Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 4: GN after every conv of the mask head.
-The mask targets (RoIAlign of the GT masks) live in roi_heads.py beside RoIAlign; the tests compare everything here
-with torchvision (MaskRCNNHeads/MaskRCNNPredictor, maskrcnn_loss, paste_masks_in_image).
+The mask targets (RoIAlign of the GT masks) are roi_align.mask_targets, re-exported by roi_heads.py; the tests
+compare everything here with torchvision (MaskRCNNHeads/MaskRCNNPredictor, maskrcnn_loss, paste_masks_in_image).
 
 Shapes: R RoIs, C channels, S pooled side (14), M mask side (28), K classes incl. background,
-D detections, (h, w) image size, T = M + 2 the padded mask side.
+D detections, (h, w) image size, T = M + 2 * padding the padded mask side (padding 1 by default).
 """
 import torch
 import torch.nn.functional as F
@@ -88,15 +88,16 @@ def paste_masks(mask_probs, boxes, image_size, padding=1):
     """Paste M x M soft masks (D, 1, M, M) into an image of size (h, w) at their boxes (D, 4) -> (D, 1, h, w).
 
     Same result as torchvision's paste_masks_in_image(masks, boxes, (h, w), padding=1), without its loop over boxes:
-    the mask gets one pixel of zeros around it and the box grows by the same factor (M + 2) / M, so the mask fades to
-    zero at the box border instead of being cut; the box is truncated to integers, and bilinear resizing is separable,
-    so each pasted mask is Wy @ mask @ Wx^T with per-box interpolation matrices that are zero outside the box.
+    the mask gets `padding` pixels of zeros around it (1 by default) and the box grows by the same factor
+    (M + 2 * padding) / M, so the mask fades to zero at the box border instead of being cut; the box is truncated to
+    integers, and bilinear resizing is separable, so each pasted mask is Wy @ mask @ Wx^T with per-box interpolation
+    matrices that are zero outside the box.
     """
     D, _, M, _ = mask_probs.shape
     h, w = image_size
     if D == 0:
         return mask_probs.new_zeros((0, 1, h, w))
-    masks = F.pad(mask_probs[:, 0], (padding,) * 4).to(torch.float32)  # (D, T, T), T = M + 2
+    masks = F.pad(mask_probs[:, 0], (padding,) * 4).to(torch.float32)  # (D, T, T), T = M + 2 * padding
     T = M + 2 * padding
     scale = T / M
     half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5

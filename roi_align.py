@@ -24,9 +24,11 @@ __all__ = ["as_rois", "sample_points", "axis_weights", "roi_align", "pool_levels
 OUTSIDE = -3.0  # a normalized grid_sample coordinate off the map: the sample reads the zero padding, i.e. adds 0
 # Devices that pool maps needing a gradient with a sparse matrix of bilinear weights (pool_sparse) instead of
 # grid_sample (pool_grid); both give torchvision's values. On a CPU, grid_sample's backward is the costliest op of a
-# training step after the convolutions (2 threads, 256 channels, 512 RoIs from a 100x152 map: 1.9 s forward and
-# backward, 0.11 s as a sparse product with 4 entries per sampling point), while its forward is faster than building
-# that matrix, so inference keeps it. On a GPU, grid_sample is what was measured.
+# training step after the convolutions: roi_align forward and backward (2 threads, a 2x256x100x152 map, 512 RoIs of
+# sides 2 to 77 map pixels, 7x7, sampling_ratio 2) took 0.98 s with grid_sample, 0.17 s as a sparse product with 4
+# entries per sampling point. Inference keeps grid_sample: its forward alone is slower (0.23 s against 0.10 s, same
+# shapes), but whole-model inference came out even (tiny at 128x160: 0.18 s against 0.20 s with the sparse product;
+# r50_fpn_gn at 800x1216: 6.6 s against 6.5 s). On a GPU, grid_sample is what was measured.
 SPARSE_DEVICES = ("cpu",)
 # PyTorch notes once per process that its CSR layout is in beta; pool_sparse relies only on its product and gradient,
 # which tests/test_roi_heads.py checks against torchvision. (Muting it inside pool_sparse with catch_warnings would
@@ -85,6 +87,8 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     values at GY x GX regular points (sampling_ratio each, or ceil(RoI side / cells) per RoI when <= 0).
     aligned=False is Mask R-CNN's original RoIAlign (no half-pixel shift, RoI sides at least 1 pixel);
     aligned=True shifts by -0.5 so that pixel centres are at integer + 0.5 (Detectron2's ROIAlignV2).
+    With sampling_ratio <= 0 every RoI is sampled on the largest RoI's grid (its own points kept, the rest masked), so
+    time and memory grow with the largest RoI; the detector uses sampling_ratio=2.
     Returns (R, C, S, Q).
     """
     rois = as_rois(boxes)
@@ -95,11 +99,13 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
 def pool_levels(features, rois, levels, scales, output_size, sampling_ratio, aligned):
     """RoIAlign of each RoI (R, 5) from the map features[levels[r]] (N, C, H_l, W_l) at scale scales[levels[r]].
 
+    The RoIs' batch indices must lie in [0, N): an index N or more would be read from another level's map (pair
+    level * N + image), and only indices beyond the last level are caught.
     No loop over RoIs: the RoIs are sorted by the (level, image) pair they are pooled from, the sampling points of
     all of them are computed at once, and each pair's RoIs are pooled in one call (pool_sparse for CPU maps that
-    need gradients, pool_grid otherwise: see SPARSE_DEVICES). One host sync: the RoI count of every pair. The small
-    per-level table is copied from the host right after it, when the GPU has no work queued for that copy to wait
-    for.
+    need gradients, pool_grid otherwise: see SPARSE_DEVICES). One host sync, the RoI count of every pair, and with
+    sampling_ratio <= 0 a second, the largest sampling grid. The small per-level table is copied from the host right
+    after the first, when the GPU has no work queued for that copy to wait for.
     """
     S, Q = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     N, C = features[0].shape[:2]
@@ -199,7 +205,9 @@ def pool_sparse(maps, counts, y_weights, x_weights):
 def map_levels(boxes, k_min=2, k_max=5, canonical_size=224, canonical_level=4):
     """FPN Eq. 1: the pyramid level P_k an RoI (R, 4) is pooled from -> (R,) int64 level k in [k_min, k_max]."""
     side = torch.sqrt(box_area(boxes))  # (R,) sqrt(w * h)
-    # FPN Eq. (1): k = floor(k0 + log2(sqrt(wh) / 224)), k0 = 4; +1e-6 as torchvision, so 448 maps exactly to 5
+    # FPN Eq. (1): k = floor(k0 + log2(sqrt(wh) / 224)), k0 = 4. +1e-6 as torchvision: a side rounded a hair below
+    # 224 * 2^j (by under 1e-6 of it, 4e-4 pixels at 448) still gets level k0 + j, e.g. a 210-pixel box resized by
+    # float32(800 / 375), whose side is 447.99988: level 5, not 4
     level = torch.floor(canonical_level + torch.log2(side / canonical_size) + 1e-6)
     return level.clamp(min=k_min, max=k_max).to(torch.int64)
 
@@ -207,7 +215,11 @@ def map_levels(boxes, k_min=2, k_max=5, canonical_size=224, canonical_level=4):
 def multilevel_roi_align(features, boxes, image_shape, output_size, sampling_ratio=2, aligned=False):
     """RoIAlign each RoI from its FPN level (Eq. 1): features [P2..P5] (N, C, H_k, W_k), boxes [(R_i, 4) per image]
     in pixels of the padded batch of size image_shape (H, W) -> (sum R_i, C, S, S), as torchvision MultiScaleRoIAlign.
+    boxes may also be (R, 5) rois, whose batch indices must then lie in [0, N) (see pool_levels).
     """
+    N = features[0].shape[0]
+    if not isinstance(boxes, torch.Tensor) and len(boxes) != N:
+        raise ValueError(f"multilevel_roi_align: boxes for {len(boxes)} images, features for {N}")
     rois = as_rois(boxes)  # (R, 5)
     # level scale = 1 / stride, recovered from the sizes and rounded to a power of two (H / 4 -> 1/4 for P2, ...)
     scales = [2.0 ** round(math.log2(f.shape[-2] / image_shape[0])) for f in features]

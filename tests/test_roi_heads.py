@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import roi_align as roi_align_module
+from boxes import box_area
 from masks import mask_loss
 from roi_heads import (BoxHead, BoxPredictor, MaskHead, RoIHeads, map_levels, mask_targets, multilevel_roi_align,
                        paste_masks, roi_align)
@@ -101,6 +102,9 @@ def test_map_levels_fpn_equation_1():
     boxes = torch.stack([torch.zeros(5), torch.zeros(5), sides, sides], dim=1)
     # k = floor(4 + log2(side / 224)), clamped to [2, 5]
     assert map_levels(boxes).tolist() == [3, 4, 5, 5, 2]
+    # a 210-pixel box resized by 800 / 375 in float32: side 447.99988, a hair below 448, still level 5 (the + 1e-6)
+    resized = torch.tensor([[750.0, 750.0, 960.0, 960.0]]) * torch.tensor(800 / 375)
+    assert torch.sqrt(box_area(resized)).item() < 448 and map_levels(resized).tolist() == [5]
 
 
 def test_multilevel_roi_align_matches_torchvision(pooling):
@@ -113,6 +117,13 @@ def test_multilevel_roi_align_matches_torchvision(pooling):
     ours = multilevel_roi_align(features, boxes, (H, W), 7, sampling_ratio=2)
     assert len(set(map_levels(torch.cat(boxes)).tolist())) == 4  # every level is used
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+
+
+def test_multilevel_roi_align_needs_boxes_for_each_image():
+    features = [torch.zeros(2, 4, 64 // s, 80 // s) for s in (4, 8, 16, 32)]
+    boxes = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])] * 3  # image 2 would be read from P3's image 0
+    with pytest.raises(ValueError, match="multilevel_roi_align: boxes for 3 images, features for 2"):
+        multilevel_roi_align(features, boxes, (64, 80), 7)
 
 
 # ---------------------------------------------------------------- mask targets and pasting
