@@ -1,8 +1,9 @@
 """PASCAL VOC: the VOCdevkit reader, the paper's VOC split, and VOC mAP at IoU 0.5.
 
 Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 5.2: Faster R-CNN R101-FPN + GN (preset r101_fpn_gn_faster)
-trained on VOC2007 trainval + VOC2012 train (about 15k images, 2.3 objects per image, 20 classes) and evaluated on
-VOC2012 val: 82.7 mAP pre-trained (18k iterations) against 77.6 from scratch (144k), which does not catch up.
+trained on VOC2007 trainval + VOC2012 train (the paper: about 15k images, 2.3 objects per image, 20 classes; these
+two image sets hold 5,011 + 5,717 = 10,728 images) and evaluated on VOC2012 val: 82.7 mAP pre-trained (18k
+iterations) against 77.6 from scratch (144k), which does not catch up.
 Metric: Everingham et al., "The PASCAL Visual Object Classes (VOC) Challenge" (IJCV 2010) Sec. 4.2 (11-point AP,
 VOC2007); from VOC2010 on, the devkit takes the area under the interpolated precision/recall curve instead.
 
@@ -107,9 +108,9 @@ def voc_ap(recall, precision, use_07_metric=False):
     """
     recall, precision = np.asarray(recall, np.float64), np.asarray(precision, np.float64)
     if use_07_metric:
-        # t = k / 10 exactly: py-faster-rcnn's np.arange(0, 1.1, 0.1) makes t = 0.30000000000000004, so a recall
-        # of exactly 0.3 would miss that point there (the devkit's MATLAB 0:0.1:1 does not have this problem).
-        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in np.arange(11) / 10]))
+        # The thresholds of Detectron's voc_eval (py-faster-rcnn's, the paper's code): np.arange(0, 1.1, 0.1), whose
+        # 4th is 3 * 0.1 = 0.30000000000000004, so a recall of exactly 0.3 does not reach it.
+        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in np.arange(0.0, 1.1, 0.1)]))
     r = np.concatenate([[0.0], recall, [1.0]])  # sentinels: the curve starts at recall 0, ends at recall 1 ...
     p = np.concatenate([[0.0], precision, [0.0]])  # ... with precision 0 beyond the last detection
     p = np.maximum.accumulate(p[::-1])[::-1]  # interpolate: p(r) = max over r' >= r of p(r')

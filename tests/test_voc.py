@@ -128,8 +128,10 @@ def test_voc_ap_area_and_11_point():
     # Half the objects found, never a false positive: area .5, 11-point 6/11 (t = 0 .. .5).
     assert voc_ap([0.5], [1.0]) == pytest.approx(0.5)
     assert voc_ap([0.5], [1.0], use_07_metric=True) == pytest.approx(6 / 11)
-    # Recall exactly .3 of 10 objects counts at t = .3 (4 points: 0, .1, .2, .3).
-    assert voc_ap([0.1, 0.2, 0.3], [1.0, 1.0, 1.0], use_07_metric=True) == pytest.approx(4 / 11)
+    # Recall exactly 3 of 10 objects: Detectron's thresholds are np.arange(0, 1.1, 0.1), whose 4th is
+    # 0.30000000000000004 > 0.3, so 3 points count (0, .1, .2); 4 of 10 reaches t = .4 = 4 * 0.1 (5 points).
+    assert voc_ap([0.1, 0.2, 3 / 10], [1.0, 1.0, 1.0], use_07_metric=True) == pytest.approx(3 / 11)
+    assert voc_ap([0.1, 0.2, 0.3, 4 / 10], [1.0] * 4, use_07_metric=True) == pytest.approx(5 / 11)
     assert voc_ap([0.1, 0.2, 0.3], [1.0, 1.0, 1.0]) == pytest.approx(0.3)
     # All found at precision 1: both are 1. Nothing detected: both are 0.
     assert voc_ap([0.5, 1.0], [1.0, 1.0]) == voc_ap([0.5, 1.0], [1.0, 1.0], use_07_metric=True) == pytest.approx(1)
