@@ -19,6 +19,7 @@ from torch import nn
 
 from data import IMAGE_MEAN, IMAGE_STD
 from model import PRESETS, build_model
+from train import device_name, positive_int
 
 TORCHVISION_TWINS = ("r50_fpn_gn", "r101_fpn_gn", "r50_fpn_frozenbn", "tv_maskrcnn_v1")
 GIB = 2 ** 30
@@ -57,10 +58,10 @@ def unnormalized(images, image_sizes):
 def build_torchvision_twin(preset, num_classes, size):
     """torchvision's MaskRCNN built like our preset, or (None, why not). torchvision is imported here only.
 
-    GN presets give the "GN-all" model of shared/docs/measured.md: GroupNorm(32) in the ResNet (all 5 stages
-    trainable), in the FPN, in a 4conv1fc box head and in the 4-conv mask head. FrozenBN presets: FrozenBatchNorm2d
-    in the ResNet, stem and res2 frozen (trainable_layers=3), no norm elsewhere; tv_maskrcnn_v1 is exactly
-    maskrcnn_resnet50_fpn with its 2fc box head, r50_fpn_frozenbn keeps our 4conv1fc head without norm.
+    GN presets give the "GN-all" model, the paper's architecture from torchvision's parts: GroupNorm(32) in the ResNet
+    (all 5 stages trainable), in the FPN, in a 4conv1fc box head and in the 4-conv mask head. FrozenBN presets:
+    FrozenBatchNorm2d in the ResNet, stem and res2 frozen (trainable_layers=3), no norm elsewhere; tv_maskrcnn_v1 is
+    exactly maskrcnn_resnet50_fpn with its 2fc box head, r50_fpn_frozenbn keeps our 4conv1fc head without norm.
     rpn_post_nms_top_n_train follows the preset: 1000 proposals per image, as Detectron2 (torchvision's default
     2000 only for tv_maskrcnn_v1).
     min_size and max_size are the given size, so its internal resize keeps the image as it is (it still
@@ -217,18 +218,21 @@ def report(results, ratios):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
     p.add_argument("--preset", choices=sorted(PRESETS), help="architecture (default: tiny on CPU, r50_fpn_gn on GPU)")
     p.add_argument("--num-classes", type=int, default=81, help="classes with background (COCO: 81)")
-    p.add_argument("--batch-size", type=int, help="training images per iteration (default: 4 on CPU, 2 on GPU)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+    p.add_argument("--batch-size", type=positive_int,
+                   help="training images per iteration (default: 4 on CPU, 2 on GPU)")
+    p.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"),
                    help="image height and width (default: 128 160 on CPU, 800 1216 on GPU)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
-    p.add_argument("--channels-last", action="store_true", help="NHWC images and weights (both models)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC weights (both models) and images (ours; torchvision batches its own inputs)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone and FPN (both models; the warm-up iterations absorb compilation)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, one per core)")
-    p.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's, one per core)")
+    p.add_argument("--iters", type=positive_int, default=20, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing")
     p.add_argument("--torchvision", action="store_true", help="also benchmark torchvision's twin of the preset")
     p.add_argument("--profile", action="store_true", help="profile a few training steps, print the top 20 ops")
@@ -240,6 +244,8 @@ def get_args(argv=None):
     args.size = tuple(args.size or ((128, 160) if cpu else (800, 1216)))
     if cpu and args.amp == "fp16":
         p.error("--amp fp16 needs --device cuda; use --amp bf16 on CPU")
+    if args.num_classes < 2 or args.warmup < 0:
+        p.error("--num-classes counts the background, so it is at least 2; --warmup is at least 0")
     return args
 
 

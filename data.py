@@ -289,7 +289,7 @@ class CocoDataset(_CocoStyleDataset):
 class PennFudanDataset(_CocoStyleDataset):
     """Penn-Fudan pedestrians (Wang et al. 2007), native layout root/PNGImages, root/PedMasks; one class "person".
 
-    PedMasks pixel value k > 0 is pedestrian k; its box is the tight box of its mask. Split (as in measured.md):
+    PedMasks pixel value k > 0 is pedestrian k; its box is the tight box of its mask. Split (the project's standard):
     image names sorted; validation = every 4th image (index % 4 == 0, 43 images), training = the rest (127).
     The ground truth becomes an in-memory COCO (RLE masks, image id = sorted index + 1, annotation id =
     100 * image id + k) so COCOeval treats it exactly like COCO.

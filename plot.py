@@ -26,7 +26,7 @@ from PIL import Image
 
 import data
 import evaluate
-from train import BATCH_1X, ITERS_1X
+from train import BATCH_1X, ITERS_1X, positive_int
 
 import matplotlib
 
@@ -85,6 +85,8 @@ def plot_curves(run_dirs, out, labels=None):
                          **{key: [100 * row[key] for row in evals if key in row] for key in PANELS}}
 
     panels = {key: title for key, title in PANELS.items() if any(curve[key] for curve in curves.values())}
+    if not panels:
+        sys.exit(f"error: no evaluation rows in the metrics.jsonl of {', '.join(run_dirs)} (run with --no-eval?)")
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels.items()):
         for (label, curve), colour in zip(curves.items(), itertools.cycle(COLOURS)):
@@ -269,14 +271,16 @@ def main(argv=None):
     r.add_argument("--data", help="as in train.py (default: the checkpoint's own --data)")
     r.add_argument("--val-ann", help="COCO json of the images to draw (overrides --data)")
     r.add_argument("--val-images", help="image folder for --val-ann")
-    r.add_argument("--num", type=int, default=8, help="how many validation images, from the first")
+    r.add_argument("--num", type=positive_int, default=8, help="how many validation images, from the first")
     r.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
     r.add_argument("--mask-thresh", type=float, default=0.5, help="mask probability threshold (Mask R-CNN: 0.5)")
-    r.add_argument("--zoom", type=int, default=1, help="enlarge small images, e.g. 4 for the 128x160 shapes")
+    r.add_argument("--zoom", type=positive_int, default=1, help="enlarge small images, e.g. 4 for the 128x160 shapes")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
 
     if args.command == "curves":
+        if args.labels and len(args.labels) != len(args.run_dirs):
+            p.error(f"--labels: {len(args.labels)} labels for {len(args.run_dirs)} runs")
         return plot_curves(args.run_dirs, args.out, labels=args.labels)
     if args.command == "samples":
         if len(args.run_dirs) not in (0, 2):

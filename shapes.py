@@ -47,8 +47,9 @@ def make_shapes(root, num_train=300, num_val=50, image_size=(128, 160), seed=0, 
 
     Classes circle, square, triangle with non-contiguous ids 1, 3, 7 (to exercise the label mapping); 1-4 objects of
     20-60 px and random colour on a noisy textured background; every 25th image is empty; train image 2's last object
-    is an iscrowd region. Occlusion: masks and boxes are the visible part; objects with fewer than min_visible
-    visible pixels are not annotated. Unoccluded squares/triangles are stored as polygons, the rest as RLE.
+    (drawn on top) is an iscrowd region if visible enough to be annotated, as it is with the defaults. Occlusion:
+    masks and boxes are the visible part; objects with fewer than min_visible visible pixels are not annotated.
+    Unoccluded squares/triangles are stored as polygons, the rest as RLE.
     Idempotent: a shapes.json stamp of the parameters, written last, means the folder is complete and reused.
     """
     h, w = image_size

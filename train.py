@@ -38,6 +38,15 @@ def positive_int(text):
     return value
 
 
+def device_name(text):
+    """--device "cpu", "cuda" or "cuda:1"; anything torch.device does not read is a one-line argparse error."""
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    return text
+
+
 def scale_range(text):
     """--train-scales "640,800" -> (640, 800); anything but two sides LO <= HI is a one-line argparse error."""
     scales = tuple(int(x) for x in text.split(","))
@@ -123,7 +132,8 @@ def get_args(argv=None):
     g.add_argument("--output-dir", default="runs/demo", help="where checkpoints, metrics.jsonl and args.json go")
     g.add_argument("--resume", help="checkpoint path, or 'auto' for the latest one in --output-dir")
     g.add_argument("--seed", type=int, default=0, help="seed for init, sampling and augmentation")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="mixed precision autocast (fp16 adds a GradScaler); GN statistics and losses stay fp32")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format for images and conv weights")

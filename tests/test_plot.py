@@ -78,6 +78,15 @@ def test_a_folder_that_is_not_a_run_is_a_one_line_error(tmp_path):
         plot.plot_curves([str(tmp_path)], str(tmp_path / "ap.png"))
 
 
+def test_runs_without_evaluations_or_with_too_few_labels_are_one_line_errors(runs, tmp_path, capsys):
+    no_eval = write_run(tmp_path / "no_eval", None, [train_row(100, 400, 1200, 400 * 128 * 160)])
+    with pytest.raises(SystemExit, match="no evaluation rows"):
+        plot.plot_curves([str(no_eval)], str(tmp_path / "ap.png"))
+    with pytest.raises(SystemExit):
+        plot.main(["curves", *map(str, runs), "--labels", "only-one"])
+    assert "--labels: 1 labels for 2 runs" in capsys.readouterr().err
+
+
 def test_sample_counts_with_the_paper_defaults():
     counts = plot.sample_counts()
     # ImageNet: 1,281,167 images x 100 epochs, 1 instance and 224 x 224 pixels each.
