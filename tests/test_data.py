@@ -105,6 +105,14 @@ def test_tiny_coco_masks_labels_crowd_and_dropped(tiny, capsys):
     assert torch.equal(target["masks"][0], torch.from_numpy(tiny["blob"])) and target["labels"].tolist() == [2]
 
 
+def test_pixels_are_normalized_as_torchvision_does():
+    # RGB in [0, 1] with the ImageNet statistics of torchvision's detection models, which --init imagenet's
+    # torchvision weights were trained with (not Detectron's BGR 0..255)
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    transform = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).transform
+    assert list(IMAGE_MEAN) == transform.image_mean and list(IMAGE_STD) == transform.image_std
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_empty_image_is_kept(tiny, train):
     ds = CocoDataset(tiny["ann"], tiny["dir"], train=train, min_size=20, flip_prob=1.0)

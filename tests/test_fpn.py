@@ -89,7 +89,9 @@ def test_fpn_gn_runs_under_bf16_autocast():
     ref = fpn(C)
     for k in out:
         assert out[k].dtype == torch.bfloat16
-        torch.testing.assert_close(out[k].float(), ref[k], atol=0.1, rtol=0.05)
+        # bf16 keeps 8 significant bits: each conv's inputs and output round by up to 2^-9 relative, so unit-scale
+        # outputs differ by a few hundredths (0.035 at most here); float32 statistics are tested in test_norm.py
+        torch.testing.assert_close(out[k].float(), ref[k], atol=0.05, rtol=0)
 
 
 def test_fpn_is_an_nn_module_with_two_module_lists():

@@ -36,3 +36,4 @@ def test_tiny_model_learns_pennfudan_on_cpu():
           f"mask AP50 after {after['segm/AP50']:.3f}")
     assert before["bbox/AP50"] < 0.1
     assert after["bbox/AP50"] >= 0.7
+    assert after["segm/AP50"] >= 0.6  # measured 0.84-0.92 across versions of this code (README)

@@ -158,8 +158,11 @@ def test_presets_are_what_the_paper_says():
     gn = build_model("r50_fpn_gn", num_classes=81)
     names = {type(m).__name__ for m in gn.modules()}
     assert "GroupNorm" in names and not names & {"FrozenBatchNorm2d", "BatchNorm2d"}
+    for preset in ("r50_fpn_gn", "r101_fpn_gn", "r50_fpn_gn_kp"):                 # GN(32) everywhere (Sec. 4)
+        layers = build_model(preset, num_classes=81).modules()
+        assert {m.num_groups for m in layers if type(m).__name__ == "GroupNorm"} == {32}, preset
     assert all(p.requires_grad for p in gn.parameters())                       # freeze_at = 0: scratch
-    assert len(gn.roi_heads.box_head.convs) > 0 and len(gn.roi_heads.box_head.fcs) == 1   # 4conv1fc
+    assert len(gn.roi_heads.box_head.convs) == 4 and len(gn.roi_heads.box_head.fcs) == 1   # 4conv1fc
     assert PRESETS["r101_fpn_gn"]["depth"] == 101
     syncbn = build_model("r50_fpn_syncbn", num_classes=81)
     assert "SyncBatchNorm" in {type(m).__name__ for m in syncbn.modules()}
