@@ -17,9 +17,10 @@ How the pieces fit:
 - every loss is a sum over its rank's items divided by `loss_denominator(n_r)` = (sum_q n_q) / W, so the average
   over the processes of the per-rank gradients is the gradient of the joint-batch loss, sum_r S_r / sum_q n_q;
 - norm.SyncBatchNorm all-reduces its statistics, so BN layers also see the joint batch;
-- evaluation shards the images (data.make_eval_loader) and `all_gather` collects the results on rank 0.
+- evaluation shards the images (data.make_eval_loader) and `gather` collects the results on rank 0.
 """
 import contextlib
+import datetime
 import os
 
 import torch
@@ -45,14 +46,18 @@ def init(device):
     Returns (rank, world_size, torch.device).
     """
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1, torch.device(device)
     cuda = device.startswith("cuda")
+    if world_size == 1:
+        if cuda:  # the current device: what torch.cuda's memory statistics and RNG state refer to
+            torch.cuda.set_device(torch.device(device))
+        return 0, 1, torch.device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+        # the others wait in a collective while rank 0 alone runs COCOeval, which on COCO val can pass nccl's
+        # default timeout of 10 minutes
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=datetime.timedelta(hours=1))
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
@@ -97,13 +102,22 @@ def sum_over_processes(numbers, device=None):
     return [type(n)(t) for n, t in zip(numbers, totals.tolist())]
 
 
-def all_gather(obj):
-    """Any picklable object from every process -> [obj of rank 0, obj of rank 1, ...] on every process."""
+def gather(obj):
+    """Any picklable object from every process -> [obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere
+    (with nccl the pickles travel through rank 0's GPU only)."""
     if not is_distributed():
         return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered = [None] * dist.get_world_size() if get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
     return gathered
+
+
+def broadcast_buffers(module):
+    """Rank 0's buffers on every process: BatchNorm's running statistics drift apart between the processes, as
+    DistributedDataParallel copies rank 0's only at the start of each forward (before evaluating, not needed for GN)."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def barrier():

@@ -115,9 +115,9 @@ def coco_eval(coco_gt, results, iou_types=("bbox", "segm"), image_ids=None, keyp
 def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, tta_scales=(), tta_flip=False):
     """COCO metrics of the model on the dataset. With several processes each predicts its shard of the images and
     rank 0 scores them all; the other processes return None."""
-    shards = distributed.all_gather(predict(model, dataset, device, amp=amp, workers=workers, tta_scales=tta_scales,
-                                            tta_flip=tta_flip))
-    if distributed.get_rank() != 0:
+    shards = distributed.gather(predict(model, dataset, device, amp=amp, workers=workers, tta_scales=tta_scales,
+                                        tta_flip=tta_flip))
+    if shards is None:  # not rank 0
         return None
     # image by image in dataset order, as one process writes them (a stable sort keeps each image's own order)
     results = sorted((r for shard in shards for r in shard), key=lambda r: r["image_id"])
@@ -139,11 +139,12 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
     ckpt = checkpoint.read(path, keys=("model", "args"))
     run = ckpt["args"]
     try:
-        dataset = data.build_dataset(data_root or run["data"], "val", train=False,
-                                     min_size=min_size or run["min_size"], max_size=max_size or run["max_size"],
-                                     ann=val_ann or (None if data_root else run["val_ann"]),
-                                     images=val_images or (None if data_root else run["val_images"]),
-                                     keypoint_sigmas=run.get("keypoint_sigmas"))
+        with distributed.rank_zero_first():  # under torchrun, rank 0 writes the synthetic set if it is missing
+            dataset = data.build_dataset(data_root or run["data"], "val", train=False,
+                                         min_size=min_size or run["min_size"], max_size=max_size or run["max_size"],
+                                         ann=val_ann or (None if data_root else run["val_ann"]),
+                                         images=val_images or (None if data_root else run["val_images"]),
+                                         keypoint_sigmas=run.get("keypoint_sigmas"))
     except data.DataError as e:
         sys.exit(f"error: {e}")
     model = build_model(run["preset"], num_classes=dataset.num_classes, norm=run["norm"], fpn_norm=run["norm"],

@@ -359,13 +359,14 @@ def main(argv=None):
             metrics.flush()
             tic, tic_iter = time.perf_counter(), done
         if done % args.ckpt_period == 0 or done == args.max_iters:
-            rng = distributed.all_gather(checkpoint.rng_state())  # every process's, so that resume is exact for each
+            rng = distributed.gather(checkpoint.rng_state())  # every process's, so that resume is exact for each
             if main_process:
                 checkpoint.save(os.path.join(args.output_dir, f"model_{done:07d}.pth"), model, optimizer, scaler,
                                 done, args, seen, rng)
         if (args.eval_period and done % args.eval_period == 0) or (done == args.max_iters and not args.no_eval):
             # every process predicts its shard of the images; rank 0 gathers them and runs COCOeval. The loader
             # draws its workers' seeds from the torch RNG: forked, so that a resumed run takes the same draws.
+            distributed.broadcast_buffers(model)  # --norm bn: every shard evaluated with rank 0's statistics
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 try:
                     results = evaluate.evaluate(model, val_set, device, amp=args.amp, workers=args.workers)

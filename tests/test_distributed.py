@@ -48,6 +48,25 @@ def _join(rank, world_size, port, cwd):
         distributed.init("cpu")
 
 
+def _collectives_worker(rank, port, cwd, out):
+    _join(rank, 2, port, cwd)
+    bn = torch.nn.BatchNorm2d(3)
+    bn.running_mean.fill_(rank + 1.0)  # the processes' BN statistics have drifted apart
+    distributed.broadcast_buffers(bn)
+    result = {"mean": bn.running_mean.tolist(), "gathered": distributed.gather({"rank": rank}),
+              "sums": distributed.sum_over_processes([rank + 1, 0.5], device=torch.device("cpu"))}
+    torch.save(result, f"{out}.{rank}")
+    distributed.cleanup()
+
+
+def test_gather_broadcast_and_sum_over_two_processes(shapes_dir, tmp_path):
+    mp.spawn(_collectives_worker, args=(_free_port(), shapes_dir, tmp_path / "out"), nprocs=2)
+    zero, one = (torch.load(f"{tmp_path / 'out'}.{rank}") for rank in (0, 1))
+    assert zero["mean"] == one["mean"] == [1.0] * 3                      # rank 0's statistics everywhere
+    assert zero["gathered"] == [{"rank": 0}, {"rank": 1}] and one["gathered"] is None   # on rank 0 only
+    assert zero["sums"] == one["sums"] == [3, 1.0] and isinstance(zero["sums"][0], int)
+
+
 def _sgd_worker(rank, world_size, port, cwd, norm, out):
     """Two SGD steps of train.py's recipe in float64, on a batch of 4 images split over world_size processes."""
     _join(rank, world_size, port, cwd)
