@@ -56,13 +56,14 @@ def scale_range(text):
 
 
 def schedule_name(text):
-    """--schedule "6x": N x 90k iterations, N >= 1 (shorter schedules would drop the LR before they start)."""
+    """--schedule "6x": N x 90k iterations, longer than the last 60k where the first LR drop falls (N > 2/3)."""
     try:
         n = float(text.removesuffix("x"))
     except ValueError:
         n = 0.0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected Nx with N >= 1 such as 1x, 3x or 6x, got {text!r}")
+    if n * ITERS_1X <= 60_000:
+        raise argparse.ArgumentTypeError(f"expected Nx with N x 90k iterations > the 60k its LR drops span, such as "
+                                         f"1x, 3x or 6x; got {text!r}")
     return text
 
 

@@ -118,7 +118,7 @@ def test_checkpoint_from_another_preset_is_refused(shapes, tmp_path):
     (["--schedule", "2x", "--max-iters", "10"], "--schedule sets"),
     (["--pretrained", "backbone.pth"], "--pretrained is read only with --init imagenet"),
     (["--train-scales", "800,640"], "0 < LO <= HI"),
-    (["--schedule", "0.5x"], "N >= 1"),
+    (["--schedule", "0.5x"], "> the 60k its LR drops span"),
     (["--ckpt-period", "0"], "positive integer"),
     (["--val-images", "val"], "--val-images needs --val-ann"),
 ])
