@@ -48,8 +48,9 @@ def init(device):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cuda = device.startswith("cuda")
     if world_size == 1:
-        if cuda:  # the current device: what torch.cuda's memory statistics and RNG state refer to
-            torch.cuda.set_device(torch.device(device))
+        # cuda:N becomes the current device, which torch.cuda's memory statistics and RNG state refer to
+        if cuda and torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device).index)
         return 0, 1, torch.device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:

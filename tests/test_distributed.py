@@ -48,6 +48,14 @@ def _join(rank, world_size, port, cwd):
         distributed.init("cpu")
 
 
+@pytest.mark.parametrize("device, current", [("cuda", []), ("cuda:1", [1]), ("cpu", []), ("cpu:0", [])])
+def test_one_process_on_cuda_n_makes_it_the_current_device(monkeypatch, device, current):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)  # no GPU needed: record what init asks for
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init(device) == (0, 1, torch.device(device)) and calls == current
+
+
 def _collectives_worker(rank, port, cwd, out):
     _join(rank, 2, port, cwd)
     bn = torch.nn.BatchNorm2d(3)
