@@ -53,8 +53,9 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    cuda = state["cuda"]
+    if cuda is not None and torch.cuda.is_available():  # a list: a checkpoint of older code, with every GPU's state
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
 
 
 def save(path, model, optimizer, scaler, iteration, args, seen, rng):
