@@ -1,5 +1,6 @@
 """Distributed data parallel on CPU (gloo, 2 processes): the same training as one process on the joint batch, the same
 COCO metrics as one process, and `torchrun train.py` end to end (rank 0 alone writes, resume is exact)."""
+import contextlib
 import json
 import os
 import socket
@@ -38,11 +39,23 @@ def shapes_dir(tmp_path_factory):
     return root
 
 
-def _join(rank, world_size, port, cwd):
-    """The environment torchrun would set for this process, then the process group (world_size > 1)."""
-    os.chdir(cwd)
+@contextlib.contextmanager
+def _one_thread():
+    """One CPU thread in this process, as every spawned or torchrun process has: convolutions then round alike."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _join(rank, world_size, port, cwd):
+    """The environment torchrun would set for this process, then the process group (world_size > 1: a spawned
+    process, which takes one CPU thread so that the two share the cores)."""
+    os.chdir(cwd)
     if world_size > 1:
+        torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world_size))
         distributed.init("cpu")
@@ -102,7 +115,8 @@ def _sgd_worker(rank, world_size, port, cwd, norm, out):
 def test_two_processes_step_exactly_as_one_process_on_the_joint_batch(shapes_dir, tmp_path, norm):
     """Float64 leaves only rounding: DDP's gradient average, the joint-batch loss normalization
     (distributed.loss_denominator) and SyncBN's merged statistics make 2 x 2 images one batch of 4."""
-    _sgd_worker(0, 1, 0, shapes_dir, norm, tmp_path / "one.pt")
+    with _one_thread():
+        _sgd_worker(0, 1, 0, shapes_dir, norm, tmp_path / "one.pt")
     mp.spawn(_sgd_worker, args=(2, _free_port(), shapes_dir, norm, tmp_path / "two.pt"), nprocs=2)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     torch.manual_seed(0)
@@ -133,7 +147,8 @@ def test_train_py_in_two_processes_equals_one_process(shapes_dir, tmp_path, monk
                 "--warmup-iters", "0", "--batch-size", str(4 // world_size), "--workers", "0", "--log-period", "1",
                 "--no-eval", "--output-dir", str(out)]
         if world_size == 1:
-            train.main(argv)
+            with _one_thread():
+                train.main(argv)
         else:
             mp.spawn(_train_worker, args=(world_size, _free_port(), shapes_dir, argv), nprocs=world_size)
         runs[world_size] = ([json.loads(line) for line in open(out / "metrics.jsonl")],
@@ -177,8 +192,9 @@ def test_torchrun_train_evaluate_and_resume(shapes_dir, tmp_path, monkeypatch, c
                        "--results", str(tmp_path / "two.json"), cwd=shapes_dir)
     monkeypatch.chdir(shapes_dir)
     capsys.readouterr()
-    single = evaluate.main(["--checkpoint", ckpt, "--device", "cpu", "--workers", "0",
-                            "--results", str(tmp_path / "one.json")])
+    with _one_thread():
+        single = evaluate.main(["--checkpoint", ckpt, "--device", "cpu", "--workers", "0",
+                                "--results", str(tmp_path / "one.json")])
     one_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" Average")]
     two_lines = [line for line in stdout.splitlines() if line.startswith(" Average")]
     assert len(one_lines) == 24 and two_lines == one_lines  # 12 bbox + 12 segm summary lines
