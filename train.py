@@ -49,8 +49,8 @@ def device_name(text):
 
 def scale_range(text):
     """--train-scales "640,800" -> (640, 800); anything but two sides LO <= HI is a one-line argparse error."""
-    scales = tuple(int(x) for x in text.split(","))
-    if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
+    scales = evaluate.scale_list(text)  # positive integers, as --tta-scales
+    if len(scales) != 2 or scales[0] > scales[1]:
         raise argparse.ArgumentTypeError(f"expected LO,HI shorter sides with 0 < LO <= HI, got {text!r}")
     return scales
 
