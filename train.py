@@ -29,6 +29,7 @@ from model import PRESETS, build_model
 from norm import GroupNorm, SyncBatchNorm
 
 ITERS_1X, BATCH_1X = 90_000, 16     # Detectron's "1x": 90k iterations at 16 images (~12 COCO epochs)
+WARMUP_1X = 500                     # Detectron's linear warm-up, in iterations at batch 16
 
 
 def positive_int(text):
@@ -56,14 +57,13 @@ def scale_range(text):
 
 
 def schedule_name(text):
-    """--schedule "6x": N x 90k iterations, longer than the last 60k where the first LR drop falls (N > 2/3)."""
+    """--schedule "6x": N x 90k iterations for any N > 0."""
     try:
         n = float(text.removesuffix("x"))
     except ValueError:
         n = 0.0
-    if n * ITERS_1X <= 60_000:
-        raise argparse.ArgumentTypeError(f"expected Nx with N x 90k iterations > the 60k its LR drops span, such as "
-                                         f"1x, 3x or 6x; got {text!r}")
+    if not n > 0 or not text.endswith("x"):
+        raise argparse.ArgumentTypeError(f"expected Nx with N > 0, such as 1x, 3x or 6x; got {text!r}")
     return text
 
 
@@ -116,14 +116,17 @@ def get_args(argv=None):
                    help="weight decay (paper: 1e-4), not applied to normalization parameters (Detectron)")
     g.add_argument("--schedule", type=schedule_name,
                    help="Nx = N x 90k iterations at batch 16, scaled to the effective batch, with the LR drops at "
-                        "the last 60k and 20k (paper: 2x..6x from scratch; default 1x, or --max-iters)")
+                        "the last 60k and 20k (paper: 2x..6x from scratch); at N <= 2 at 2/3 and 8/9 of the run, "
+                        "as Detectron's 1x (default 1x, or --max-iters)")
     g.add_argument("--max-iters", type=positive_int,
                    help="training iterations instead of a schedule (default: 1x, or 400 on shapes)")
     g.add_argument("--lr-steps", type=lambda s: [int(x) for x in s.split(",")],
                    help="comma-separated iterations where the LR drops (default: the schedule's; with --max-iters "
                         "none; at 80%% on shapes)")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="LR factor at each drop (paper: 0.1)")
-    g.add_argument("--warmup-iters", type=int, help="linear warm-up iterations (Detectron: 500; 50 on shapes)")
+    g.add_argument("--warmup-iters", type=int,
+                   help="linear warm-up iterations (Detectron: 500 at batch 16; default: that, scaled to the effective "
+                        "batch as the schedule is; 50 on shapes)")
     g.add_argument("--warmup-factor", type=float, default=1 / 3, help="warm-up starting LR factor (Detectron: 1/3)")
 
     g = p.add_argument_group("run control")
@@ -166,7 +169,11 @@ def resolve(args, world_size=1):
         args.lr_steps = args.lr_steps or steps
     args.max_iters = args.max_iters or 400  # the demo
     args.lr_steps = args.lr_steps or ([args.max_iters * 4 // 5] if demo else [])
-    args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else (50 if demo else 500)
+    # Detectron's 500 warm-up iterations are at batch 16: scaled like the schedule, they cover the same images
+    args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else (
+        50 if demo else round(WARMUP_1X * BATCH_1X / batch))
+    if args.warmup_iters < 0:
+        sys.exit(f"error: --warmup-iters {args.warmup_iters}: expected 0 or more iterations")
     args.min_size = args.min_size or (128 if demo else 800)
     if bool(args.train_ann) != bool(args.val_ann):
         sys.exit("error: --train-ann and --val-ann go together (with --train-images and --val-images)")
@@ -190,11 +197,15 @@ def resolve(args, world_size=1):
 
 
 def schedule(n, batch_size):
-    """Rethinking Sec. 4: an Nx schedule is N x 90k iterations at batch 16, with the LR divided at the last 60k and
-    the last 20k iterations whatever N is; at another batch, iterations scale by 16 / batch (Goyal et al.)."""
+    """An Nx schedule: N x 90k iterations at batch 16; at another batch, every count scales by 16 / batch (Goyal et
+    al.). The LR drops 10x twice. Rethinking Sec. 4: at the last 60k and the last 20k iterations "no matter how long
+    the total iterations are", for its 2x..6x runs. Shorter schedules keep Detectron's 1x proportions (drops at 60k
+    and 80k of 90k, i.e. at 2/3 and 8/9), where the last-60k rule would drop at 30k and 70k; detectron2's
+    default_X_scheduler does the same for N <= 2, where both rules meet at 2x (120k, 160k)."""
     scale = BATCH_1X / batch_size
-    total = round(n * ITERS_1X * scale)
-    return total, [round((n * ITERS_1X - 60_000) * scale), round((n * ITERS_1X - 20_000) * scale)]
+    total = n * ITERS_1X
+    steps = [total * 2 / 3, total * 8 / 9] if n <= 2 else [total - 60_000, total - 20_000]
+    return round(total * scale), [round(step * scale) for step in steps]
 
 
 def lr_at(it, base_lr, steps=(), gamma=0.1, warmup_iters=500, warmup_factor=1 / 3):

@@ -19,6 +19,10 @@ def test_schedule_at_batch_16():
     # Rethinking Sec. 4: 2x = 180k iterations, LR drops at the last 60k and 20k; 6x drops at 480k and 520k.
     assert train.schedule(2, 16) == (180_000, [120_000, 160_000])
     assert train.schedule(6, 16) == (540_000, [480_000, 520_000])
+    assert train.schedule(2.5, 16) == (225_000, [165_000, 205_000])
+    # Up to 2x, Detectron's 1x proportions: 60k and 80k of 90k (the last-60k rule would give 30k and 70k).
+    assert train.schedule(1, 16) == (90_000, [60_000, 80_000])
+    assert train.schedule(0.5, 16) == (45_000, [30_000, 40_000])
 
 
 def test_schedule_scales_with_batch():
@@ -118,7 +122,9 @@ def test_checkpoint_from_another_preset_is_refused(shapes, tmp_path):
     (["--schedule", "2x", "--max-iters", "10"], "--schedule sets"),
     (["--pretrained", "backbone.pth"], "--pretrained is read only with --init imagenet"),
     (["--train-scales", "800,640"], "0 < LO <= HI"),
-    (["--schedule", "0.5x"], "> the 60k its LR drops span"),
+    (["--schedule", "0x"], "expected Nx with N > 0"),
+    (["--schedule", "6"], "expected Nx with N > 0"),
+    (["--warmup-iters", "-1"], "--warmup-iters"),
     (["--ckpt-period", "0"], "positive integer"),
     (["--val-images", "val"], "--val-images needs --val-ann"),
 ])
@@ -185,9 +191,13 @@ def test_missing_annotation_file_is_a_one_line_error(shapes, tmp_path, flag):
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(shapes, tmp_path, capsys):
-    train.main(run_args(shapes, tmp_path, "--schedule", "2x", "--dry-run"))
+    args = run_args(shapes, tmp_path, "--schedule", "2x", "--dry-run")
+    i = args.index("--warmup-iters")
+    del args[i:i + 2]  # the default warm-up
+    train.main(args)
     out = capsys.readouterr().out
     assert "1440000 iterations" in out and "[960000, 1280000]" in out        # 2x at batch 2
+    assert "warm-up 4000 " in out  # Detectron's 500 at batch 16 cover 8000 images: 4000 iterations at batch 2
     assert "8 training images" in out and "norm gn" in out
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".pth")]
 
