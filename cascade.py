@@ -100,7 +100,8 @@ class CascadeRoIHeads(nn.Module):
                 rois, labels, matched, regression_targets = stage.sample_rois(rois, targets)
             class_logits, box_deltas = self.run_stage(stage, features, rois, image_shape)  # (R, K), (R, 4)
             if self.training:
-                loss_cls, loss_box = fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)
+                loss_cls, loss_box = fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets,
+                                                    stage.box_loss_beta)
                 losses[f"loss_cls_stage{k}"], losses[f"loss_box_stage{k}"] = loss_cls, loss_box
             else:
                 probs.append(F.softmax(class_logits, dim=-1))  # (R, K)

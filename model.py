@@ -34,6 +34,7 @@ _PAPER = dict(
     rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
     rpn_batch_size_per_image=256, roi_batch_size_per_image=512,
     box_num_convs=4, box_num_fcs=1, box_conv_dim=256, box_fc_dim=1024, head_norm="gn",  # 4conv1fc + GN
+    box_loss_beta=1.0,                                  # smooth-L1 of the box head, Detectron's (torchvision: 1/9)
     mask_head=True, mask_num_convs=4, mask_conv_dim=256,  # mask_head=False: Faster R-CNN (boxes only)
     num_keypoints=0, kp_num_convs=8, kp_conv_dim=512,  # Mask R-CNN Sec. 5 keypoint head; 0 keypoints: none
     aligned=False,                                      # Detectron's RoIAlign (not D2's ROIAlignV2)
@@ -56,7 +57,7 @@ PRESETS = {
     # torchvision's maskrcnn_resnet50_fpn (v1) exactly: FrozenBN, 2fc box head, plain mask head, aligned=False,
     # and its RPN keeps 2000 proposals per image in training.
     "tv_maskrcnn_v1": dict(_PAPER, norm="frozen_bn", freeze_at=2, fpn_norm="none", head_norm="none",
-                           box_num_convs=0, box_num_fcs=2, rpn_post_nms_top_n_train=2000),
+                           box_num_convs=0, box_num_fcs=2, rpn_post_nms_top_n_train=2000, box_loss_beta=1 / 9),
     # Small enough to train on a 2-core CPU in minutes; same architecture, fewer and thinner layers.
     # Departures: one block per stage, a quarter of the channels (C2..C5 = 64..512), 8 GN groups (so they divide
     # 16 channels), 64-channel FPN and heads, 2-conv heads, anchors halved for the small synthetic images.
@@ -187,11 +188,12 @@ def build_model(preset, num_classes, **overrides):
             raise ValueError(f"preset {preset!r}: the cascade has no keypoint head (Rethinking uses it for boxes "
                              f"and masks only)")
         roi_heads = CascadeRoIHeads(box_heads, num_classes, mask_head,
-                                    batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"])
+                                    batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"],
+                                    box_loss_beta=cfg["box_loss_beta"])
     else:
         roi_heads = RoIHeads(box_heads[0], BoxPredictor(box_heads[0].out_channels, num_classes), mask_head,
                              batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"],
-                             keypoint_head=keypoint_head)
+                             box_loss_beta=cfg["box_loss_beta"], keypoint_head=keypoint_head)
     return MaskRCNN(backbone, fpn, rpn, roi_heads)
 
 

@@ -88,22 +88,23 @@ class BoxPredictor(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets):
+def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets, beta=1.0):
     """Fast R-CNN Eq. 1: L = L_cls + [u >= 1] L_loc; logits (R, K), deltas (R, K*4) or (R, 4) class-agnostic,
     labels (R,), targets (R, 4).
 
     L_cls is the mean cross-entropy over the sampled RoIs. L_loc is smooth-L1 on the ground-truth class's deltas of the
     foreground RoIs, summed and divided by all R sampled RoIs (torchvision; Detectron does the same). With several
     processes R is the joint batch's (distributed.loss_denominator).
+    beta: the smooth-L1 quadratic zone, 1 in Fast R-CNN Eq. 3 and in Detectron (the paper's code: Caffe2's
+    SmoothL1Loss default; maskrcnn-benchmark beta=1); torchvision uses 1/9 (its tv_maskrcnn_v1 preset here).
     """
     n_rois = loss_denominator(labels.numel(), device=labels.device)
     loss_cls = F.cross_entropy(class_logits, labels, reduction="sum") / n_rois
     fg = labels > BACKGROUND  # (R,) Iverson bracket [u >= 1], as a mask: no host sync to list the foreground
     box_deltas = box_deltas.reshape(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)  # (R, K or 1, 4)
     column = labels.clamp(min=0) if box_deltas.shape[1] > 1 else 0  # the GT class's deltas, or the only ones
-    # Fast R-CNN Eq. 3 smooth-L1 has beta = 1; torchvision uses beta = 1/9 (a narrower quadratic zone)
     loss_box = F.smooth_l1_loss(box_deltas[torch.arange(labels.shape[0], device=labels.device), column],
-                                regression_targets, beta=1 / 9, reduction="none")  # (R, 4)
+                                regression_targets, beta=beta, reduction="none")  # (R, 4) Fast R-CNN Eq. 3
     return loss_cls, torch.where(fg[:, None], loss_box, 0.0).sum() / n_rois
 
 
@@ -113,7 +114,7 @@ class RoIHeads(nn.Module):
     def __init__(self, box_head, box_predictor, mask_head=None, fg_iou=0.5, bg_iou=0.5, batch_size_per_image=512,
                  positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
                  detections_per_img=100, box_resolution=7, mask_resolution=14, sampling_ratio=2, aligned=False,
-                 keypoint_head=None):
+                 box_loss_beta=1.0, keypoint_head=None):
         super().__init__()
         self.box_head, self.box_predictor, self.mask_head = box_head, box_predictor, mask_head
         self.keypoint_head = keypoint_head  # keypoints.KeypointHead: Mask R-CNN Sec. 5, its own loss and predict
@@ -124,6 +125,7 @@ class RoIHeads(nn.Module):
         self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
         # (10, 10, 5, 5) replaces Fast R-CNN's normalisation of the targets to zero mean and unit variance
         self.box_coder = BoxCoder(weights=bbox_reg_weights)
+        self.box_loss_beta = box_loss_beta  # smooth-L1 beta of L_loc (fast_rcnn_loss)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
         self.box_resolution, self.mask_resolution = box_resolution, mask_resolution
         self.sampling_ratio, self.aligned = sampling_ratio, aligned
@@ -206,7 +208,8 @@ class RoIHeads(nn.Module):
         class_logits, box_deltas = self.box_predictor(self.box_head(box_features))  # (R, K), (R, K*4)
 
         if self.training:
-            loss_cls, loss_box = fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)
+            loss_cls, loss_box = fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets,
+                                                self.box_loss_beta)
             losses = {"loss_cls": loss_cls, "loss_box": loss_box}
             if self.mask_head is not None:
                 losses["loss_mask"] = self.mask_losses(features, proposals, labels, matched, targets, image_shape)

@@ -7,8 +7,9 @@ import torch
 import roi_align as roi_align_module
 from boxes import box_area
 from masks import mask_loss
-from roi_heads import (BoxHead, BoxPredictor, MaskHead, RoIHeads, map_levels, mask_targets, multilevel_roi_align,
-                       paste_masks, roi_align)
+from model import PRESETS, build_model
+from roi_heads import (BoxHead, BoxPredictor, MaskHead, RoIHeads, fast_rcnn_loss, map_levels, mask_targets,
+                       multilevel_roi_align, paste_masks, roi_align)
 
 tv = pytest.importorskip("torchvision")
 
@@ -214,7 +215,8 @@ def build_pair(**kw):
                        for k, v in tv_mask_predictor.state_dict().items()})
     mask_head.load_state_dict(mask_state)
     settings = dict(batch_size_per_image=10_000, positive_fraction=0.25, score_thresh=0.05, nms_thresh=0.5,
-                    detections_per_img=100)  # a batch this large samples every RoI: no randomness to match
+                    detections_per_img=100,  # a batch this large samples every RoI: no randomness to match
+                    box_loss_beta=1 / 9)  # torchvision's smooth-L1
     settings.update(kw)
     ours = RoIHeads(box_head, predictor, mask_head, **settings)
     ref = TVRoIHeads(tv.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), tv_box_head, tv_predictor, 0.5, 0.5,
@@ -326,3 +328,17 @@ def test_roi_heads_eval_without_detections_gives_empty_tensors(norm, no_proposal
         assert d["boxes"].shape == (0, 4) and d["scores"].shape == (0,)
         assert d["labels"].shape == (0,) and d["labels"].dtype == torch.int64
         assert d["mask_probs"].shape == (0, 1, 28, 28)
+
+
+def test_box_loss_beta_is_detectrons_but_torchvisions_for_its_preset():
+    # One foreground RoI (label 1) whose class-1 deltas miss the target by 0.5 in each coordinate, one background RoI.
+    # Smooth-L1 per coordinate: beta 1 (Detectron) 0.5 * 0.5^2 / 1 = 0.125; beta 1/9 (torchvision) 0.5 - 1/18.
+    # Summed over the 4 coordinates and divided by the 2 sampled RoIs.
+    logits, deltas = torch.zeros(2, 3), torch.zeros(2, 12)
+    deltas[0, 4:8] = 0.5
+    labels, targets = torch.tensor([1, 0]), torch.zeros(2, 4)
+    assert fast_rcnn_loss(logits, deltas, labels, targets)[1].item() == pytest.approx(4 * 0.125 / 2)
+    assert fast_rcnn_loss(logits, deltas, labels, targets, beta=1 / 9)[1].item() == pytest.approx(4 * (0.5 - 1 / 18) / 2)
+    assert build_model("tiny", num_classes=3).roi_heads.box_loss_beta == 1.0
+    assert all(stage.box_loss_beta == 1.0 for stage in build_model("tiny", 3, cascade=True).roi_heads.stages)
+    assert PRESETS["tv_maskrcnn_v1"]["box_loss_beta"] == 1 / 9  # test_model checks its losses equal torchvision's
