@@ -7,10 +7,10 @@ IoU 0.5 is added, area and 11-point (voc.py).
 
     python evaluate.py --checkpoint runs/demo/model_0000400.pth            # data flags default to the run's own
     torchrun --nproc_per_node=8 evaluate.py --checkpoint ...               # each GPU takes 1/8 of the images
-    python evaluate.py --checkpoint CKPT --tta-scales 400,600,800,1000,1200 --tta-flip --max-size 2000   # Sec. 5.1
+    python evaluate.py --checkpoint CKPT --tta-scales 400,600,1000,1200 --tta-flip   # Sec. 5.1, 800 plus these
 
 Results json (COCO results format): bbox as [x, y, w, h] in original image pixels, segmentation as RLE of the
-mask thresholded at 0.5 (Mask R-CNN Sec. 3), keypoints as [x1, y1, v1, x2, ...] with v = 1, category_id the
+mask thresholded at 0.5 (Mask R-CNN Sec. 3.1, "Inference"), keypoints as [x1, y1, v1, x2, ...] with v = 1, category_id the
 dataset's original id (not the contiguous label).
 """
 import argparse
@@ -37,12 +37,13 @@ KEYPOINT_METRICS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "A
 
 
 @torch.no_grad()
-def predict(model, dataset, device, amp="none", workers=2, batch_size=1, tta_scales=(), tta_flip=False):
+def predict(model, dataset, device, amp="none", workers=2, batch_size=1, tta_scales=(), tta_flip=False,
+            tta_max_size=2000):
     """Inference over this process's shard of the dataset (all of it in one process); returns a list of
-    COCO-format result dicts (boxes and masks). tta_scales (shorter sides) and/or tta_flip: test-time augmentation
-    (tta.py), one image at a time."""
+    COCO-format result dicts (boxes and masks). tta_scales (shorter sides added to the dataset's, their longer side
+    capped at tta_max_size) and/or tta_flip: test-time augmentation (tta.py), one image at a time."""
     if tta_scales or tta_flip:
-        outputs = tta.predict(model, dataset, device, tta_scales or [dataset.min_size], tta_flip, amp, workers)
+        outputs = tta.predict(model, dataset, device, tta_scales, tta_flip, amp, workers, tta_max_size)
         return [r for out, target in outputs for r in to_coco_results(out, target["image_id"], dataset.cat_ids)]
     model.eval()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -112,11 +113,12 @@ def coco_eval(coco_gt, results, iou_types=("bbox", "segm"), image_ids=None, keyp
     return metrics
 
 
-def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, tta_scales=(), tta_flip=False):
+def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, tta_scales=(), tta_flip=False,
+             tta_max_size=2000):
     """COCO metrics of the model on the dataset. With several processes each predicts its shard of the images and
     rank 0 scores them all; the other processes return None."""
     shards = distributed.gather(predict(model, dataset, device, amp=amp, workers=workers, tta_scales=tta_scales,
-                                        tta_flip=tta_flip))
+                                        tta_flip=tta_flip, tta_max_size=tta_max_size))
     if shards is None:  # not rank 0
         return None
     # image by image in dataset order, as one process writes them (a stable sort keeps each image's own order)
@@ -159,6 +161,14 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
     return model, dataset
 
 
+def positive_int(text):
+    """An argparse type: a positive integer, or a one-line usage error."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def scale_list(text):
     """--tta-scales "400,500" -> (400, 500); anything but positive integers is a one-line argparse error."""
     try:
@@ -177,18 +187,20 @@ def main(argv=None):
     p.add_argument("--data", help="as in train.py (default: the checkpoint's own --data)")
     p.add_argument("--val-ann", help="COCO json to evaluate on (overrides --data)")
     p.add_argument("--val-images", help="image folder for --val-ann")
-    p.add_argument("--min-size", type=int, help="shorter side at test (default: the checkpoint's; paper: 800)")
-    p.add_argument("--max-size", type=int, help="cap on the longer side (default: the checkpoint's; paper: 1333)")
+    p.add_argument("--min-size", type=positive_int, help="shorter side at test (default: the checkpoint's; paper: 800)")
+    p.add_argument("--max-size", type=positive_int, help="cap on the longer side (default: the checkpoint's; paper: 1333)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
     p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     p.add_argument("--results", help="write the COCO results json here")
     p.add_argument("--tta-scales", type=scale_list, default=(),
-                   help="test-time augmentation: comma-separated shorter sides, e.g. 400,500,...,1200 (Detectron; "
-                        "the paper gives none); detections merged by NMS, masks averaged (tta.py)")
+                   help="test-time augmentation: comma-separated shorter sides added to --min-size's view, e.g. "
+                        "400,500,600,700,900,1000,1100,1200 (Detectron's example; the paper gives none); detections "
+                        "merged by NMS, masks averaged (tta.py)")
+    p.add_argument("--tta-max-size", type=positive_int, default=2000,
+                   help="cap on the longer side of the --tta-scales views (Detectron's example: 2000)")
     p.add_argument("--tta-flip", action="store_true",
-                   help="test-time augmentation: add the mirror image of every scale (--min-size alone if no "
-                        "--tta-scales)")
+                   help="test-time augmentation: add the mirror image of every view")
     args = p.parse_args(argv)
 
     _, _, device = distributed.init(args.device)  # under torchrun, each process evaluates a shard of the images
@@ -198,7 +210,8 @@ def main(argv=None):
         sys.exit("error: --tta-scales/--tta-flip merge boxes and masks; evaluate keypoint models without them")
     try:
         metrics = evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers,
-                           results_file=args.results, tta_scales=args.tta_scales, tta_flip=args.tta_flip)
+                           results_file=args.results, tta_scales=args.tta_scales, tta_flip=args.tta_flip,
+                           tta_max_size=args.tta_max_size)
     except data.DataError as e:  # raised in a loader worker: the one line that names the culprit
         sys.exit(f"error: {e.line()}")
     distributed.cleanup()

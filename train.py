@@ -25,18 +25,12 @@ import checkpoint
 import data
 import distributed
 import evaluate
+from evaluate import positive_int
 from model import PRESETS, build_model
 from norm import GroupNorm, SyncBatchNorm
 
 ITERS_1X, BATCH_1X = 90_000, 16     # Detectron's "1x": 90k iterations at 16 images (~12 COCO epochs)
 WARMUP_1X = 500                     # Detectron's linear warm-up, in iterations at batch 16
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def device_name(text):

@@ -2,8 +2,10 @@
 
 Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 5.1, Fig. 5 ("w/ test aug": mask AP 41.6 from scratch vs
 40.9 pre-trained for R50) and Table 3 ("+ test aug": 48.6 -> 50.9 box AP for the X152 cascade) use "multi-scale
-test as implemented in Detectron". The paper lists no scales; Detectron's example adds shorter sides 400..1200 in
-steps of 100, each also mirrored, to the usual 800: `evaluate.py --tta-scales 400,500,...,1200 --tta-flip`.
+test as implemented in Detectron". The paper lists no scales. As in Detectron, the test scale (--min-size, capped at
+--max-size: 800, 1333) is always one view and --tta-scales adds views capped at --tta-max-size; Detectron's example
+adds 400..1200 in steps of 100 but 800, each also mirrored, with a cap of 2000:
+`evaluate.py --tta-scales 400,500,600,700,900,1000,1100,1200 --tta-flip`.
 
 The merging follows Detectron2's GeneralizedRCNNWithTTA:
   1. run the detector on every augmentation (a scale, mirrored or not) and map its boxes back to the original image;
@@ -95,18 +97,19 @@ def detect(model, views, original_size, flip=True):
 
 
 class ScaledViews(torch.utils.data.Dataset):
-    """A test dataset seen at several scales: item i is [(image (3, h, w), target)], one pair per scale.
+    """A test dataset seen at several scales: item i is [(image (3, h, w), target)], one pair per view.
 
-    Each scale is a shallow copy of the dataset (sharing its annotations) whose shorter side is that scale; the
-    longer side keeps the dataset's max_size cap (raise it, evaluate.py --max-size, or the large scales are capped).
-    Every view reads and decodes the image and its annotations again: simple, and small next to the model's time.
+    The first view is the dataset itself (its min_size and max_size: Detectron's TEST.SCALE and TEST.MAX_SIZE); each
+    added scale is a shallow copy of it (sharing its annotations) with that shorter side and the longer side capped at
+    max_size (Detectron's TEST.BBOX_AUG.MAX_SIZE). Every view reads and decodes the image and its annotations again:
+    simple, and small next to the model's time.
     """
 
-    def __init__(self, dataset, scales):
-        self.views = []
+    def __init__(self, dataset, scales, max_size=2000):
+        self.views = [dataset]
         for scale in scales:
             view = copy.copy(dataset)
-            view.min_size = scale
+            view.min_size, view.max_size = scale, max_size
             self.views.append(view)
 
     def __len__(self):
@@ -121,14 +124,15 @@ def _single(batch):
 
 
 @torch.no_grad()
-def predict(model, dataset, device, scales, flip=True, amp="none", workers=2):
+def predict(model, dataset, device, scales=(), flip=True, amp="none", workers=2, max_size=2000):
     """Test-time augmented inference over this process's shard of the dataset (all of it in one process): yields
-    (output, target) per image, in dataset order."""
+    (output, target) per image, in dataset order. The views: the dataset's own scale, and each of `scales` (shorter
+    sides) with the longer side capped at max_size; with flip, each view's mirror image too."""
     model.eval()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    loader = data.make_eval_loader(ScaledViews(dataset, scales), 1, workers, rank=distributed.get_rank(),
+    loader = data.make_eval_loader(ScaledViews(dataset, scales, max_size), 1, workers, rank=distributed.get_rank(),
                                    world_size=distributed.get_world_size(), collate_fn=_single)
-    for item in tqdm(loader, desc=f"eval, {len(scales)} scales{' x 2 flips' if flip else ''}", leave=False,
+    for item in tqdm(loader, desc=f"eval, {1 + len(scales)} scales{' x 2 flips' if flip else ''}", leave=False,
                      dynamic_ncols=True):
         target = item[0][1]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

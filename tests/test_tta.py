@@ -155,7 +155,7 @@ def test_one_scale_without_flip_equals_plain_inference(run):
     model, dataset = evaluate.load_run(str(run / "run" / "model_0000002.pth"), min_size=128)
     model.eval()
     plain = plain_outputs(model, dataset)
-    augmented = [out for out, _ in tta.predict(model, dataset, torch.device("cpu"), scales=[128], flip=False,
+    augmented = [out for out, _ in tta.predict(model, dataset, torch.device("cpu"), scales=(), flip=False,
                                                workers=0)]
     assert sum(len(p["boxes"]) for p in plain) > 0
     for p, a in zip(plain, augmented, strict=True):
@@ -168,7 +168,8 @@ def test_evaluate_cli_with_tta(run, monkeypatch, capsys):
     monkeypatch.chdir(run)
     flags = ["--checkpoint", "run/model_0000002.pth", "--device", "cpu", "--workers", "0"]
     plain = evaluate.main(flags)  # the checkpoint's test size, 64
-    assert evaluate.main(flags + ["--tta-scales", "64"]) == plain  # one scale, no flip: the same, end to end
+    # the test scale again, no flip: every detection twice, merged by NMS into the plain ones, end to end
+    assert evaluate.main(flags + ["--tta-scales", "64"]) == plain
     capsys.readouterr()
     metrics = evaluate.main(flags + ["--tta-scales", "48,96", "--tta-flip", "--results", "tta.json"])
     assert "Average Precision  (AP) @[ IoU=0.50:0.95" in capsys.readouterr().out
@@ -178,6 +179,15 @@ def test_evaluate_cli_with_tta(run, monkeypatch, capsys):
         results = json.load(f)
     assert results and all("segmentation" in r for r in results)
     assert {r["image_id"] for r in results} <= {1, 2}
+
+
+def test_views_are_the_test_scale_and_the_added_scales_with_their_own_cap(run):
+    # Detectron: the test scale keeps TEST.MAX_SIZE, the added scales TEST.BBOX_AUG.MAX_SIZE. The 128 x 160 shapes
+    # image at min_size 128 capped at 150 is 120 x 150; the added 128 under the cap 2000 is 128 x 160, 256 is 256 x 320.
+    _, dataset = evaluate.load_run(str(run / "run" / "model_0000002.pth"), min_size=128, max_size=150)
+    views = tta.ScaledViews(dataset, scales=(128, 256), max_size=2000)[0]
+    assert [tuple(image.shape[1:]) for image, _ in views] == [(120, 150), (128, 160), (256, 320)]
+    assert views[0][1]["size"] == (120, 150) and all(t["image_id"] == views[0][1]["image_id"] for _, t in views)
 
 
 @pytest.mark.parametrize("text", ["4a0", "400,-1", ""])
