@@ -60,8 +60,8 @@ def build_torchvision_twin(preset, num_classes, size):
 
     GN presets give the "GN-all" model, the paper's architecture from torchvision's parts: GroupNorm(32) in the ResNet
     (all 5 stages trainable), in the FPN, in a 4conv1fc box head and in the 4-conv mask head. FrozenBN presets:
-    FrozenBatchNorm2d in the ResNet, stem and res2 frozen (trainable_layers=3), no norm elsewhere; tv_maskrcnn_v1 is
-    exactly maskrcnn_resnet50_fpn with its 2fc box head, r50_fpn_frozenbn keeps our 4conv1fc head without norm.
+    FrozenBatchNorm2d in the ResNet, stem and res2 frozen (trainable_layers=3), no norm elsewhere, the 2fc box head;
+    tv_maskrcnn_v1 is exactly maskrcnn_resnet50_fpn.
     rpn_post_nms_top_n_train follows the preset: 1000 proposals per image, as Detectron2 (torchvision's default
     2000 only for tv_maskrcnn_v1).
     min_size and max_size are the given size, so its internal resize keeps the image as it is (it still

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import cascade
+from norm import GroupNorm
 
 # Flags that shape the training trajectory: --resume refuses a checkpoint whose run had other values.
 TRAJECTORY_FLAGS = ("data", "train_ann", "train_images", "train_subset", "subset_seed", "min_size", "max_size",
@@ -92,6 +93,10 @@ def load_pretrained(backbone, path, log=print):
     unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "classifier."))]
     log(f"loaded {path}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
         f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+    gn = any(isinstance(m, GroupNorm) for m in backbone.modules())
+    if gn and any(k.endswith("running_mean") for k in unexpected):
+        log(f"note: {path} is a BatchNorm network; its BN scales and shifts went into this model's GroupNorm layers "
+            f"(the paper fine-tunes its GN models from GN ImageNet weights)")
 
 
 def load_weights(model, path, log=print):

@@ -28,7 +28,10 @@ from pycocotools.coco import COCO
 
 from shapes import make_shapes
 
-IMAGE_MEAN = (0.485, 0.456, 0.406)  # RGB in [0, 1], the ImageNet statistics torchvision uses
+# RGB in [0, 1] minus the ImageNet mean, over its std: torchvision's, so its ImageNet checkpoints load as they are.
+# Departure: Detectron (the paper's code) took BGR in 0..255 minus the mean with std 1 (the Caffe models' input);
+# Detectron2's scratch configs divide by the std too (PIXEL_STD 57.375, 57.12, 58.395 = 255 x these).
+IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 # COCO's per-keypoint OKS sigmas (cocodataset.org/#keypoints-eval, pycocotools' kpt_oks_sigmas): nose, eyes, ears,
 # shoulders, elbows, wrists, hips, knees, ankles, in the order of person_keypoints_*.json.
@@ -171,7 +174,9 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
             self.coco = COCO()
             self.coco.dataset = data
             self.coco.createIndex()
-        image_ids = sorted(self._anns)  # images without annotations are kept: they are negatives
+        # Images without annotations are kept as negatives. Departure: Detectron, Detectron2 and torchvision's
+        # reference drop them from training (about 1k of COCO train2017's 118k images).
+        image_ids = sorted(self._anns)
         if subset is not None:  # a deterministic random subset, e.g. Rethinking's 35k/10k/1k-image experiments
             order = torch.randperm(len(image_ids), generator=torch.Generator().manual_seed(subset_seed))
             image_ids = sorted(image_ids[i] for i in order[:subset].tolist())

@@ -10,8 +10,8 @@ IoU 0.5 is added, area and 11-point (voc.py).
     python evaluate.py --checkpoint CKPT --tta-scales 400,600,1000,1200 --tta-flip   # Sec. 5.1, 800 plus these
 
 Results json (COCO results format): bbox as [x, y, w, h] in original image pixels, segmentation as RLE of the
-mask thresholded at 0.5 (Mask R-CNN Sec. 3.1, "Inference"), keypoints as [x1, y1, v1, x2, ...] with v = 1, category_id the
-dataset's original id (not the contiguous label).
+mask thresholded at 0.5 (Mask R-CNN Sec. 3.1, "Inference"), keypoints as [x1, y1, v1, x2, ...] with v = 1,
+category_id the dataset's original id (not the contiguous label).
 """
 import argparse
 import contextlib
@@ -188,7 +188,8 @@ def main(argv=None):
     p.add_argument("--val-ann", help="COCO json to evaluate on (overrides --data)")
     p.add_argument("--val-images", help="image folder for --val-ann")
     p.add_argument("--min-size", type=positive_int, help="shorter side at test (default: the checkpoint's; paper: 800)")
-    p.add_argument("--max-size", type=positive_int, help="cap on the longer side (default: the checkpoint's; paper: 1333)")
+    p.add_argument("--max-size", type=positive_int,
+                   help="cap on the longer side (default: the checkpoint's; paper: 1333)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
     p.add_argument("--workers", type=int, default=2, help="data loader worker processes")

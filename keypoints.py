@@ -29,7 +29,8 @@ class KeypointHead(nn.Module):
 
     Mask R-CNN Sec. 5: num_convs x (3x3 conv conv_dim + norm + ReLU), a 4x4 stride-2 deconv to K maps (28x28),
     2x bilinear upsampling (56x56). norm="none" is torchvision's KeypointRCNNHeads + KeypointRCNNPredictor exactly
-    (convs.i.0 = its i-th conv, deconv = its kps_score_lowres); Rethinking Fig. 6 adds GN after every conv.
+    (convs.i.0 = its i-th conv, deconv = its kps_score_lowres). The r50_fpn_gn_kp preset puts GN after every conv:
+    this code's reading of Fig. 6's "R50-FPN + GN", as in the box and mask heads (Detectron's head has no norm).
     """
 
     def __init__(self, in_channels=256, num_keypoints=17, num_convs=8, conv_dim=512, norm="gn", num_groups=32,

@@ -2,7 +2,8 @@
 
 Rethinking ImageNet Pre-training (arXiv:1811.08883), Sec. 4 "Experimental Settings": SGD with momentum 0.9,
 weight decay 1e-4, LR 0.02 at batch 16 with linear warm-up (Goyal et al. 2017), the LR divided by 10 at the last
-60k and the last 20k iterations of an N x 90k-iteration schedule, horizontal flip only, shorter side 800.
+60k and the last 20k iterations of an N x 90k-iteration schedule (its 2x..6x; up to 2x, schedule() keeps Detectron's
+1x proportions), horizontal flip only, shorter side 800.
 
     python train.py                                   # synthetic shapes, tiny model, CPU-sized (the demo)
     python train.py --data PennFudanPed --preset r50_fpn_gn --device cuda --amp bf16
@@ -185,6 +186,8 @@ def resolve(args, world_size=1):
         sys.exit("error: --pretrained is read only with --init imagenet")
     if args.save_backbone and not os.path.isdir(os.path.dirname(args.save_backbone) or "."):
         sys.exit(f"error: --save-backbone {args.save_backbone}: its folder does not exist")
+    if args.cascade and PRESETS[args.preset]["num_keypoints"]:
+        sys.exit(f"error: --cascade with preset {args.preset}: the cascade has box and mask heads only, no keypoints")
     if args.amp != "none" and cpu and args.amp == "fp16":
         sys.exit("error: --amp fp16 needs --device cuda; use --amp bf16 on CPU")
     return args
@@ -232,10 +235,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same seed everywhere: every process builds the same initial model
     random.seed(args.seed)
     np.random.seed(args.seed)
-    if main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+    resume = checkpoint.latest(args.output_dir) if args.resume == "auto" else args.resume
+    ckpt = checkpoint.load_for_resume(resume, args) if resume else None  # refuses another run's flags, first
     log("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
 
     # Data: resizing, flipping and normalization happen in data.py, in plain view.
@@ -286,11 +287,13 @@ def main(argv=None):
     if args.dry_run:
         distributed.cleanup()
         return
+    if main_process:  # only now: a dry run or a refused resume leaves the run's files as they were
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
 
-    start_iter, ckpt = 0, None
-    resume = checkpoint.latest(args.output_dir) if args.resume == "auto" else args.resume
-    if resume:
-        ckpt = checkpoint.load_for_resume(resume, args)
+    start_iter = 0
+    if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler and ckpt["scaler"]:

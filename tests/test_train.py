@@ -127,6 +127,7 @@ def test_checkpoint_from_another_preset_is_refused(shapes, tmp_path):
     (["--warmup-iters", "-1"], "--warmup-iters"),
     (["--ckpt-period", "0"], "positive integer"),
     (["--val-images", "val"], "--val-images needs --val-ann"),
+    (["--preset", "tiny_kp", "--cascade"], "no keypoints"),
 ])
 def test_flags_that_make_no_sense_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -139,6 +140,7 @@ def test_resume_with_other_trajectory_flags_is_refused(shapes, tmp_path):
     args = run_args(shapes, tmp_path, "--max-iters", "2", "--no-eval", "--resume", "auto", "--seed", "5")
     with pytest.raises(SystemExit, match=r"--seed 0 -> 5.*--weights"):
         train.main(args)
+    assert json.loads((tmp_path / "args.json").read_text())["seed"] == 0  # the run's record is left as it was
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--weights", "--checkpoint"])
@@ -199,7 +201,7 @@ def test_dry_run_prints_the_plan_and_trains_nothing(shapes, tmp_path, capsys):
     assert "1440000 iterations" in out and "[960000, 1280000]" in out        # 2x at batch 2
     assert "warm-up 4000 " in out  # Detectron's 500 at batch 16 cover 8000 images: 4000 iterations at batch 2
     assert "8 training images" in out and "norm gn" in out
-    assert not [n for n in os.listdir(tmp_path) if n.endswith(".pth")]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith((".pth", ".json", ".jsonl"))]  # args.json neither
 
 
 def test_bf16_subset_and_lr_flags_reach_the_run(shapes, tmp_path, capsys):
@@ -256,6 +258,9 @@ def test_torchvision_imagenet_checkpoint_loads_into_the_backbone(tmp_path, capsy
     assert "0 missing keys" in out and "0 unexpected keys" in out   # fc.* is expected and not reported
     assert torch.equal(model.backbone.layer3[2].conv2.weight, reference.layer3[2].conv2.weight)
     assert torch.equal(model.backbone.bn1.running_var, reference.bn1.running_var)
+    assert "BatchNorm network" not in out
+    checkpoint.load_pretrained(build_model("r50_fpn_gn", num_classes=3).backbone, str(path))
+    assert "is a BatchNorm network; its BN scales and shifts went into" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--channels-last", "--compile"])
