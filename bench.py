@@ -19,7 +19,7 @@ from torch import nn
 
 from data import IMAGE_MEAN, IMAGE_STD
 from model import PRESETS, build_model
-from train import device_name, positive_int
+from flags import device_name, positive_int
 
 TORCHVISION_TWINS = ("r50_fpn_gn", "r101_fpn_gn", "r50_fpn_frozenbn", "tv_maskrcnn_v1")
 GIB = 2 ** 30

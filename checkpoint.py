@@ -7,6 +7,7 @@ the model, the optimizer (momentum buffers), the GradScaler, the iteration, the 
 ImageNet weights (--init imagenet) are torchvision ResNet/VGG state dicts, whose key names backbone.py keeps.
 """
 import os
+import pickle
 import random
 import sys
 
@@ -24,16 +25,38 @@ TRAJECTORY_FLAGS = ("data", "train_ann", "train_images", "train_subset", "subset
 
 def read(path, what="checkpoint", keys=(), weights_only=False):
     """torch.load(path) on the CPU, or a one-line error naming `what` and the path: missing, not written by
-    torch.save, or (keys) not a dict with these entries. weights_only for third-party files (--pretrained)."""
+    torch.save, or (keys) not a dict with these entries; "args.preset" is the "preset" entry of the "args" dict.
+    weights_only for third-party files (--pretrained): tensors and plain containers only, no code is unpickled."""
     if not os.path.isfile(path):
         sys.exit(f"error: {what} {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # unpickling fails in many ways; all mean "not a checkpoint this code can read"
+        if weights_only and isinstance(e, pickle.UnpicklingError):  # e.g. a train.py checkpoint's numpy RNG state
+            sys.exit(f"error: {what} {path} is not a plain state dict of tensors "
+                     f"(a train.py checkpoint? use --weights for those)")
         sys.exit(f"error: {what} {path} is not a PyTorch checkpoint ({type(e).__name__})")
-    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    missing = [k for k in keys if not _has(state, k)]
     if missing:
         sys.exit(f"error: {what} {path} has no {', '.join(missing)}: not a model_*.pth written by train.py")
+    return state
+
+
+def _has(state, key):
+    """Whether state holds key; "args.preset" is the "preset" entry of state["args"]."""
+    for name in key.split("."):
+        if not isinstance(state, dict) or name not in state:
+            return False
+        state = state[name]
+    return True
+
+
+def _state_dict(state, path, what):
+    """The state dict read from a file, or from its "model" entry (a train.py checkpoint); else a one-line error
+    naming `what` and the path."""
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        sys.exit(f"error: {what} {path} holds a {type(state).__name__}, not a state dict (parameter names -> tensors)")
     return state
 
 
@@ -70,7 +93,7 @@ def save(path, model, optimizer, scaler, iteration, args, seen, rng):
 
 def load_for_resume(path, args):
     """--resume: the checkpoint of this very run, i.e. the same preset and the same TRAJECTORY_FLAGS."""
-    ckpt = read(path, "checkpoint", keys=("model", "optimizer", "args", "rng"))
+    ckpt = read(path, "checkpoint", keys=("model", "optimizer", "args.preset", "rng"))
     run = ckpt["args"]
     if run["preset"] != args.preset:
         sys.exit(f"error: checkpoint {path} is from preset {run['preset']!r}, not {args.preset!r}")
@@ -87,9 +110,13 @@ def load_for_resume(path, args):
 
 def load_pretrained(backbone, path, log=print):
     """Load a torchvision ImageNet checkpoint into the backbone; report what did not match (the fc is expected)."""
-    state = read(path, "--pretrained", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    result = backbone.load_state_dict(state, strict=False)
+    state = _state_dict(read(path, "--pretrained", weights_only=True), path, "--pretrained")
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # strict=False still refuses a tensor whose shape differs
+        sys.exit(f"error: --pretrained {path} does not fit this backbone: {str(e).splitlines()[-1].strip()}")
+    if len(result.missing_keys) == len(backbone.state_dict()):
+        sys.exit(f"error: --pretrained {path} has no tensor named as this backbone's (another architecture?)")
     unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "classifier."))]
     log(f"loaded {path}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
         f"{len(unexpected)} unexpected keys {unexpected[:5]}")
@@ -101,7 +128,12 @@ def load_pretrained(backbone, path, log=print):
 
 def load_weights(model, path, log=print):
     """--weights: e.g. a scratch Mask R-CNN switched to the cascade for the rest of its training (Sec. 5)."""
-    state = read(path, "--weights")
-    missing, unexpected, skipped = cascade.load_weights(model, state.get("model", state))
+    state = _state_dict(read(path, "--weights"), path, "--weights")
+    missing, unexpected, skipped = cascade.load_weights(model, state)
+    # Every use of --weights (the cascade switch, new heads, another data set) carries the backbone over; another
+    # preset's file fits at most a few biases shaped by the class or anchor count, so it would train from scratch.
+    if all(k in missing for k in model.state_dict() if k.startswith("backbone.")):
+        sys.exit(f"error: --weights {path} fits none of this model's backbone tensors (names and shapes): "
+                 f"a checkpoint of another preset?")
     log(f"loaded {path}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
         f"{unexpected[:3]}, {len(skipped)} skipped for their shape {skipped[:3]}")

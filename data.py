@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools.coco import COCO
 
+from coco_json import DataError, check_annotation, check_records, is_numbers
 from shapes import make_shapes
 
 # RGB in [0, 1] minus the ImageNet mean, over its std: torchvision's, so its ImageNet checkpoints load as they are.
@@ -39,38 +40,19 @@ COCO_KEYPOINT_SIGMAS = (.026, .025, .025, .035, .035, .079, .079, .072, .072, .0
                         .089, .089)
 
 
-class DataError(ValueError):
-    """Bad input data. The message is one line naming the culprit (file, annotation id, image id)."""
-
-    def line(self):
-        """That line, also when a loader worker raised the error (its text then ends the worker's traceback)."""
-        return str(self).strip().splitlines()[-1].removeprefix("data.DataError: ")
-
-
 def _read_image(path, mode="RGB"):
     """(H0, W0, 3) uint8 array for mode "RGB"; mode None keeps the stored values; PIL errors become DataError."""
     try:
         with Image.open(path) as image:
+            if mode and image.mode.startswith("I"):  # convert("RGB") would clip 16/32-bit values to 255: all white
+                raise DataError(f"{path}: a {image.mode} (16/32-bit integer) image; convert it to 8-bit RGB")
             return np.array(image.convert(mode) if mode else image)
     except FileNotFoundError:
         raise DataError(f"missing image file {path}") from None
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for truncated or garbage files
         raise DataError(f"unreadable or corrupt image {path}: {e}") from None
-
-
-def _is_numbers(value, length=None):
-    """A list of numbers (of `length` numbers, if given), as a json bbox or polygon must be."""
-    return (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)
-            and (length is None or len(value) == length))
-
-
-def _is_segmentation(segm):
-    """COCO polygons [[x1, y1, x2, y2, x3, y3, ...], ...] (an even count >= 6 of numbers each) or RLE {counts, size}.
-    RLE contents are checked only when decoded (_mask): pycocotools does it there."""
-    if isinstance(segm, dict):
-        return {"counts", "size"} <= segm.keys()
-    return (isinstance(segm, list) and len(segm) > 0
-            and all(_is_numbers(p) and len(p) >= 6 and len(p) % 2 == 0 for p in segm))
 
 
 def resized_size(h, w, min_size=800, max_size=1333):
@@ -129,47 +111,37 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
 
     def _setup(self, data, source, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed,
                keypoint_sigmas=None):
-        missing = [key for key in ("images", "annotations", "categories") if key not in data]
-        if missing:
-            raise DataError(f"{source}: missing key(s) {', '.join(missing)} (needs images, annotations, categories)")
+        check_records(data, source)  # the lists, their fields and types, unique ids: coco_json.py
         if not os.path.isdir(image_dir):
             raise DataError(f"image folder {image_dir} does not exist (for {source})")
-        for key, kind, fields in (("categories", "category", ("id", "name")), ("annotations", "annotation", ("id",)),
-                                  ("images", "image", ("id", "file_name", "height", "width"))):
-            for i, record in enumerate(data[key]):
-                missing = [field for field in fields if field not in record]
-                if missing:  # a record without "id" is named by its position in the json list
-                    name = f"{kind} id {record['id']}" if "id" in record else f"{key}[{i}]"
-                    raise DataError(f"{source}: {name} has no {', '.join(missing)}")
         self.cat_ids = sorted(c["id"] for c in data["categories"])
         names = {c["id"]: c["name"] for c in data["categories"]}
         self.class_names = [names[c] for c in self.cat_ids]
         self.num_classes = len(self.cat_ids) + 1  # + background
         self._label = {cat_id: i + 1 for i, cat_id in enumerate(self.cat_ids)}
-        self._anns = {image["id"]: [] for image in data["images"]}  # training targets per image id
+        images = {image["id"]: image for image in data["images"]}
+        self._anns = {image_id: [] for image_id in images}  # training targets per image id
         self._setup_keypoints(data, source, keypoint_sigmas)
         dropped = []
         for ann in data["annotations"]:
-            culprit = f"{source}: annotation id {ann.get('id')}"
+            culprit = f"{source}: annotation id {ann['id']}"
             if ann.get("category_id") not in self._label:
                 raise DataError(f"{culprit} has unknown category_id {ann.get('category_id')}")
-            if self.num_keypoints:
-                self._keypoints[ann.get("id")] = self._read_keypoints(ann, culprit)
-            if ann.get("image_id") not in self._anns:
+            if ann.get("image_id") not in images:
                 raise DataError(f"{culprit} refers to unknown image id {ann.get('image_id')}")
-            if not _is_numbers(ann.get("bbox"), length=4):
-                raise DataError(f"{culprit} has bbox {ann.get('bbox')!r}, not [x, y, w, h] (4 numbers)")
-            if self.has_masks and not _is_segmentation(ann.get("segmentation")):
-                raise DataError(f"{culprit} has a bad segmentation: expected polygons [[x1, y1, x2, y2, x3, y3, ...], "
-                                f"...] (an even count >= 6 of numbers each) or RLE {{counts, size}}")
-            if ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
+            image = images[ann["image_id"]]
+            check_annotation(ann, image, culprit, needs_segmentation=self.has_masks)
+            if self.num_keypoints:
+                self._keypoints[ann["id"]] = self._read_keypoints(ann, culprit)
+            x, y, w, h = ann["bbox"]  # a box of no size, also once clipped to its image, is not a training target
+            if min(x + w, image["width"]) <= max(x, 0) or min(y + h, image["height"]) <= max(y, 0):
                 dropped.append(ann["id"])
-            elif not ann.get("iscrowd", 0) and not ann.get("difficult", 0):  # crowd regions and VOC's "difficult"
+            elif not ann["iscrowd"] and not ann.get("difficult", 0):  # crowd regions and VOC's "difficult"
                 # objects are not training targets, only "ignore" regions for evaluation
                 self._anns[ann["image_id"]].append(ann)
         if dropped:
             ids = ", ".join(map(str, dropped[:20])) + (", ..." if len(dropped) > 20 else "")
-            print(f"dropped {len(dropped)} annotations with zero or negative size in {source}: ids {ids}")
+            print(f"dropped {len(dropped)} annotations with no area inside their image in {source}: ids {ids}")
         with contextlib.redirect_stdout(io.StringIO()):  # silence pycocotools' "creating index..."
             self.coco = COCO()
             self.coco.dataset = data
@@ -177,6 +149,8 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         # Images without annotations are kept as negatives. Departure: Detectron, Detectron2 and torchvision's
         # reference drop them from training (about 1k of COCO train2017's 118k images).
         image_ids = sorted(self._anns)
+        if subset is not None and subset > len(image_ids):
+            print(f"--train-subset {subset}: {source} has {len(image_ids)} images, all used")
         if subset is not None:  # a deterministic random subset, e.g. Rethinking's 35k/10k/1k-image experiments
             order = torch.randperm(len(image_ids), generator=torch.Generator().manual_seed(subset_seed))
             image_ids = sorted(image_ids[i] for i in order[:subset].tolist())
@@ -202,6 +176,8 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         self.num_keypoints = len(self.keypoint_names)  # 0: no keypoints, targets as before
         self._keypoints = {}  # annotation id -> (J, 3) float32
         if not self.num_keypoints:
+            if keypoint_sigmas:
+                raise DataError(f"{source}: keypoint OKS sigmas given, but no category names keypoints")
             self.keypoint_sigmas, self.flip_index = None, None
             return
         partner = {n: "right_" + n[5:] if n.startswith("left_") else "left_" + n[6:] if n.startswith("right_") else n
@@ -212,8 +188,9 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
             raise DataError(f"{source}: {self.num_keypoints} keypoints per object, not COCO's 17: give their OKS "
                             f"sigmas (--keypoint-sigmas)")
         sigmas = list(keypoint_sigmas or COCO_KEYPOINT_SIGMAS)
-        if len(sigmas) != self.num_keypoints:
-            raise DataError(f"{source}: {len(sigmas)} keypoint OKS sigmas for {self.num_keypoints} keypoints")
+        if len(sigmas) != self.num_keypoints or not all(s > 0 for s in sigmas):
+            raise DataError(f"{source}: {len(sigmas)} keypoint OKS sigmas {sigmas} for {self.num_keypoints} keypoints "
+                            f"(one positive sigma each)")
         self.keypoint_sigmas = sigmas
 
     def _read_keypoints(self, ann, culprit):
@@ -221,13 +198,10 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         J = self.num_keypoints
         if ann["category_id"] not in self._keypoint_cat_ids:
             return np.zeros((J, 3), np.float32)  # an object of a class without keypoints: none labelled
-        try:
-            keypoints = np.asarray(ann.get("keypoints"), dtype=np.float32).reshape(J, 3)
-        except (TypeError, ValueError):
-            keypoints = None
-        if keypoints is None or not np.isfinite(keypoints).all() or not np.isin(keypoints[:, 2], (0, 1, 2)).all():
+        keypoints = ann.get("keypoints")
+        if not is_numbers(keypoints, length=3 * J) or not set(keypoints[2::3]) <= {0, 1, 2}:
             raise DataError(f"{culprit} has bad keypoints: expected {3 * J} finite numbers x, y, v with v in 0, 1, 2")
-        return keypoints
+        return np.asarray(keypoints, dtype=np.float32).reshape(J, 3)
 
     def __len__(self):
         return len(self.image_ids)
@@ -252,6 +226,7 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         anns = self._anns[image_id]
         boxes = torch.tensor([ann["bbox"] for ann in anns], dtype=torch.float32).reshape(-1, 4)  # (G, 4) xywh
         boxes[:, 2:] += boxes[:, :2]  # [x, y, w, h] -> [x1, y1, x2, y2]
+        boxes = torch.min(boxes.clamp(min=0), torch.tensor([w0, h0, w0, h0]))  # clipped to the image, as Detectron
         labels = torch.tensor([self._label[ann["category_id"]] for ann in anns], dtype=torch.int64)
         masks = None
         if self.has_masks:
@@ -285,8 +260,6 @@ class CocoDataset(_CocoStyleDataset):
                 data = json.load(f)
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read annotation file {ann_file}: {e}") from None
-        if not isinstance(data, dict):
-            raise DataError(f"{ann_file}: expected a json object with images, annotations, categories")
         self._setup(data, ann_file, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed,
                     keypoint_sigmas)
 
@@ -313,7 +286,12 @@ class PennFudanDataset(_CocoStyleDataset):
             if (i % 4 == 0) != (split == "val"):
                 continue
             # (H0, W0) instance ids, 0 = background; raw values, as the masks may be mode "L" or palette "P"
-            ped = _read_image(os.path.join(mask_dir, name[:-4] + "_mask.png"), mode=None)
+            mask_path = os.path.join(mask_dir, name[:-4] + "_mask.png")
+            ped = _read_image(mask_path, mode=None)
+            size = _read_image(os.path.join(image_dir, name)).shape[:2]  # (H0, W0)
+            if ped.shape != size:
+                raise DataError(f"{mask_path}: expected one channel of instance ids of its image's size "
+                                f"{size[1]}x{size[0]}, got an array of shape {ped.shape}")
             images.append({"id": i + 1, "file_name": name, "height": ped.shape[0], "width": ped.shape[1]})
             for k in np.unique(ped)[1:].tolist():
                 rle = mask_utils.encode(np.asfortranarray(ped == k, dtype=np.uint8))

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 
 import numpy as np
@@ -30,6 +31,7 @@ import data
 import distributed
 import tta
 import voc
+from flags import device_name, non_negative_int, positive_int, scale_list
 from model import build_model
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -138,7 +140,8 @@ def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, t
 def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None):
     """The model of a train.py checkpoint (path) and its validation set; data flags default to the run's own.
     Problems end the program with a one-line error naming the checkpoint or the data."""
-    ckpt = checkpoint.read(path, keys=("model", "args"))
+    ckpt = checkpoint.read(path, keys=("model", "args.preset", "args.norm", "args.data", "args.min_size",
+                                       "args.max_size", "args.val_ann", "args.val_images"))
     run = ckpt["args"]
     try:
         with distributed.rank_zero_first():  # under torchrun, rank 0 writes the synthetic set if it is missing
@@ -161,26 +164,6 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
     return model, dataset
 
 
-def positive_int(text):
-    """An argparse type: a positive integer, or a one-line usage error."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def scale_list(text):
-    """--tta-scales "400,500" -> (400, 500); anything but positive integers is a one-line argparse error."""
-    try:
-        scales = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        scales = ()
-    if not scales or min(scales) <= 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive shorter sides like 400,600,800, "
-                                         f"got {text!r}")
-    return scales
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a model_*.pth written by train.py")
@@ -190,9 +173,10 @@ def main(argv=None):
     p.add_argument("--min-size", type=positive_int, help="shorter side at test (default: the checkpoint's; paper: 800)")
     p.add_argument("--max-size", type=positive_int,
                    help="cap on the longer side (default: the checkpoint's; paper: 1333)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
-    p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="data loader worker processes")
     p.add_argument("--results", help="write the COCO results json here")
     p.add_argument("--tta-scales", type=scale_list, default=(),
                    help="test-time augmentation: comma-separated shorter sides added to --min-size's view, e.g. "
@@ -203,6 +187,8 @@ def main(argv=None):
     p.add_argument("--tta-flip", action="store_true",
                    help="test-time augmentation: add the mirror image of every view")
     args = p.parse_args(argv)
+    if args.results and not os.path.isdir(os.path.dirname(args.results) or "."):
+        p.error(f"--results {args.results}: its folder does not exist")
 
     _, _, device = distributed.init(args.device)  # under torchrun, each process evaluates a shard of the images
     model, dataset = load_run(args.checkpoint, args.data, args.val_ann, args.val_images, args.min_size,

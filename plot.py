@@ -26,12 +26,14 @@ from PIL import Image
 
 import data
 import evaluate
-from train import BATCH_1X, ITERS_1X, positive_int
+from flags import positive_float, positive_int
+from train import BATCH_1X, ITERS_1X
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: files only, set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 COUNTS = ("images", "instances", "pixels")
@@ -41,16 +43,48 @@ PRETRAINED_COLOUR, SCRATCH_COLOUR = "#4daf4a", "#984ea3"  # Fig. 2: green bars v
 
 
 def _read_run(run_dir):
-    """(args.json as a dict, or {} when absent; the rows of metrics.jsonl)."""
-    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+    """(args.json as a dict, or {} when absent; the rows of metrics.jsonl). A last line that is not JSON is skipped:
+    a run killed while writing it. Any other bad line, or a bad args.json, is a one-line error naming the file."""
+    metrics, args_file = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "args.json")
+    if not os.path.isfile(metrics):
         sys.exit(f"error: {run_dir} has no metrics.jsonl; expected a train.py --output-dir")
     args = {}
-    if os.path.isfile(os.path.join(run_dir, "args.json")):
-        with open(os.path.join(run_dir, "args.json")) as f:
-            args = json.load(f)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    if os.path.isfile(args_file):
+        with open(args_file) as f:
+            try:
+                args = json.load(f)
+            except json.JSONDecodeError as e:
+                sys.exit(f"error: {args_file} is not valid JSON ({e})")
+        if not isinstance(args, dict):
+            sys.exit(f"error: {args_file} holds a {type(args).__name__}, not train.py's flags")
+    with open(metrics) as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == lines[-1][0]:
+                print(f"note: skipped the incomplete last line {number} of {metrics} (a run killed while writing it)")
+                break
+            sys.exit(f"error: {metrics} line {number} is not valid JSON")
+        if not isinstance(row, dict) or "iter" not in row:
+            sys.exit(f"error: {metrics} line {number} is not a metrics row with an \"iter\"")
+        rows.append(row)
     return args, rows
+
+
+def figure_path(text):
+    """--out: a new or existing file, not a folder, in a folder that exists, with an extension matplotlib writes."""
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())  # png, pdf, svg, ... (all backends)
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name such as "
+                                         f"{os.path.join(text, 'figure.png')}")
+    if not os.path.isdir(os.path.dirname(text) or "."):
+        raise argparse.ArgumentTypeError(f"the folder of {text} does not exist")
+    if os.path.splitext(text)[1].lower().lstrip(".") not in formats:
+        raise argparse.ArgumentTypeError(f"{text}: the extension must be one of .{', .'.join(formats)}")
+    return text
 
 
 def _last_per_iter(rows):
@@ -138,7 +172,10 @@ def sample_counts(run_dirs=None, imagenet_images=1_281_167, imagenet_epochs=100,
             seen = [row for row in rows if "seen_images" in row]
             if not seen:
                 sys.exit(f"error: {run_dir}/metrics.jsonl has no training rows with seen_images")
-            counts[name] = {k: seen[-1][f"seen_{k}"] for k in COUNTS}
+            counts[name] = {k: seen[-1].get(f"seen_{k}") for k in COUNTS}
+            if not all(isinstance(v, (int, float)) and v > 0 for v in counts[name].values()):  # log axis, ratios
+                sys.exit(f"error: {run_dir}/metrics.jsonl: the last training row (iter {seen[-1]['iter']}) has "
+                         f"{', '.join(f'seen_{k} {v}' for k, v in counts[name].items())}; expected positive counts")
     else:
         for name, schedule in (("fine-tuning", finetune_schedule), ("random init", scratch_schedule)):
             images = round(schedule * ITERS_1X * BATCH_1X)
@@ -249,21 +286,26 @@ def main(argv=None):
 
     c = sub.add_parser("curves", help="Figs. 3-5, 7: box and mask AP vs. iterations of one or more runs")
     c.add_argument("run_dirs", nargs="+", help="train.py --output-dir folders (args.json + metrics.jsonl)")
-    c.add_argument("--out", default="ap.png", help="output PNG")
+    c.add_argument("--out", type=figure_path, default="ap.png", help="output image (.png, .pdf, .svg, ...)")
     c.add_argument("--labels", nargs="+", help="one legend label per run (default: init, preset, schedule)")
 
     s = sub.add_parser("samples", help="Fig. 2: images, instances, pixels seen, pre-trained vs. from scratch")
     s.add_argument("run_dirs", nargs="*", help="optional: PRETRAINED_RUN SCRATCH_RUN, to count what they saw")
-    s.add_argument("--out", default="fig2.png", help="output PNG")
-    s.add_argument("--imagenet-images", type=int, default=1_281_167, help="ImageNet-1k train images (1,281,167)")
-    s.add_argument("--imagenet-epochs", type=int, default=100, help="pre-training epochs (paper: 100)")
-    s.add_argument("--imagenet-size", type=int, default=224, help="pre-training crop side, 1 instance per image (224)")
-    s.add_argument("--coco-images", type=int, default=118_287,
+    s.add_argument("--out", type=figure_path, default="fig2.png", help="output image (.png, .pdf, .svg, ...)")
+    s.add_argument("--imagenet-images", type=positive_int, default=1_281_167,
+                   help="ImageNet-1k train images (1,281,167)")
+    s.add_argument("--imagenet-epochs", type=positive_int, default=100, help="pre-training epochs (paper: 100)")
+    s.add_argument("--imagenet-size", type=positive_int, default=224,
+                   help="pre-training crop side, 1 instance per image (224)")
+    s.add_argument("--coco-images", type=positive_int, default=118_287,
                    help="training set size, for epochs (COCO train2017: 118,287; give yours with run dirs)")
-    s.add_argument("--instances-per-image", type=int, default=7, help="COCO instances per image (caption: ~7)")
-    s.add_argument("--coco-pixels", type=int, default=800 * 1333, help="COCO pixels per image (caption: 800x1333)")
-    s.add_argument("--finetune-schedule", type=float, default=2, help="fine-tuning schedule, N x 90k at batch 16 (2)")
-    s.add_argument("--scratch-schedule", type=float, default=6, help="from-scratch schedule (paper: 6, 3x longer)")
+    s.add_argument("--instances-per-image", type=positive_int, default=7, help="COCO instances per image (caption: ~7)")
+    s.add_argument("--coco-pixels", type=positive_int, default=800 * 1333,
+                   help="COCO pixels per image (caption: 800x1333)")
+    s.add_argument("--finetune-schedule", type=positive_float, default=2,
+                   help="fine-tuning schedule, N x 90k at batch 16 (2)")
+    s.add_argument("--scratch-schedule", type=positive_float, default=6,
+                   help="from-scratch schedule (paper: 6, 3x longer)")
 
     r = sub.add_parser("predictions", help="ground truth vs. a checkpoint's detections on validation images")
     r.add_argument("--checkpoint", required=True, help="a model_*.pth written by train.py")

@@ -26,40 +26,13 @@ import checkpoint
 import data
 import distributed
 import evaluate
-from evaluate import positive_int
+from flags import (device_name, non_negative_float, non_negative_int, positive_float, positive_int, scale_range,
+                   schedule_name, writable_folder)
 from model import PRESETS, build_model
 from norm import GroupNorm, SyncBatchNorm
 
 ITERS_1X, BATCH_1X = 90_000, 16     # Detectron's "1x": 90k iterations at 16 images (~12 COCO epochs)
 WARMUP_1X = 500                     # Detectron's linear warm-up, in iterations at batch 16
-
-
-def device_name(text):
-    """--device "cpu", "cuda" or "cuda:1"; anything torch.device does not read is a one-line argparse error."""
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
-    return text
-
-
-def scale_range(text):
-    """--train-scales "640,800" -> (640, 800); anything but two sides LO <= HI is a one-line argparse error."""
-    scales = evaluate.scale_list(text)  # positive integers, as --tta-scales
-    if len(scales) != 2 or scales[0] > scales[1]:
-        raise argparse.ArgumentTypeError(f"expected LO,HI shorter sides with 0 < LO <= HI, got {text!r}")
-    return scales
-
-
-def schedule_name(text):
-    """--schedule "6x": N x 90k iterations for any N > 0."""
-    try:
-        n = float(text.removesuffix("x"))
-    except ValueError:
-        n = 0.0
-    if not n > 0 or not text.endswith("x"):
-        raise argparse.ArgumentTypeError(f"expected Nx with N > 0, such as 1x, 3x or 6x; got {text!r}")
-    return text
 
 
 def get_args(argv=None):
@@ -73,15 +46,15 @@ def get_args(argv=None):
     g.add_argument("--train-images", help="image folder for --train-ann")
     g.add_argument("--val-ann", help="COCO json for evaluation (overrides --data)")
     g.add_argument("--val-images", help="image folder for --val-ann")
-    g.add_argument("--min-size", type=int, help="shorter image side (paper: 800; default 800, or the native size "
-                                                "of the synthetic shapes)")
-    g.add_argument("--max-size", type=int, default=1333, help="cap on the longer side (Detectron: 1333)")
+    g.add_argument("--min-size", type=positive_int,
+                   help="shorter image side (paper: 800; default 800, or the native size of the synthetic shapes)")
+    g.add_argument("--max-size", type=positive_int, default=1333, help="cap on the longer side (Detectron: 1333)")
     g.add_argument("--train-scales", type=scale_range,
                    help="LO,HI: training shorter side drawn from [LO, HI] (Sec. 5: 640,800 enhanced baselines; "
                         "512,800 for 35k images); default: --min-size only")
     g.add_argument("--train-subset", type=positive_int, help="train on a random subset of N images (Sec. 5.2: 1k..35k)")
-    g.add_argument("--subset-seed", type=int, default=0, help="seed that picks the subset")
-    g.add_argument("--keypoint-sigmas", type=lambda s: [float(x) for x in s.split(",")],
+    g.add_argument("--subset-seed", type=non_negative_int, default=0, help="seed that picks the subset")
+    g.add_argument("--keypoint-sigmas", type=lambda text: [positive_float(x) for x in text.split(",")],
                    help="comma-separated OKS sigma per keypoint, for a keypoints json that is not COCO's 17 person "
                         "keypoints (default: COCO's)")
 
@@ -101,13 +74,14 @@ def get_args(argv=None):
                                            "pre-trained backbone for --pretrained)")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int,
+    g.add_argument("--batch-size", type=positive_int,
                    help="images per process and iteration; the effective batch is this x the number of processes "
                         "(paper: 2 x 8 GPUs = 16; default: 4 on CPU, 16 / processes on GPU)")
-    g.add_argument("--lr", type=float, help="base LR (paper: 0.02 at batch 16; default 0.02 x effective batch / 16, "
-                                            "0.02 for the short shapes demo)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=1e-4,
+    g.add_argument("--lr", type=positive_float,
+                   help="base LR (paper: 0.02 at batch 16; default 0.02 x effective batch / 16, 0.02 for the short "
+                        "shapes demo)")
+    g.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (paper: 0.9)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
                    help="weight decay (paper: 1e-4), not applied to normalization parameters (Detectron)")
     g.add_argument("--schedule", type=schedule_name,
                    help="Nx = N x 90k iterations at batch 16, scaled to the effective batch, with the LR drops at "
@@ -115,22 +89,24 @@ def get_args(argv=None):
                         "as Detectron's 1x (default 1x, or --max-iters)")
     g.add_argument("--max-iters", type=positive_int,
                    help="training iterations instead of a schedule (default: 1x, or 400 on shapes)")
-    g.add_argument("--lr-steps", type=lambda s: [int(x) for x in s.split(",")],
+    g.add_argument("--lr-steps", type=lambda text: [positive_int(x) for x in text.split(",")],
                    help="comma-separated iterations where the LR drops (default: the schedule's; with --max-iters "
                         "none; at 80%% on shapes)")
-    g.add_argument("--lr-gamma", type=float, default=0.1, help="LR factor at each drop (paper: 0.1)")
-    g.add_argument("--warmup-iters", type=int,
+    g.add_argument("--lr-gamma", type=positive_float, default=0.1, help="LR factor at each drop (paper: 0.1)")
+    g.add_argument("--warmup-iters", type=non_negative_int,
                    help="linear warm-up iterations (Detectron: 500 at batch 16; default: that, scaled to the effective "
                         "batch as the schedule is; 50 on shapes)")
-    g.add_argument("--warmup-factor", type=float, default=1 / 3, help="warm-up starting LR factor (Detectron: 1/3)")
+    g.add_argument("--warmup-factor", type=positive_float, default=1 / 3,
+                   help="warm-up starting LR factor (Detectron: 1/3)")
 
     g = p.add_argument_group("run control")
-    g.add_argument("--eval-period", type=int, default=0, help="evaluate every N iterations (0: only at the end)")
+    g.add_argument("--eval-period", type=non_negative_int, default=0,
+                   help="evaluate every N iterations (0: only at the end)")
     g.add_argument("--ckpt-period", type=positive_int, default=500, help="checkpoint every N iterations")
     g.add_argument("--log-period", type=positive_int, default=20, help="write a metrics row every N iterations")
     g.add_argument("--output-dir", default="runs/demo", help="where checkpoints, metrics.jsonl and args.json go")
     g.add_argument("--resume", help="checkpoint path, or 'auto' for the latest one in --output-dir")
-    g.add_argument("--seed", type=int, default=0, help="seed for init, sampling and augmentation")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed for init, sampling and augmentation")
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
@@ -139,7 +115,7 @@ def get_args(argv=None):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone and FPN (a new padded image size triggers a recompile, after which "
                         "dynamo treats sizes as dynamic)")
-    g.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    g.add_argument("--workers", type=non_negative_int, default=2, help="data loader worker processes")
     g.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     return p.parse_args(argv)
@@ -167,8 +143,6 @@ def resolve(args, world_size=1):
     # Detectron's 500 warm-up iterations are at batch 16: scaled like the schedule, they cover the same images
     args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else (
         50 if demo else round(WARMUP_1X * BATCH_1X / batch))
-    if args.warmup_iters < 0:
-        sys.exit(f"error: --warmup-iters {args.warmup_iters}: expected 0 or more iterations")
     args.min_size = args.min_size or (128 if demo else 800)
     if bool(args.train_ann) != bool(args.val_ann):
         sys.exit("error: --train-ann and --val-ann go together (with --train-images and --val-images)")
@@ -184,8 +158,10 @@ def resolve(args, world_size=1):
                  "downloaded)")
     if args.pretrained and args.init != "imagenet":
         sys.exit("error: --pretrained is read only with --init imagenet")
-    if args.save_backbone and not os.path.isdir(os.path.dirname(args.save_backbone) or "."):
-        sys.exit(f"error: --save-backbone {args.save_backbone}: its folder does not exist")
+    if args.save_backbone and (os.path.isdir(args.save_backbone) or
+                               not writable_folder(os.path.dirname(args.save_backbone) or ".")):
+        sys.exit(f"error: --save-backbone {args.save_backbone}: expected a file path in an existing, writable folder "
+                 f"(checked now, not after the training)")
     if args.cascade and PRESETS[args.preset]["num_keypoints"]:
         sys.exit(f"error: --cascade with preset {args.preset}: the cascade has box and mask heads only, no keypoints")
     if args.amp != "none" and cpu and args.amp == "fp16":
@@ -237,6 +213,10 @@ def main(argv=None):
     np.random.seed(args.seed)
     resume = checkpoint.latest(args.output_dir) if args.resume == "auto" else args.resume
     ckpt = checkpoint.load_for_resume(resume, args) if resume else None  # refuses another run's flags, first
+    held = checkpoint.latest(args.output_dir) or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
+    if held and not args.resume and not args.dry_run:  # nothing already written is lost
+        sys.exit(f"error: --output-dir {args.output_dir} already holds a run (checkpoints or metrics.jsonl); continue "
+                 f"it with --resume auto, or give another --output-dir")
     log("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
 
     # Data: resizing, flipping and normalization happen in data.py, in plain view.
@@ -288,9 +268,12 @@ def main(argv=None):
         distributed.cleanup()
         return
     if main_process:  # only now: a dry run or a refused resume leaves the run's files as they were
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=1)
+        except OSError as e:
+            sys.exit(f"error: cannot write into --output-dir {args.output_dir}: {e}")
 
     start_iter = 0
     if ckpt:
@@ -312,7 +295,11 @@ def main(argv=None):
             sys.exit(f"error: {resume} was written by {len(ckpt['rng'])} process(es); resume it with as many")
         checkpoint.set_rng_state(ckpt["rng"][rank])
 
-    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if main_process else None
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if main_process and ckpt and os.path.exists(metrics_path):  # a run killed while writing a row left half of it
+        with open(metrics_path, "rb+") as f:
+            f.truncate(f.read().rfind(b"\n") + 1)
+    metrics = open(metrics_path, "a") if main_process else None
     seen = dict(ckpt["seen"]) if ckpt else {"images": 0, "instances": 0, "pixels": 0}
     model.train()
     bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, dynamic_ncols=True,

@@ -17,6 +17,7 @@ COCOeval, which evaluate.py also runs, knows nothing of the flag and counts them
 
 Shapes: D detections of one class over all images, D_i detections and G ground-truth boxes of one image.
 """
+import math
 import os
 import xml.etree.ElementTree as ET
 
@@ -49,11 +50,15 @@ def read_annotation(xml_file):
             if name not in VOC_CLASSES:
                 raise DataError(f"{xml_file}: unknown class {name!r} (not one of the 20 VOC classes)")
             x1, y1, x2, y2 = (float(obj.findtext(f"bndbox/{key}")) for key in ("xmin", "ymin", "xmax", "ymax"))
+            if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):  # float() reads "nan" and "inf"
+                raise DataError(f"{xml_file}: {name} bndbox {[x1, y1, x2, y2]} is not finite")
             # VOC stores 1-based inclusive pixel indices: (xmin=1, xmax=W) is the whole image, i.e. [0, W] in
             # continuous coordinates. As Detectron2 does (detectron2/data/datasets/pascal_voc.py,
             # load_voc_instances): subtract 1 from xmin and ymin, keep xmax and ymax.
             difficult = int(obj.findtext("difficult") or 0)  # a missing tag means not difficult
             objects.append((name, [x1 - 1, y1 - 1, x2, y2], difficult))
+    except DataError:  # a ValueError too, but one that already names the file and the problem
+        raise
     except (TypeError, ValueError, AttributeError) as e:  # a missing tag (None) or a non-number
         raise DataError(f"{xml_file}: missing or malformed size, name or bndbox ({e})") from None
     return width, height, objects

@@ -89,7 +89,7 @@ def tiny(tmp_path):
 def test_tiny_coco_masks_labels_crowd_and_dropped(tiny, capsys):
     ds = CocoDataset(tiny["ann"], tiny["dir"], min_size=40)
     out = capsys.readouterr().out
-    assert f"dropped 2 annotations with zero or negative size in {tiny['ann']}: ids 4, 6" in out
+    assert f"dropped 2 annotations with no area inside their image in {tiny['ann']}: ids 4, 6" in out
     assert ds.cat_ids == [2, 5] and ds.class_names == ["a", "b"] and ds.num_classes == 3 and ds.image_ids == [1, 2, 3]
     image, target = ds[0]
     assert target["image_id"] == 1 and target["orig_size"] == (40, 60) and target["size"] == (40, 60)
@@ -311,7 +311,7 @@ def test_corrupt_image(tmp_path):
 
 def test_json_missing_keys(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"images": []}))
-    one_line_error(r"a\.json: missing key\(s\) annotations, categories", CocoDataset, str(tmp_path / "a.json"),
+    one_line_error(r"a\.json: no list categories, annotations", CocoDataset, str(tmp_path / "a.json"),
                    str(tmp_path))
 
 

@@ -200,7 +200,7 @@ def test_keypoint_sigmas_required_for_non_coco_keypoints(tmp_path):
     ann_file = write_keypoints_set(str(tmp_path), [5, 4, 2, 3, 2, 2, 0, 0, 0])
     with pytest.raises(data.DataError, match="kp.json: 3 keypoints.*--keypoint-sigmas"):
         data.CocoDataset(ann_file, str(tmp_path))
-    with pytest.raises(data.DataError, match="2 keypoint OKS sigmas for 3 keypoints"):
+    with pytest.raises(data.DataError, match=r"2 keypoint OKS sigmas \[0.1, 0.2\] for 3 keypoints"):
         data.CocoDataset(ann_file, str(tmp_path), keypoint_sigmas=[0.1, 0.2])
 
 

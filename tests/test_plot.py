@@ -1,5 +1,6 @@
 """plot.py: the numbers behind the curves (Figs. 3-5, 7), the sample counts (Fig. 2) and the drawn predictions."""
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -87,6 +88,34 @@ def test_runs_without_evaluations_or_with_too_few_labels_are_one_line_errors(run
     assert "--labels: 1 labels for 2 runs" in capsys.readouterr().err
 
 
+def test_an_incomplete_last_line_is_skipped(runs, tmp_path, capsys):
+    """A run killed while writing metrics.jsonl leaves half a row at its end."""
+    scratch, _ = runs
+    with open(scratch / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 400, "bbox/A')
+    curves = plot.plot_curves([str(scratch)], str(tmp_path / "ap.png"))
+    assert curves["scratch tiny"]["iters"] == [100, 200, 300]
+    assert "skipped the incomplete last line 8 of" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("metrics, args, error", [
+    ('{"iter": 1, "bbox/AP": 0.1}\n{"iter": 2,\n{"iter": 3, "bbox/AP": 0.3}\n', None,
+     r"run/metrics\.jsonl line 2 is not valid JSON"),
+    ('{"iter": 1, "bbox/AP": 0.1}\n{"bbox/AP": 0.2}\n', None, r"run/metrics\.jsonl line 2 is not a metrics row"),
+    ('[1, 2]\n{"iter": 1}\n', None, r"run/metrics\.jsonl line 1 is not a metrics row"),
+    ('{"iter": 1, "bbox/AP": 0.1}\n', '{"init": ', r"run/args\.json is not valid JSON"),
+    ('{"iter": 1, "bbox/AP": 0.1}\n', '["scratch"]', r"run/args\.json holds a list, not train.py's flags"),
+])
+def test_bad_run_files_are_one_line_errors(tmp_path, metrics, args, error):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(metrics)
+    if args is not None:
+        (run / "args.json").write_text(args)
+    with pytest.raises(SystemExit, match=error):
+        plot.plot_curves([str(run)], str(tmp_path / "ap.png"))
+
+
 def test_sample_counts_with_the_paper_defaults():
     counts = plot.sample_counts()
     # ImageNet: 1,281,167 images x 100 epochs, 1 instance and 224 x 224 pixels each.
@@ -132,6 +161,33 @@ def test_samples_cli_patches(tmp_path, monkeypatch):
 def test_samples_cli_wants_zero_or_two_runs(runs):
     with pytest.raises(SystemExit):
         plot.main(["samples", str(runs[0])])
+
+
+def test_zero_counts_are_one_line_errors(tmp_path, capsys):
+    """Zero samples cannot be drawn on a log axis nor divided by: refused as flags, or naming the run."""
+    with pytest.raises(SystemExit):
+        plot.main(["samples", "--coco-images", "0", "--out", str(tmp_path / "fig2.png")])
+    assert "--coco-images: expected a positive integer, got '0'" in capsys.readouterr().err
+    idle = write_run(tmp_path / "idle", None, [train_row(10, 0, 0, 0)])
+    with pytest.raises(SystemExit, match=r"idle/metrics\.jsonl: the last training row \(iter 10\) has seen_images 0"):
+        plot.sample_counts([str(idle), str(idle)])
+
+
+@pytest.mark.parametrize("out, error", [("missing/fig2.png", "the folder of .*missing/fig2.png does not exist"),
+                                        ("fig2.pngg", "fig2.pngg: the extension must be one of .*png"),
+                                        ("fig2", "fig2: the extension must be one of"),
+                                        (".", "is a folder; give a file name such as")])
+def test_out_is_checked_before_the_work(tmp_path, capsys, out, error):
+    with pytest.raises(SystemExit):
+        plot.main(["samples", "--out", str(tmp_path / out)])
+    assert re.search(f"argument --out: .*{error}", capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []                                     # nothing written, not even fig2.png
+
+
+def test_out_is_written_where_it_says(tmp_path, capsys):
+    plot.main(["samples", "--out", str(tmp_path / "fig2.pdf")])
+    assert (tmp_path / "fig2.pdf").read_bytes().startswith(b"%PDF")
+    assert f"wrote {tmp_path / 'fig2.pdf'}\n" in capsys.readouterr().out
 
 
 def test_draw_predictions_side_by_side(tmp_path, monkeypatch):

@@ -106,8 +106,13 @@ def test_reader_errors_name_the_culprit(devkit, tmp_path):
         VOCDataset(str(only_2007), (("2007", "trainval"),))
     xml = devkit / "VOC2007" / "Annotations" / "000002.xml"
     write_xml(xml, [("unicorn", 1, 1, 5, 5, 0)])
-    with pytest.raises(DataError, match=r"000002\.xml: unknown class 'unicorn'"):
+    with pytest.raises(DataError) as e:
         read_annotation(xml)
+    assert str(e.value) == f"{xml}: unknown class 'unicorn' (not one of the 20 VOC classes)"  # not re-wrapped
+    for value in ("nan", "inf", "-inf"):  # float() reads them; the loss would turn non-finite, naming no file
+        write_xml(xml, [("dog", 1, 1, value, 5, 0)])
+        with pytest.raises(DataError, match=rf"000002\.xml: dog bndbox \[1.0, 1.0, {value}, 5.0\] is not finite"):
+            read_annotation(xml)
     xml.write_text("<annotation><size><width>64</width>")
     with pytest.raises(DataError, match=r"unreadable annotation file .*000002\.xml"):
         read_annotation(xml)

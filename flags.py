@@ -1,0 +1,89 @@
+"""argparse types shared by train.py, evaluate.py, plot.py and bench.py: a bad flag value is a one-line usage error
+that names the flag (argparse adds it), not a traceback from deep inside torch or the data loader."""
+import argparse
+import math
+import tempfile
+
+import torch
+
+
+def _number(text, kind, positive):
+    """text as an int or a finite float (kind) above 0 (positive) or at least 0, else a one-line argparse error."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        what = ("a positive " if positive else "a non-negative ") + ("integer" if kind is int else "number")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    return _number(text, int, positive=True)
+
+
+def non_negative_int(text):
+    return _number(text, int, positive=False)
+
+
+def positive_float(text):
+    return _number(text, float, positive=True)
+
+
+def non_negative_float(text):
+    return _number(text, float, positive=False)
+
+
+def device_name(text):
+    """--device "cpu", "cuda" or "cuda:1": one torch reads and this machine has, else a one-line argparse error."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch finds no CUDA GPU on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
+
+
+def scale_list(text):
+    """--tta-scales "400,500" -> (400, 500); anything but positive integers is a one-line argparse error."""
+    try:
+        scales = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        scales = ()
+    if not scales or min(scales) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive shorter sides like 400,600,800, "
+                                         f"got {text!r}")
+    return scales
+
+
+def scale_range(text):
+    """--train-scales "640,800" -> (640, 800); anything but two sides LO <= HI is a one-line argparse error."""
+    scales = scale_list(text)  # positive integers, as --tta-scales
+    if len(scales) != 2 or scales[0] > scales[1]:
+        raise argparse.ArgumentTypeError(f"expected LO,HI shorter sides with 0 < LO <= HI, got {text!r}")
+    return scales
+
+
+def schedule_name(text):
+    """--schedule "6x": N x 90k iterations for any N > 0."""
+    try:
+        n = float(text.removesuffix("x"))
+    except ValueError:
+        n = 0.0
+    if not (n > 0 and math.isfinite(n)) or not text.endswith("x"):
+        raise argparse.ArgumentTypeError(f"expected Nx with N > 0, such as 1x, 3x or 6x; got {text!r}")
+    return text
+
+
+def writable_folder(folder):
+    """Whether a file can be created in folder, for flags that name a file to write at the end of a run (tried:
+    permission bits do not tell, e.g. for root)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,63 @@
+"""checkpoint.py: a file that cannot serve as --weights, --pretrained or --resume is a one-line error naming it."""
+import argparse
+
+import pytest
+import torch
+
+import checkpoint
+from model import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model("tiny", num_classes=3)
+
+
+@pytest.mark.parametrize("content, held", [([1, 2], "list"), (torch.zeros(3), "Tensor"), ({"a": 1}, "dict")])
+@pytest.mark.parametrize("load", ["weights", "pretrained"])
+def test_a_file_that_is_no_state_dict_is_refused(tiny, tmp_path, content, held, load):
+    path = tmp_path / "file.pth"
+    torch.save(content, path)
+    with pytest.raises(SystemExit, match=f"--{load} .*file.pth holds a {held}, not a state dict"):
+        if load == "weights":
+            checkpoint.load_weights(tiny, str(path))
+        else:
+            checkpoint.load_pretrained(tiny.backbone, str(path))
+
+
+def test_weights_that_fit_no_backbone_tensor_are_refused(tiny, tmp_path, capsys):
+    # Another preset's checkpoint: the backbone tensors differ, while a few head tensors (here: all) still fit.
+    state = {k: torch.zeros(1) if k.startswith("backbone.") else v for k, v in tiny.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "other.pth")
+    with pytest.raises(SystemExit, match=r"--weights .*other\.pth fits none of this model's backbone tensors"):
+        checkpoint.load_weights(tiny, str(tmp_path / "other.pth"))
+    torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "vgg.pth")    # no name in common
+    with pytest.raises(SystemExit, match="fits none of this model's backbone tensors"):
+        checkpoint.load_weights(tiny, str(tmp_path / "vgg.pth"))
+    # The same preset loads, with a new keypoint head left at its init.
+    torch.save({"model": tiny.state_dict()}, tmp_path / "tiny.pth")
+    keypoint_model = build_model("tiny_kp", num_classes=3, num_keypoints=17)
+    checkpoint.load_weights(keypoint_model, str(tmp_path / "tiny.pth"))
+    assert "0 unexpected keys" in capsys.readouterr().out
+    assert torch.equal(keypoint_model.backbone.conv1.weight, tiny.backbone.conv1.weight)
+
+
+def test_pretrained_refuses_a_train_py_checkpoint_and_foreign_backbones(tiny, tmp_path):
+    # A train.py checkpoint holds numpy RNG states, which a weights-only load refuses to unpickle.
+    torch.save({"model": tiny.state_dict(), "rng": [checkpoint.rng_state()]}, tmp_path / "model_0000001.pth")
+    with pytest.raises(SystemExit, match=r"not a plain state dict of tensors \(a train.py checkpoint\? use --weights"):
+        checkpoint.load_pretrained(tiny.backbone, str(tmp_path / "model_0000001.pth"))
+    torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "vgg.pth")
+    with pytest.raises(SystemExit, match=r"vgg\.pth has no tensor named as this backbone's"):
+        checkpoint.load_pretrained(tiny.backbone, str(tmp_path / "vgg.pth"))
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wide.pth")
+    with pytest.raises(SystemExit, match=r"wide\.pth does not fit this backbone: size mismatch for conv1.weight"):
+        checkpoint.load_pretrained(tiny.backbone, str(tmp_path / "wide.pth"))
+
+
+@pytest.mark.parametrize("run_args", [{"init": "scratch"}, "tiny"])
+def test_resume_refuses_a_checkpoint_without_its_preset(tmp_path, run_args):
+    """An old or foreign file: its "args" lacks "preset" or is not a dict of flags at all."""
+    torch.save({"model": {}, "optimizer": {}, "args": run_args, "rng": []}, tmp_path / "old.pth")
+    with pytest.raises(SystemExit, match=r"old\.pth has no args\.preset: not a model_\*\.pth written by train\.py"):
+        checkpoint.load_for_resume(str(tmp_path / "old.pth"), argparse.Namespace(preset="tiny"))
