@@ -283,6 +283,9 @@ def main(argv=None):
             scaler.load_state_dict(ckpt["scaler"])
         start_iter = ckpt["iteration"]
         log(f"resumed from {resume} at iteration {start_iter}")
+        if start_iter >= args.max_iters:
+            log(f"the run has ended; its metrics are in {args.output_dir}/metrics.jsonl, and "
+                f"python evaluate.py --checkpoint {resume} evaluates it again")
     # DDP averages the gradients over the processes during backward (after the identical init above)
     net = model if world_size == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.index
                                                                  is not None else None)

@@ -337,6 +337,13 @@ DROP = object()  # as a parameter value below: delete the field
     ("annotations", "segmentation", [[1, 1, 5, 1, 5, "x"]], "annotation id 7 has a bad segmentation"),
     ("annotations", "segmentation", [], "annotation id 7 has a bad segmentation"),
     ("annotations", "segmentation", {"counts": "abc"}, "annotation id 7 has a bad segmentation"),
+    ("annotations", "segmentation", {"counts": "abc", "size": [4, 4]}, "annotation id 7 has a bad segmentation"),
+    ("annotations", "bbox", [1, 1, float("nan"), 4], "annotation id 7 has bbox [1, 1, nan, 4], not [x, y, w, h]"),
+    ("annotations", "bbox", [1, 1, True, 4], "annotation id 7 has bbox [1, 1, True, 4], not [x, y, w, h]"),
+    ("annotations", "iscrowd", "0", "annotation id 7 has iscrowd '0' and area 16"),
+    ("images", "id", "1", "image id 1 has id '1', expected an integer"),
+    ("images", "height", "8", "image id 1 has height '8', expected a positive integer"),
+    ("categories", "id", 5.0, "category id 5.0 has id 5.0, expected an integer"),
 ])
 def test_malformed_json_fails_at_setup(tmp_path, part, field, value, culprit):
     """One bad field: a one-line DataError naming the json, the record and the field when the dataset is built,
@@ -353,6 +360,44 @@ def test_malformed_json_fails_at_setup(tmp_path, part, field, value, culprit):
         parts[part][0][field] = value
     path = write_json(tmp_path / "bad.json", **parts)
     one_line_error(re.escape(f"{path}: {culprit}"), CocoDataset, path, str(tmp_path))
+
+
+@pytest.mark.parametrize("part, culprit", [("images", "image id 1 appears twice in images"),
+                                            ("annotations", "annotation id 7 appears twice in annotations"),
+                                            ("categories", "category id 5 appears twice in categories")])
+def test_duplicate_ids_are_refused(tmp_path, part, culprit):
+    # pycocotools keeps one of two records with the same id: the other image would be trained on the wrong picture,
+    # the other annotation missed by COCOeval, the other category an unused label.
+    parts = {"images": [{"id": 1, "file_name": "1.png", "height": 8, "width": 8}],
+             "annotations": [{"id": 7, "image_id": 1, "category_id": 5, "bbox": [1, 1, 4, 4], "iscrowd": 0,
+                              "segmentation": [[1, 1, 5, 1, 5, 5]]}],
+             "categories": [{"id": 5, "name": "b"}]}
+    parts[part].append(dict(parts[part][0]))
+    path = write_json(tmp_path / "dup.json", **parts)
+    one_line_error(re.escape(f"{path}: {culprit}"), CocoDataset, path, str(tmp_path))
+
+
+def test_boxes_are_clipped_to_the_image_and_eval_fields_filled(tmp_path, capsys):
+    # An 8 x 8 image: box 7 reaches past the right and bottom edges, box 8 lies wholly outside. Neither json record
+    # has iscrowd or area, which COCOeval needs: they get COCO's meaning, 0 and the box's area.
+    write_image(tmp_path / "1.png", 8, 8)
+    anns = [{"id": 7, "image_id": 1, "category_id": 5, "bbox": [6, 5, 10, 10], "segmentation": [[6, 5, 8, 5, 8, 8]]},
+            {"id": 8, "image_id": 1, "category_id": 5, "bbox": [20, 20, 4, 4],
+             "segmentation": [[20, 20, 24, 20, 24, 24]]}]
+    path = write_json(tmp_path / "a.json", [{"id": 1, "file_name": "1.png", "height": 8, "width": 8}], anns,
+                      categories=[{"id": 5, "name": "b"}])
+    ds = CocoDataset(path, str(tmp_path), min_size=8)
+    assert "dropped 1 annotations with no area inside their image" in capsys.readouterr().out
+    assert ds[0][1]["boxes"].tolist() == [[6, 5, 8, 8]]  # x2 = min(16, 8), y2 = min(15, 8)
+    assert (ds.coco.anns[7]["iscrowd"], ds.coco.anns[7]["area"]) == (0, 100)  # evaluation keeps the json's box
+
+
+def test_16_bit_image_is_refused(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values to 255: the picture would silently become white.
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(tmp_path / "deep.png")
+    ds = CocoDataset(write_json(tmp_path / "a.json", [{"id": 1, "file_name": "deep.png", "height": 4, "width": 4}],
+                                []), str(tmp_path))
+    one_line_error(r"deep\.png: a I;16 \(16/32-bit integer\) image", ds.__getitem__, 0)
 
 
 def test_empty_dataset(tmp_path):

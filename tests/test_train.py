@@ -287,3 +287,42 @@ def test_speed_flags_leave_the_losses_unchanged(shapes, tmp_path, monkeypatch, f
         assert compiled == ["ResNet", "FPN"]
     else:
         assert fast_state["backbone.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_an_output_dir_holding_a_run_is_not_overwritten(shapes, tmp_path):
+    train.main(run_args(shapes, tmp_path, "--max-iters", "1", "--no-eval"))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match="already holds a run.*--resume auto"):
+        train.main(run_args(shapes, tmp_path, "--max-iters", "1", "--no-eval", "--seed", "3"))
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_resume_drops_a_half_written_metrics_row(shapes, tmp_path):
+    train.main(run_args(shapes, tmp_path, "--max-iters", "1", "--no-eval"))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 2, "lo')  # the run was killed while writing this row
+    train.main(run_args(shapes, tmp_path, "--max-iters", "2", "--no-eval", "--resume", "auto"))
+    assert [row["iter"] for row in read_rows(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "expected a positive integer, got '0'"),
+    ("--min-size", "-5", "expected a positive integer, got '-5'"),
+    ("--lr", "nan", "expected a positive number, got 'nan'"),
+    ("--eval-period", "-1", "expected a non-negative integer, got '-1'"),
+    ("--workers", "-1", "expected a non-negative integer, got '-1'"),
+    ("--keypoint-sigmas", "0.1,0", "expected a positive number, got '0'"),
+    ("--schedule", "inf", "expected Nx with N > 0"),
+])
+def test_bad_flag_values_are_usage_errors(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args([flag, value])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: {message}" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(["--device", "cuda"])
+    assert "torch finds no CUDA GPU on this machine; use --device cpu" in capsys.readouterr().err
