@@ -25,6 +25,7 @@ test: $(VENV)/.installed-test
 # A CPU-sized version of the paper's comparison (about 10 minutes): a "pre-trained" backbone (trained briefly on the
 # shapes set and saved in torchvision format), then scratch vs. fine-tuning from it, and the AP curves of both.
 experiment: $(VENV)/.installed
+	mkdir -p runs/mini
 	$(BIN)/python train.py --device cpu --output-dir runs/mini/pretrain --resume auto --max-iters 150 --no-eval \
 		--save-backbone runs/mini/backbone.pth
 	$(BIN)/python train.py --device cpu --output-dir runs/mini/scratch --resume auto --max-iters 250 --eval-period 50 --seed 1
