@@ -104,7 +104,8 @@ def load_for_resume(path, args):
                if run.get(k) != getattr(args, k)]
     if changed:
         sys.exit(f"error: resuming {path} with other flags than its run's ({'; '.join(changed)}) would not continue "
-                 f"it exactly; start a new run from it with --weights {path}")
+                 f"it exactly; give the run's values (left of each arrow; a default may have changed since), or "
+                 f"start a new run from it with --weights {path}")
     return ckpt
 
 

@@ -68,7 +68,7 @@ def _is_segmentation(segm, image):
     """COCO polygons [[x1, y1, x2, y2, x3, y3, ...], ...] (an even count >= 6 of numbers each) or RLE {counts, size}
     of the image's [height, width]. RLE counts are checked only when decoded (pycocotools does it then)."""
     if isinstance(segm, dict):
-        return {"counts", "size"} <= segm.keys() and list(segm["size"]) == [image["height"], image["width"]]
+        return {"counts", "size"} <= segm.keys() and segm["size"] == [image["height"], image["width"]]
     return (isinstance(segm, list) and len(segm) > 0
             and all(is_numbers(p) and len(p) >= 6 and len(p) % 2 == 0 for p in segm))
 

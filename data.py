@@ -101,7 +101,8 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
     """Ground truth held in a pycocotools COCO (so COCOeval works unchanged); shared by CocoDataset and PennFudan.
 
     Categories map to contiguous labels 1..K-1 (0 = background): label i + 1 <-> original id cat_ids[i].
-    Training targets exclude crowd regions and boxes of zero or negative size; `self.coco` keeps every annotation.
+    Training targets exclude crowd regions and boxes with no area inside their image (the others are clipped to it);
+    `self.coco` keeps every annotation.
     An item is an int index or (index, aug_seed): all augmentation randomness (flip, scale jitter) comes from a
     torch.Generator seeded with aug_seed, so it does not depend on worker count or process (exact resume).
     A subclass with has_masks = False (PASCAL VOC) gives targets without "masks".
@@ -189,8 +190,8 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
                             f"sigmas (--keypoint-sigmas)")
         sigmas = list(keypoint_sigmas or COCO_KEYPOINT_SIGMAS)
         if len(sigmas) != self.num_keypoints or not all(s > 0 for s in sigmas):
-            raise DataError(f"{source}: {len(sigmas)} keypoint OKS sigmas {sigmas} for {self.num_keypoints} keypoints "
-                            f"(one positive sigma each)")
+            raise DataError(f"{source}: keypoint OKS sigmas {sigmas} for {self.num_keypoints} keypoints: expected one "
+                            f"positive sigma per keypoint")
         self.keypoint_sigmas = sigmas
 
     def _read_keypoints(self, ann, culprit):
@@ -201,6 +202,7 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         keypoints = ann.get("keypoints")
         if not is_numbers(keypoints, length=3 * J) or not set(keypoints[2::3]) <= {0, 1, 2}:
             raise DataError(f"{culprit} has bad keypoints: expected {3 * J} finite numbers x, y, v with v in 0, 1, 2")
+        ann.setdefault("num_keypoints", sum(v > 0 for v in keypoints[2::3]))  # COCOeval reads it; COCO's meaning
         return np.asarray(keypoints, dtype=np.float32).reshape(J, 3)
 
     def __len__(self):

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import sys
 
 import numpy as np
@@ -31,7 +30,7 @@ import data
 import distributed
 import tta
 import voc
-from flags import device_name, non_negative_int, positive_int, scale_list
+from flags import device_name, non_negative_int, output_file, positive_int, scale_list
 from model import build_model
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -177,7 +176,7 @@ def main(argv=None):
                    help="cpu or cuda")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
     p.add_argument("--workers", type=non_negative_int, default=2, help="data loader worker processes")
-    p.add_argument("--results", help="write the COCO results json here")
+    p.add_argument("--results", type=output_file, help="write the COCO results json here")
     p.add_argument("--tta-scales", type=scale_list, default=(),
                    help="test-time augmentation: comma-separated shorter sides added to --min-size's view, e.g. "
                         "400,500,600,700,900,1000,1100,1200 (Detectron's example; the paper gives none); detections "
@@ -187,14 +186,15 @@ def main(argv=None):
     p.add_argument("--tta-flip", action="store_true",
                    help="test-time augmentation: add the mirror image of every view")
     args = p.parse_args(argv)
-    if args.results and not os.path.isdir(os.path.dirname(args.results) or "."):
-        p.error(f"--results {args.results}: its folder does not exist")
 
     _, _, device = distributed.init(args.device)  # under torchrun, each process evaluates a shard of the images
     model, dataset = load_run(args.checkpoint, args.data, args.val_ann, args.val_images, args.min_size,
                               args.max_size)
     if (args.tta_scales or args.tta_flip) and model.roi_heads.keypoint_head is not None:
         sys.exit("error: --tta-scales/--tta-flip merge boxes and masks; evaluate keypoint models without them")
+    if dataset.min_size in args.tta_scales:
+        sys.exit(f"error: --tta-scales {dataset.min_size}: the test scale (--min-size) is always a view; list the "
+                 f"added scales only")
     try:
         metrics = evaluate(model.to(device), dataset, device, amp=args.amp, workers=args.workers,
                            results_file=args.results, tta_scales=args.tta_scales, tta_flip=args.tta_flip,

@@ -2,6 +2,7 @@
 that names the flag (argparse adds it), not a traceback from deep inside torch or the data loader."""
 import argparse
 import math
+import os
 import tempfile
 
 import torch
@@ -79,11 +80,13 @@ def schedule_name(text):
     return text
 
 
-def writable_folder(folder):
-    """Whether a file can be created in folder, for flags that name a file to write at the end of a run (tried:
-    permission bits do not tell, e.g. for root)."""
+def output_file(text):
+    """A file to write at the end of a run (--save-backbone, --results), checked at the start: not a folder, in an
+    existing folder where a file can be created (tried: permission bits do not tell, e.g. for root)."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name in it")
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
+        with tempfile.TemporaryFile(dir=os.path.dirname(text) or "."):
+            return text
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write a file in the folder of {text}: {e.strerror}") from None

@@ -26,7 +26,7 @@ from PIL import Image
 
 import data
 import evaluate
-from flags import positive_float, positive_int
+from flags import output_file, positive_float, positive_int
 from train import BATCH_1X, ITERS_1X
 
 import matplotlib
@@ -75,13 +75,9 @@ def _read_run(run_dir):
 
 
 def figure_path(text):
-    """--out: a new or existing file, not a folder, in a folder that exists, with an extension matplotlib writes."""
+    """--out: a file that can be written (flags.output_file) with an extension matplotlib writes."""
     formats = sorted(FigureCanvasBase.get_supported_filetypes())  # png, pdf, svg, ... (all backends)
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name such as "
-                                         f"{os.path.join(text, 'figure.png')}")
-    if not os.path.isdir(os.path.dirname(text) or "."):
-        raise argparse.ArgumentTypeError(f"the folder of {text} does not exist")
+    output_file(text)
     if os.path.splitext(text)[1].lower().lstrip(".") not in formats:
         raise argparse.ArgumentTypeError(f"{text}: the extension must be one of .{', .'.join(formats)}")
     return text

@@ -27,7 +27,7 @@ import data
 import distributed
 import evaluate
 from flags import (device_name, non_negative_float, non_negative_int, positive_float, positive_int, scale_range,
-                   schedule_name, writable_folder)
+                   output_file, schedule_name)
 from model import PRESETS, build_model
 from norm import GroupNorm, SyncBatchNorm
 
@@ -70,8 +70,9 @@ def get_args(argv=None):
     g.add_argument("--init", choices=["scratch", "imagenet"], default="scratch",
                    help="random (MSRA) init, the paper's subject, or ImageNet weights from --pretrained")
     g.add_argument("--pretrained", help="torchvision-format ImageNet checkpoint of the backbone, for --init imagenet")
-    g.add_argument("--save-backbone", help="at the end, save the backbone alone in torchvision format (a stand-in "
-                                           "pre-trained backbone for --pretrained)")
+    g.add_argument("--save-backbone", type=output_file,
+                   help="at the end, save the backbone alone in torchvision format (a stand-in pre-trained backbone "
+                        "for --pretrained)")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=positive_int,
@@ -96,7 +97,7 @@ def get_args(argv=None):
     g.add_argument("--warmup-iters", type=non_negative_int,
                    help="linear warm-up iterations (Detectron: 500 at batch 16; default: that, scaled to the effective "
                         "batch as the schedule is; 50 on shapes)")
-    g.add_argument("--warmup-factor", type=positive_float, default=1 / 3,
+    g.add_argument("--warmup-factor", type=non_negative_float, default=1 / 3,
                    help="warm-up starting LR factor (Detectron: 1/3)")
 
     g = p.add_argument_group("run control")
@@ -104,7 +105,9 @@ def get_args(argv=None):
                    help="evaluate every N iterations (0: only at the end)")
     g.add_argument("--ckpt-period", type=positive_int, default=500, help="checkpoint every N iterations")
     g.add_argument("--log-period", type=positive_int, default=20, help="write a metrics row every N iterations")
-    g.add_argument("--output-dir", default="runs/demo", help="where checkpoints, metrics.jsonl and args.json go")
+    g.add_argument("--output-dir",
+                   help="where checkpoints, metrics.jsonl and args.json go; a folder holding another run is refused "
+                        "(default: runs/demo for the shapes demo, else runs/PRESET-DATA)")
     g.add_argument("--resume", help="checkpoint path, or 'auto' for the latest one in --output-dir")
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed for init, sampling and augmentation")
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -137,6 +140,8 @@ def resolve(args, world_size=1):
         sys.exit("error: --schedule sets the iterations and the LR drops; give it or --max-iters/--lr-steps")
     if args.schedule or not (args.max_iters or demo):  # Detectron's 1x unless told otherwise
         args.max_iters, steps = schedule(float((args.schedule or "1x").removesuffix("x")), batch)
+        if args.max_iters < 1:
+            sys.exit(f"error: --schedule {args.schedule}: less than one iteration at batch {batch}")
         args.lr_steps = args.lr_steps or steps
     args.max_iters = args.max_iters or 400  # the demo
     args.lr_steps = args.lr_steps or ([args.max_iters * 4 // 5] if demo else [])
@@ -144,6 +149,8 @@ def resolve(args, world_size=1):
     args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else (
         50 if demo else round(WARMUP_1X * BATCH_1X / batch))
     args.min_size = args.min_size or (128 if demo else 800)
+    data_name = os.path.splitext(os.path.basename(os.path.normpath(args.train_ann or args.data)))[0]
+    args.output_dir = args.output_dir or ("runs/demo" if demo else os.path.join("runs", f"{args.preset}-{data_name}"))
     if bool(args.train_ann) != bool(args.val_ann):
         sys.exit("error: --train-ann and --val-ann go together (with --train-images and --val-images)")
     for ann, images in (("train_ann", "train_images"), ("val_ann", "val_images")):
@@ -158,10 +165,6 @@ def resolve(args, world_size=1):
                  "downloaded)")
     if args.pretrained and args.init != "imagenet":
         sys.exit("error: --pretrained is read only with --init imagenet")
-    if args.save_backbone and (os.path.isdir(args.save_backbone) or
-                               not writable_folder(os.path.dirname(args.save_backbone) or ".")):
-        sys.exit(f"error: --save-backbone {args.save_backbone}: expected a file path in an existing, writable folder "
-                 f"(checked now, not after the training)")
     if args.cascade and PRESETS[args.preset]["num_keypoints"]:
         sys.exit(f"error: --cascade with preset {args.preset}: the cascade has box and mask heads only, no keypoints")
     if args.amp != "none" and cpu and args.amp == "fp16":
@@ -213,10 +216,14 @@ def main(argv=None):
     np.random.seed(args.seed)
     resume = checkpoint.latest(args.output_dir) if args.resume == "auto" else args.resume
     ckpt = checkpoint.load_for_resume(resume, args) if resume else None  # refuses another run's flags, first
-    held = checkpoint.latest(args.output_dir) or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
-    if held and not args.resume and not args.dry_run:  # nothing already written is lost
-        sys.exit(f"error: --output-dir {args.output_dir} already holds a run (checkpoints or metrics.jsonl); continue "
-                 f"it with --resume auto, or give another --output-dir")
+    # Nothing already written is lost: a folder holding a run is written to only to continue that run.
+    own = checkpoint.latest(args.output_dir)
+    held = own or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
+    continues = resume and os.path.samefile(os.path.dirname(resume) or ".", args.output_dir)  # resumes from here
+    if held and not continues and not args.dry_run:
+        how = "continue it with --resume auto" if own else "it has no checkpoint to continue from"
+        sys.exit(f"error: --output-dir {args.output_dir} already holds a run (checkpoints or metrics.jsonl); {how}, "
+                 f"or give another --output-dir")
     log("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
 
     # Data: resizing, flipping and normalization happen in data.py, in plain view.
@@ -264,6 +271,9 @@ def main(argv=None):
         f"      batch {batch} ({world_size} process(es) x {args.batch_size}), LR {args.lr:g}, "
         f"{args.max_iters} iterations ({epochs:.1f} epochs), "
         f"LR x{args.lr_gamma:g} at {args.lr_steps}, warm-up {args.warmup_iters} from x{args.warmup_factor:.3g}")
+    if args.warmup_iters >= args.max_iters:
+        log(f"warning: the warm-up ({args.warmup_iters} iterations) is as long as the run: the LR never reaches "
+            f"{args.lr:g}; see --warmup-iters")
     if args.dry_run:
         distributed.cleanup()
         return

@@ -338,6 +338,7 @@ DROP = object()  # as a parameter value below: delete the field
     ("annotations", "segmentation", [], "annotation id 7 has a bad segmentation"),
     ("annotations", "segmentation", {"counts": "abc"}, "annotation id 7 has a bad segmentation"),
     ("annotations", "segmentation", {"counts": "abc", "size": [4, 4]}, "annotation id 7 has a bad segmentation"),
+    ("annotations", "segmentation", {"counts": "abc", "size": 8}, "annotation id 7 has a bad segmentation"),
     ("annotations", "bbox", [1, 1, float("nan"), 4], "annotation id 7 has bbox [1, 1, nan, 4], not [x, y, w, h]"),
     ("annotations", "bbox", [1, 1, True, 4], "annotation id 7 has bbox [1, 1, True, 4], not [x, y, w, h]"),
     ("annotations", "iscrowd", "0", "annotation id 7 has iscrowd '0' and area 16"),

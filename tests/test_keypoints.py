@@ -196,11 +196,22 @@ def test_bad_keypoints_name_the_annotation(tmp_path, keypoints):
         data.CocoDataset(ann_file, str(tmp_path), keypoint_sigmas=[0.1, 0.2, 0.3])
 
 
+def test_num_keypoints_filled_for_cocoeval(tmp_path):
+    # COCOeval reads each annotation's num_keypoints; a json without it gets COCO's meaning, the labelled (v > 0) ones.
+    ann_file = write_keypoints_set(str(tmp_path), [5, 4, 2, 3, 2, 1, 0, 0, 0])
+    with open(ann_file) as f:
+        raw = json.load(f)
+    del raw["annotations"][0]["num_keypoints"]
+    with open(ann_file, "w") as f:
+        json.dump(raw, f)
+    assert data.CocoDataset(ann_file, str(tmp_path), keypoint_sigmas=[0.1, 0.2, 0.3]).coco.anns[7]["num_keypoints"] == 2
+
+
 def test_keypoint_sigmas_required_for_non_coco_keypoints(tmp_path):
     ann_file = write_keypoints_set(str(tmp_path), [5, 4, 2, 3, 2, 2, 0, 0, 0])
     with pytest.raises(data.DataError, match="kp.json: 3 keypoints.*--keypoint-sigmas"):
         data.CocoDataset(ann_file, str(tmp_path))
-    with pytest.raises(data.DataError, match=r"2 keypoint OKS sigmas \[0.1, 0.2\] for 3 keypoints"):
+    with pytest.raises(data.DataError, match=r"keypoint OKS sigmas \[0.1, 0.2\] for 3 keypoints: expected one"):
         data.CocoDataset(ann_file, str(tmp_path), keypoint_sigmas=[0.1, 0.2])
 
 

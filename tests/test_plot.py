@@ -173,10 +173,10 @@ def test_zero_counts_are_one_line_errors(tmp_path, capsys):
         plot.sample_counts([str(idle), str(idle)])
 
 
-@pytest.mark.parametrize("out, error", [("missing/fig2.png", "the folder of .*missing/fig2.png does not exist"),
+@pytest.mark.parametrize("out, error", [("missing/fig2.png", "cannot write a file in the folder of .*missing/fig2.png"),
                                         ("fig2.pngg", "fig2.pngg: the extension must be one of .*png"),
                                         ("fig2", "fig2: the extension must be one of"),
-                                        (".", "is a folder; give a file name such as")])
+                                        (".", "is a folder; give a file name in it")])
 def test_out_is_checked_before_the_work(tmp_path, capsys, out, error):
     with pytest.raises(SystemExit):
         plot.main(["samples", "--out", str(tmp_path / out)])

@@ -290,11 +290,25 @@ def test_speed_flags_leave_the_losses_unchanged(shapes, tmp_path, monkeypatch, f
 
 
 def test_an_output_dir_holding_a_run_is_not_overwritten(shapes, tmp_path):
-    train.main(run_args(shapes, tmp_path, "--max-iters", "1", "--no-eval"))
-    before = (tmp_path / "metrics.jsonl").read_text()
-    with pytest.raises(SystemExit, match="already holds a run.*--resume auto"):
-        train.main(run_args(shapes, tmp_path, "--max-iters", "1", "--no-eval", "--seed", "3"))
-    assert (tmp_path / "metrics.jsonl").read_text() == before
+    train.main(run_args(shapes, tmp_path / "a", "--max-iters", "1", "--no-eval"))
+    train.main(run_args(shapes, tmp_path / "b", "--max-iters", "1", "--no-eval"))
+    files = {path: path.read_bytes() for path in (tmp_path / "b").iterdir()}
+    with pytest.raises(SystemExit, match="already holds a run.*continue it with --resume auto"):  # a new run
+        train.main(run_args(shapes, tmp_path / "b", "--max-iters", "1", "--no-eval", "--seed", "3"))
+    with pytest.raises(SystemExit, match="already holds a run"):  # another run's checkpoint, continued here
+        train.main(run_args(shapes, tmp_path / "b", "--max-iters", "2", "--no-eval",
+                            "--resume", str(tmp_path / "a" / "model_0000001.pth")))
+    (tmp_path / "b" / "model_0000001.pth").unlink()
+    del files[tmp_path / "b" / "model_0000001.pth"]
+    with pytest.raises(SystemExit, match="already holds a run.*it has no checkpoint to continue from"):
+        train.main(run_args(shapes, tmp_path / "b", "--max-iters", "1", "--no-eval", "--resume", "auto"))
+    assert {path: path.read_bytes() for path in (tmp_path / "b").iterdir()} == files  # args.json, metrics.jsonl
+
+
+def test_default_output_dir_names_the_preset_and_data(tmp_path):
+    args = train.resolve(train.get_args(["--device", "cpu", "--data", str(tmp_path / "PennFudanPed")]))
+    assert args.output_dir == os.path.join("runs", "tiny-PennFudanPed")
+    assert train.resolve(train.get_args(["--device", "cpu"])).output_dir == "runs/demo"
 
 
 def test_resume_drops_a_half_written_metrics_row(shapes, tmp_path):
