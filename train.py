@@ -219,7 +219,7 @@ def main(argv=None):
     # Nothing already written is lost: a folder holding a run is written to only to continue that run.
     own = checkpoint.latest(args.output_dir)
     held = own or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
-    continues = resume and os.path.samefile(os.path.dirname(resume) or ".", args.output_dir)  # resumes from here
+    continues = held and resume and os.path.samefile(os.path.dirname(resume) or ".", args.output_dir)
     if held and not continues and not args.dry_run:
         how = "continue it with --resume auto" if own else "it has no checkpoint to continue from"
         sys.exit(f"error: --output-dir {args.output_dir} already holds a run (checkpoints or metrics.jsonl); {how}, "

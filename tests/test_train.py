@@ -303,6 +303,10 @@ def test_an_output_dir_holding_a_run_is_not_overwritten(shapes, tmp_path):
     with pytest.raises(SystemExit, match="already holds a run.*it has no checkpoint to continue from"):
         train.main(run_args(shapes, tmp_path / "b", "--max-iters", "1", "--no-eval", "--resume", "auto"))
     assert {path: path.read_bytes() for path in (tmp_path / "b").iterdir()} == files  # args.json, metrics.jsonl
+    # Another run's checkpoint continued in a new folder is fine.
+    train.main(run_args(shapes, tmp_path / "c", "--max-iters", "2", "--no-eval",
+                        "--resume", str(tmp_path / "a" / "model_0000001.pth")))
+    assert (tmp_path / "c" / "model_0000002.pth").exists()
 
 
 def test_default_output_dir_names_the_preset_and_data(tmp_path):
