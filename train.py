@@ -214,10 +214,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same seed everywhere: every process builds the same initial model
     random.seed(args.seed)
     np.random.seed(args.seed)
-    resume = checkpoint.latest(args.output_dir) if args.resume == "auto" else args.resume
+    own = checkpoint.latest(args.output_dir)
+    resume = own if args.resume == "auto" else args.resume
     ckpt = checkpoint.load_for_resume(resume, args) if resume else None  # refuses another run's flags, first
     # Nothing already written is lost: a folder holding a run is written to only to continue that run.
-    own = checkpoint.latest(args.output_dir)
     held = own or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
     continues = held and resume and os.path.samefile(os.path.dirname(resume) or ".", args.output_dir)
     if held and not continues and not args.dry_run:
