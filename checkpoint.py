@@ -6,6 +6,7 @@ the model, the optimizer (momentum buffers), the GradScaler, the iteration, the 
 (Sec. 3.2) and every process's RNG state (data sampling, augmentation, RoI sampling).
 ImageNet weights (--init imagenet) are torchvision ResNet/VGG state dicts, whose key names backbone.py keeps.
 """
+import json
 import os
 import pickle
 import random
@@ -65,6 +66,38 @@ def latest(output_dir):
     names = [f for f in os.listdir(output_dir) if f.startswith("model_") and f.endswith(".pth")] \
         if os.path.isdir(output_dir) else []
     return os.path.join(output_dir, max(names)) if names else None
+
+
+def refuse_held_output_dir(output_dir, own, resume):
+    """Exit unless output_dir is new, or holds a run (checkpoints or metrics.jsonl) that resume continues from its
+    own checkpoint there. own: output_dir's latest checkpoint (latest()), resume: the checkpoint to resume or None."""
+    held = own or os.path.exists(os.path.join(output_dir, "metrics.jsonl"))
+    if held and not (resume and os.path.samefile(os.path.dirname(resume) or ".", output_dir)):
+        how = "continue it with --resume auto" if own else "it has no checkpoint to continue from"
+        sys.exit(f"error: --output-dir {output_dir} already holds a run (checkpoints or metrics.jsonl); {how}, "
+                 f"or give another --output-dir")
+
+
+def drop_partial_row(metrics_path):
+    """A run killed while writing a metrics row left half of it: cut the file after its last complete line."""
+    if os.path.exists(metrics_path):
+        with open(metrics_path, "rb+") as f:
+            f.truncate(f.read().rfind(b"\n") + 1)
+
+
+def evaluated(metrics_path, iteration):
+    """Whether metrics.jsonl holds an evaluation row (one without a "loss") of this iteration."""
+    if not os.path.exists(metrics_path):
+        return False
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # not a row this code wrote: plot.py names the line
+                continue
+            if isinstance(row, dict) and row.get("iter") == iteration and "loss" not in row:
+                return True
+    return False
 
 
 def rng_state():

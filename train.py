@@ -217,13 +217,8 @@ def main(argv=None):
     own = checkpoint.latest(args.output_dir)
     resume = own if args.resume == "auto" else args.resume
     ckpt = checkpoint.load_for_resume(resume, args) if resume else None  # refuses another run's flags, first
-    # Nothing already written is lost: a folder holding a run is written to only to continue that run.
-    held = own or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
-    continues = held and resume and os.path.samefile(os.path.dirname(resume) or ".", args.output_dir)
-    if held and not continues and not args.dry_run:
-        how = "continue it with --resume auto" if own else "it has no checkpoint to continue from"
-        sys.exit(f"error: --output-dir {args.output_dir} already holds a run (checkpoints or metrics.jsonl); {how}, "
-                 f"or give another --output-dir")
+    if not args.dry_run:  # nothing already written is lost: a folder holding a run is written to only to continue it
+        checkpoint.refuse_held_output_dir(args.output_dir, own, resume)
     log("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
 
     # Data: resizing, flipping and normalization happen in data.py, in plain view.
@@ -261,14 +256,12 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    norm = args.norm or PRESETS[args.preset]["norm"]
-    batch = args.batch_size * world_size
-    epochs = args.max_iters * batch / len(train_set)
+    epochs = args.max_iters * args.batch_size * world_size / len(train_set)
     log(f"plan: {args.preset}{' + cascade' if args.cascade else ''} ({n_params / 1e6:.2f}M trainable parameters), "
-        f"norm {norm}, init {args.init}\n"
+        f"norm {args.norm or PRESETS[args.preset]['norm']}, init {args.init}\n"
         f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
         f"{len(val_set)} validation images, {train_set.num_classes - 1} classes\n"
-        f"      batch {batch} ({world_size} process(es) x {args.batch_size}), LR {args.lr:g}, "
+        f"      batch {args.batch_size * world_size} ({world_size} process(es) x {args.batch_size}), LR {args.lr:g}, "
         f"{args.max_iters} iterations ({epochs:.1f} epochs), "
         f"LR x{args.lr_gamma:g} at {args.lr_steps}, warm-up {args.warmup_iters} from x{args.warmup_factor:.3g}")
     if args.warmup_iters >= args.max_iters:
@@ -309,12 +302,33 @@ def main(argv=None):
         checkpoint.set_rng_state(ckpt["rng"][rank])
 
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if main_process and ckpt and os.path.exists(metrics_path):  # a run killed while writing a row left half of it
-        with open(metrics_path, "rb+") as f:
-            f.truncate(f.read().rfind(b"\n") + 1)
+    if main_process and ckpt:
+        checkpoint.drop_partial_row(metrics_path)  # a run killed while writing a row left half of it
     metrics = open(metrics_path, "a") if main_process else None
+
+    def evaluate_and_log(done):
+        """Every process predicts its shard of the images; rank 0 gathers them, runs COCOeval and writes the row."""
+        distributed.broadcast_buffers(model)  # --norm bn: every shard evaluated with rank 0's statistics
+        # the loader draws its workers' seeds from the torch RNG: forked, so that a resumed run takes the same draws
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            try:
+                results = evaluate.evaluate(model, val_set, device, amp=args.amp, workers=args.workers)
+            except data.DataError as e:
+                sys.exit(f"error: {e.line()}")
+        if main_process:
+            metrics.write(json.dumps({"iter": done, **results}) + "\n")
+            metrics.flush()
+        model.train()
+
+    def evaluation_due(done):  # every --eval-period iterations, and at the end unless --no-eval
+        return (args.eval_period and done % args.eval_period == 0) or (done == args.max_iters and not args.no_eval)
+
+    # A run killed while evaluating has the checkpoint of that iteration but not its evaluation: evaluate it first.
+    missing = ckpt and evaluation_due(start_iter) and not checkpoint.evaluated(metrics_path, start_iter)
+    if distributed.sum_over_processes([int(bool(main_process and missing))], device)[0]:  # rank 0 decides
+        log(f"the evaluation at iteration {start_iter} is missing from {metrics_path}: evaluating now")
+        evaluate_and_log(start_iter)
     seen = dict(ckpt["seen"]) if ckpt else {"images": 0, "instances": 0, "pixels": 0}
-    model.train()
     bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, dynamic_ncols=True,
                disable=not main_process)
     tic, tic_iter = time.perf_counter(), start_iter  # sec_per_iter: the time since tic over the iterations since
@@ -372,19 +386,8 @@ def main(argv=None):
             if main_process:
                 checkpoint.save(os.path.join(args.output_dir, f"model_{done:07d}.pth"), model, optimizer, scaler,
                                 done, args, seen, rng)
-        if (args.eval_period and done % args.eval_period == 0) or (done == args.max_iters and not args.no_eval):
-            # every process predicts its shard of the images; rank 0 gathers them and runs COCOeval. The loader
-            # draws its workers' seeds from the torch RNG: forked, so that a resumed run takes the same draws.
-            distributed.broadcast_buffers(model)  # --norm bn: every shard evaluated with rank 0's statistics
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                try:
-                    results = evaluate.evaluate(model, val_set, device, amp=args.amp, workers=args.workers)
-                except data.DataError as e:
-                    sys.exit(f"error: {e.line()}")
-            if main_process:
-                metrics.write(json.dumps({"iter": done, **results}) + "\n")
-                metrics.flush()
-            model.train()
+        if evaluation_due(done):
+            evaluate_and_log(done)
             tic, tic_iter = time.perf_counter(), done  # the evaluation is not training time
     if main_process:
         metrics.close()

@@ -77,9 +77,15 @@ def read_rows(path):
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
+def read_evaluation_rows(path):
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "loss" not in r]
+
+
 def test_resume_is_exact(shapes, tmp_path):
-    # The full run also evaluates at the checkpoint's iteration, after saving it: the resumed run, which starts
-    # after that evaluation, must still take the same random draws.
+    # The full run evaluates at the checkpoint's iteration, after saving it. The resumed folder holds that
+    # checkpoint without the evaluation's row, as if the run had been killed while evaluating: the resumed run
+    # evaluates iteration 3 first, and must still take the same random draws as the full run.
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train.main(run_args(shapes, full, "--max-iters", "6", "--ckpt-period", "3", "--eval-period", "3"))
     resumed.mkdir()
@@ -88,6 +94,9 @@ def test_resume_is_exact(shapes, tmp_path):
                         "--resume", "auto"))
     a, b = read_rows(full / "metrics.jsonl"), read_rows(resumed / "metrics.jsonl")
     assert [r["iter"] for r in b] == [4, 5, 6]
+    evals_a, evals_b = read_evaluation_rows(full / "metrics.jsonl"), read_evaluation_rows(resumed / "metrics.jsonl")
+    assert [r["iter"] for r in evals_b] == [3, 6]
+    assert evals_a == evals_b  # the same checkpoints evaluated alike, and the same model at iteration 6
     for ra, rb in zip(a[3:], b):
         for k in ra:
             if k.startswith("loss") or k.startswith("seen_") or k == "lr":
@@ -95,6 +104,17 @@ def test_resume_is_exact(shapes, tmp_path):
     sa = torch.load(full / "model_0000006.pth", weights_only=False)["model"]
     sb = torch.load(resumed / "model_0000006.pth", weights_only=False)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resuming_an_ended_run_writes_only_its_missing_final_evaluation(shapes, tmp_path):
+    train.main(run_args(shapes, tmp_path, "--max-iters", "2"))
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert "loss" not in json.loads(rows[-1])  # the final evaluation; remove it, as a run killed during COCOeval
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    train.main(run_args(shapes, tmp_path, "--max-iters", "2", "--resume", "auto"))
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == rows  # written again, and nothing else
+    train.main(run_args(shapes, tmp_path, "--max-iters", "2", "--resume", "auto"))
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == rows  # present: not evaluated a second time
 
 
 def test_non_finite_loss_stops_with_the_iteration_and_term(shapes, tmp_path):
