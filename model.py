@@ -59,7 +59,7 @@ PRESETS = {
                              box_num_convs=0, box_num_fcs=2),
     # torchvision's maskrcnn_resnet50_fpn (v1) exactly: FrozenBN, 2fc box head, plain mask head, aligned=False, its
     # RPN keeps 2000 proposals per image in training, box smooth-L1 beta 1/9. Its weights load as they are
-    # (convert_torchvision_state_dict); a random init differs only in the box predictor's (BoxPredictor).
+    # (convert_torchvision_state_dict); a random init differs in the box head's fcs and predictor (Detectron's).
     "tv_maskrcnn_v1": dict(_PAPER, norm="frozen_bn", freeze_at=2, fpn_norm="none", head_norm="none",
                            box_num_convs=0, box_num_fcs=2, rpn_post_nms_top_n_train=2000, box_loss_beta=1 / 9),
     # Small enough to train on a 2-core CPU in minutes; same architecture, fewer and thinner layers.
@@ -75,8 +75,9 @@ PRESETS = {
     # MSRA init, from scratch with scale augmentation (train.py --train-scales LO,HI; the paper gives no range).
     # One RPN level on conv5_3 (stride 16) with 3 sizes x 3 ratios (Faster R-CNN Sec. 3.1.1); RPN proposals as
     # py-faster-rcnn in training (12000 before NMS, 2000 after), 6000 / 1000 at test (py-faster-rcnn keeps 300);
-    # RoIAlign 7x7 on conv5_3 (Faster R-CNN: RoIPool) and the fc6/fc7 head (4096, MSRA init); no mask head; 512
-    # sampled RoIs per image, as the FPN models (py-faster-rcnn: 128).
+    # RoIAlign 7x7 on conv5_3 (Faster R-CNN: RoIPool) and the fc6/fc7 head (4096, Xavier init, no dropout: as
+    # Detectron's VGG16 head; py-faster-rcnn drops out 0.5 after each); no mask head; 512 sampled RoIs per image, as
+    # the FPN models (py-faster-rcnn: 128).
     "vgg16_faster": dict(_PAPER, backbone="vgg16", depth=None, norm="none", fpn_channels=None, fpn_norm="none",
                          anchor_sizes=((128, 256, 512),), rpn_pre_nms_top_n_train=12000,
                          rpn_post_nms_top_n_train=2000, rpn_pre_nms_top_n_test=6000,

@@ -49,10 +49,10 @@ class BoxHead(nn.Module):
         features = channels * resolution * resolution
         for _ in range(num_fcs):
             fc = nn.Linear(features, fc_dim)
-            if num_convs > 0:  # Detectron2's conv+fc head: c2_xavier_fill (kaiming uniform, a=1), bias 0
-                nn.init.kaiming_uniform_(fc.weight, a=1)
-                nn.init.zeros_(fc.bias)
-            # the 2fc head keeps nn.Linear's default init, as torchvision's TwoMLPHead
+            # Caffe2's XavierFill, bias 0: Detectron's FC default, Detectron2's c2_xavier_fill (kaiming uniform, a=1).
+            # torchvision's TwoMLPHead keeps nn.Linear's default init (a random tv_maskrcnn_v1 differs there).
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
             self.fcs.append(fc)
             features = fc_dim
         self.out_channels = features
@@ -90,7 +90,7 @@ class BoxPredictor(nn.Module):
 
 def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets, beta=1.0):
     """Fast R-CNN Eq. 1: L = L_cls + [u >= 1] L_loc; logits (R, K), deltas (R, K*4) or (R, 4) class-agnostic,
-    labels (R,), targets (R, 4).
+    labels (R,), targets (R, 4) -> (loss_cls, loss_box), two scalars (the model sums them with the other losses).
 
     L_cls is the mean cross-entropy over the sampled RoIs. L_loc is smooth-L1 on the ground-truth class's deltas of the
     foreground RoIs, summed and divided by all R sampled RoIs (torchvision; Detectron does the same). With several
@@ -102,7 +102,7 @@ def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets, beta=1.
     loss_cls = F.cross_entropy(class_logits, labels, reduction="sum") / n_rois
     fg = labels > BACKGROUND  # (R,) Iverson bracket [u >= 1], as a mask: no host sync to list the foreground
     box_deltas = box_deltas.reshape(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)  # (R, K or 1, 4)
-    column = labels.clamp(min=0) if box_deltas.shape[1] > 1 else 0  # the GT class's deltas, or the only ones
+    column = labels if box_deltas.shape[1] > 1 else 0  # the GT class's deltas (sampled labels are >= 0), or the only
     loss_box = F.smooth_l1_loss(box_deltas[torch.arange(labels.shape[0], device=labels.device), column],
                                 regression_targets, beta=beta, reduction="none")  # (R, 4) Fast R-CNN Eq. 3
     return loss_cls, torch.where(fg[:, None], loss_box, 0.0).sum() / n_rois

@@ -1,4 +1,5 @@
 """RoIAlign, FPN level mapping, the box/mask heads and RoIHeads, checked against torchvision and small hand examples."""
+import math
 from collections import OrderedDict
 
 import pytest
@@ -182,6 +183,20 @@ def test_box_predictor_init():
     assert abs(predictor.cls_score.weight.std().item() - 0.01) < 0.001
     assert abs(predictor.bbox_pred.weight.std().item() - 0.001) < 0.0001
     assert predictor.cls_score.bias.eq(0).all() and predictor.bbox_pred.bias.eq(0).all()
+
+
+@pytest.mark.parametrize("num_convs, num_fcs", [(4, 1), (0, 2)])
+def test_box_head_fcs_get_caffe2_xavier_init(num_convs, num_fcs):
+    # XavierFill = U(-sqrt(3 / fan_in), sqrt(3 / fan_in)): std 1 / sqrt(fan_in), biases 0 (Detectron's FC default).
+    # nn.Linear's own default has a std sqrt(3) times smaller and random biases.
+    head = BoxHead(in_channels=64, num_convs=num_convs, conv_dim=64, num_fcs=num_fcs, fc_dim=512,
+                   norm="gn" if num_convs else "none", num_groups=8)
+    assert len(head.fcs) == num_fcs
+    for fc in head.fcs:
+        fan_in = fc.weight.shape[1]
+        assert fc.weight.abs().max() <= math.sqrt(3 / fan_in)
+        assert abs(fc.weight.std().item() * math.sqrt(fan_in) - 1) < 0.02
+        assert fc.bias.eq(0).all()
 
 
 def test_mask_loss_without_positives_is_a_connected_zero():
