@@ -210,7 +210,7 @@ def padded_nms(boxes, scores, valid, iou_threshold, lengths=None):
     sorted_boxes = boxes.gather(1, order[..., None].expand(B, K, 4))  # (B, K, 4), each row by decreasing score
     sorted_valid = valid.gather(1, order)  # (B, K): padding last (or among the -inf scores, where it is inert)
     src, dst = _suppression_pairs(sorted_boxes, sorted_valid, None, iou_threshold, lengths)
-    keep_sorted = _greedy_fixed_point(src, dst, sorted_valid.reshape(-1)).view(B, K)
+    keep_sorted = _greedy_fixed_point(src, dst, sorted_valid.reshape(-1)).view(B, K)  # (B*K,) -> (B, K)
     return torch.zeros_like(valid).scatter_(1, order, keep_sorted)  # (B, K) back in input order
 
 

@@ -117,7 +117,8 @@ class CascadeRoIHeads(nn.Module):
         scores = torch.stack(probs).mean(dim=0)  # (R, K): the stages' classifiers averaged (Detectron2)
         K = scores.shape[1]
         boxes = last.box_coder.decode(box_deltas, torch.cat(rois))  # (R, 4): the last stage's boxes
-        detections = last.detect(scores, boxes[:, None].expand(-1, K, 4), [r.shape[0] for r in rois], image_sizes)
+        boxes = boxes[:, None].expand(-1, K, 4)  # (R, K, 4): class-agnostic, the same box for every class
+        detections = last.detect(scores, boxes, [r.shape[0] for r in rois], image_sizes)
         if last.mask_head is not None and masks:
             last.add_masks(features, detections, image_shape)
         return detections, {}

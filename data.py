@@ -307,7 +307,8 @@ class PennFudanDataset(_CocoStyleDataset):
 
 def collate(batch, size_divisible=32):
     """[(image (3,h,w), target)] -> (images (N,3,H,W) zero-padded bottom/right to multiples of 32, [(h, w)], [target]).
-    32 = the largest FPN stride of C5/P5, so every level's feature map aligns with the padded image."""
+    32 = the stride of C5/P5 (FPN's largest but P6's, which max-pools P5), so that C2..C5 and P2..P5 tile the padded
+    image exactly (Detectron's COARSEST_STRIDE)."""
     images, targets = zip(*batch)
     H = -(-max(image.shape[1] for image in images) // size_divisible) * size_divisible  # ceil to a multiple
     W = -(-max(image.shape[2] for image in images) // size_divisible) * size_divisible

@@ -12,6 +12,8 @@ IoU 0.5 is added, area and 11-point (voc.py).
 Results json (COCO results format): bbox as [x, y, w, h] in original image pixels, segmentation as RLE of the
 mask thresholded at 0.5 (Mask R-CNN Sec. 3.1, "Inference"), keypoints as [x1, y1, v1, x2, ...] with v = 1,
 category_id the dataset's original id (not the contiguous label).
+
+Shapes: R detections of one image, (h, w) its original size, K keypoints; boxes (R, 4) as (x1, y1, x2, y2).
 """
 import argparse
 import contextlib
@@ -38,8 +40,7 @@ KEYPOINT_METRICS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "A
 
 
 @torch.no_grad()
-def predict(model, dataset, device, amp="none", workers=2, batch_size=1, tta_scales=(), tta_flip=False,
-            tta_max_size=2000):
+def predict(model, dataset, device, amp="none", workers=2, tta_scales=(), tta_flip=False, tta_max_size=2000):
     """Inference over this process's shard of the dataset (all of it in one process); returns a list of
     COCO-format result dicts (boxes and masks). tta_scales (shorter sides added to the dataset's, their longer side
     capped at tta_max_size) and/or tta_flip: test-time augmentation (tta.py), one image at a time."""
@@ -49,7 +50,7 @@ def predict(model, dataset, device, amp="none", workers=2, batch_size=1, tta_sca
     model.eval()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     results = []
-    loader = data.make_eval_loader(dataset, batch_size, workers=workers, rank=distributed.get_rank(),
+    loader = data.make_eval_loader(dataset, 1, workers=workers, rank=distributed.get_rank(),  # an image at a time
                                    world_size=distributed.get_world_size())
     for images, image_sizes, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
                                              disable=distributed.get_rank() != 0):
@@ -62,6 +63,8 @@ def predict(model, dataset, device, amp="none", workers=2, batch_size=1, tta_sca
 
 
 def to_coco_results(out, image_id, cat_ids):
+    """One image's detections (model output, original pixels) -> COCO result dicts: bbox (x, y, w, h), score,
+    category_id (the dataset's id of the contiguous label), and segmentation (RLE) and keypoints when present."""
     boxes = out["boxes"].float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()   # (x1, y1, x2, y2) -> (x, y, w, h)
     scores, labels = out["scores"].float().tolist(), out["labels"].tolist()

@@ -116,8 +116,8 @@ def keypoint_loss(logits, index, valid):
     if not valid.any():
         return logits.sum() * 0  # no valid keypoint in any positive RoI: a zero that reaches every parameter
     flat = logits.reshape(P * K, M * M)  # (P*K, M*M): one M^2-way classification per (RoI, keypoint)
-    keep = valid.reshape(-1)
-    return F.cross_entropy(flat[keep], index.reshape(-1)[keep], reduction="sum") / n_valid
+    keep = valid.reshape(-1)  # (P, K) -> (P*K,), in flat's row order
+    return F.cross_entropy(flat[keep], index.reshape(-1)[keep], reduction="sum") / n_valid  # index (P, K) -> (P*K,)
 
 
 def heatmaps_to_keypoints(maps, rois):

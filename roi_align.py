@@ -233,6 +233,8 @@ def mask_targets(gt_masks, rois, gt_index, M):
 
     gt_masks (G, h, w), rois (P, 4), gt_index (P,) -> (P, M, M) float in [0, 1]; equal to torchvision's
     project_masks_on_boxes, i.e. roi_align(gt_masks, rois, M, aligned=False, sampling_ratio=-1).
+    Departure: Detectron rasterizes the GT polygons inside each RoI straight into a binary M x M target; these soft
+    targets (edges in (0, 1)) go to the binary cross-entropy as they are, as in torchvision.
     RoIAlign is separable: its points form a grid ys x xs and a bilinear weight is wy * wx, so a cell's average is
     (Ay @ mask @ Bx^T)[cell] with Ay (M, h), Bx (M, w) each axis's interpolation weights averaged over the cell's
     points. For one-channel masks this is two matrix products instead of up to ~30 x 30 points per cell for big

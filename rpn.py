@@ -56,6 +56,9 @@ class AnchorGenerator(nn.Module):
         assert len(feature_shapes) == len(self.sizes), f"{len(self.sizes)} sizes but {len(feature_shapes)} levels"
         anchors = []
         for (h, w), cell in zip(feature_shapes, self.cell_anchors):
+            # The stride as torchvision takes it, image size // map size: P2..P5 get 4..32 exactly (the batch is
+            # padded to multiples of 32), P6 a little less than 64 when H / 32 is odd (800 px: 800 // 13 = 61).
+            # Departure: Detectron and Detectron2 place P6's anchors 64 px apart whatever the size.
             stride_y, stride_x = image_shape[0] // h, image_shape[1] // w
             shift_x = torch.arange(w, device=device, dtype=dtype) * stride_x  # (w,) top-left corner of each cell
             shift_y = torch.arange(h, device=device, dtype=dtype) * stride_y  # (h,)
@@ -146,7 +149,7 @@ class RPN(nn.Module):
 
         # Faster R-CNN Sec. 3.2 ("approximate joint training"): no gradient flows through the proposal coordinates.
         proposals = self.box_coder.decode(pred_deltas.detach().reshape(-1, 4), anchors.repeat(n, 1))  # (N*T, 4)
-        proposals = self.select_proposals(proposals.view(n, -1, 4), pred_objectness.detach(), image_sizes,
+        proposals = self.select_proposals(proposals.view(n, -1, 4), pred_objectness.detach(), image_sizes,  # (N, T, 4)
                                           num_anchors_per_level)
 
         losses = {}
@@ -224,6 +227,7 @@ class RPN(nn.Module):
         # summed over positives and divided by the number of sampled anchors, with smooth-L1 beta = 1/9.
         # (With several processes the count is that of the joint batch: see distributed.loss_denominator.)
         n_sampled = loss_denominator(sampled.numel(), device=labels.device)
+        # the images' anchors in one row: objectness (N, T) -> (N*T,), deltas (N, T, 4) -> (N*T, 4)
         loss_rpn_cls = F.binary_cross_entropy_with_logits(pred_objectness.reshape(-1)[sampled], labels[sampled],
                                                           reduction="sum") / n_sampled
         loss_rpn_box = F.smooth_l1_loss(pred_deltas.reshape(-1, 4)[pos_idx], torch.cat(gt_deltas),

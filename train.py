@@ -167,7 +167,7 @@ def resolve(args, world_size=1):
         sys.exit("error: --pretrained is read only with --init imagenet")
     if args.cascade and PRESETS[args.preset]["num_keypoints"]:
         sys.exit(f"error: --cascade with preset {args.preset}: the cascade has box and mask heads only, no keypoints")
-    if args.amp != "none" and cpu and args.amp == "fp16":
+    if cpu and args.amp == "fp16":
         sys.exit("error: --amp fp16 needs --device cuda; use --amp bf16 on CPU")
     return args
 
@@ -185,7 +185,7 @@ def schedule(n, batch_size):
 
 
 def lr_at(it, base_lr, steps=(), gamma=0.1, warmup_iters=500, warmup_factor=1 / 3):
-    """The LR at iteration it: linear warm-up from base_lr * warmup_factor, then a 10x drop at each step."""
+    """The LR at iteration it: linear warm-up from base_lr * warmup_factor, then x gamma (paper: 0.1) at each step."""
     lr = base_lr * gamma ** sum(it >= s for s in steps)
     if it < warmup_iters:
         alpha = it / warmup_iters
@@ -194,7 +194,9 @@ def lr_at(it, base_lr, steps=(), gamma=0.1, warmup_iters=500, warmup_factor=1 / 
 
 
 def param_groups(model, weight_decay):
-    """No weight decay on normalization parameters (Detectron WEIGHT_DECAY_GN = 0, detectron2 WEIGHT_DECAY_NORM)."""
+    """No weight decay on normalization parameters (Detectron WEIGHT_DECAY_GN = 0, detectron2 WEIGHT_DECAY_NORM).
+    Departure: biases get the base LR and the weight decay, as in Detectron2; Detectron doubled their LR and did not
+    decay them (SOLVER.BIAS_DOUBLE_LR, BIAS_WEIGHT_DECAY)."""
     norm_types = (GroupNorm, SyncBatchNorm, torch.nn.BatchNorm2d)
     decay, no_decay = [], []
     for module in model.modules():
