@@ -206,8 +206,12 @@ def test_matcher_hand_worked():
 @pytest.mark.parametrize("allow_low_quality_matches", [False, True])
 def test_matcher_matches_torchvision(allow_low_quality_matches):
     g = torch.Generator().manual_seed(12)
-    for _ in range(20):
+    for i in range(20):
         iou = torch.randint(0, 11, (6, 40), generator=g).float() / 10  # coarse values: many ties and exact thresholds
+        if i % 2:
+            # a GT overlapping nothing: all predictions tie as its best, at IoU 0, and (as in torchvision, Detectron
+            # and Detectron2) each of them keeps its own best match, however low
+            iou[5] = 0
         ours = Matcher(0.7, 0.3, allow_low_quality_matches)(iou)
         theirs = tv_utils.Matcher(0.7, 0.3, allow_low_quality_matches)(iou)
         assert ours.dtype == torch.int64 and torch.equal(ours, theirs)

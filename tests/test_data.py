@@ -334,6 +334,7 @@ DROP = object()  # as a parameter value below: delete the field
     ("annotations", "bbox", [1, 1, 4], "annotation id 7 has bbox [1, 1, 4], not [x, y, w, h]"),
     ("annotations", "segmentation", [[1, 2, 3]], "annotation id 7 has a bad segmentation"),
     ("annotations", "segmentation", [[1, 1, 5, 1, 5]], "annotation id 7 has a bad segmentation"),
+    ("annotations", "segmentation", [[1, 1, 5, 5]], "annotation id 7 has a bad segmentation"),  # pycocotools: a box
     ("annotations", "segmentation", [[1, 1, 5, 1, 5, "x"]], "annotation id 7 has a bad segmentation"),
     ("annotations", "segmentation", [], "annotation id 7 has a bad segmentation"),
     ("annotations", "segmentation", {"counts": "abc"}, "annotation id 7 has a bad segmentation"),
@@ -382,15 +383,15 @@ def test_boxes_are_clipped_to_the_image_and_eval_fields_filled(tmp_path, capsys)
     # An 8 x 8 image: box 7 reaches past the right and bottom edges, box 8 lies wholly outside. Neither json record
     # has iscrowd or area, which COCOeval needs: they get COCO's meaning, 0 and the box's area.
     write_image(tmp_path / "1.png", 8, 8)
-    anns = [{"id": 7, "image_id": 1, "category_id": 5, "bbox": [6, 5, 10, 10], "segmentation": [[6, 5, 8, 5, 8, 8]]},
+    anns = [{"id": 7, "image_id": 1, "category_id": 5, "bbox": [6, 5, 10, 12], "segmentation": [[6, 5, 8, 5, 8, 8]]},
             {"id": 8, "image_id": 1, "category_id": 5, "bbox": [20, 20, 4, 4],
              "segmentation": [[20, 20, 24, 20, 24, 24]]}]
     path = write_json(tmp_path / "a.json", [{"id": 1, "file_name": "1.png", "height": 8, "width": 8}], anns,
                       categories=[{"id": 5, "name": "b"}])
     ds = CocoDataset(path, str(tmp_path), min_size=8)
     assert "dropped 1 annotations with no area inside their image" in capsys.readouterr().out
-    assert ds[0][1]["boxes"].tolist() == [[6, 5, 8, 8]]  # x2 = min(16, 8), y2 = min(15, 8)
-    assert (ds.coco.anns[7]["iscrowd"], ds.coco.anns[7]["area"]) == (0, 100)  # evaluation keeps the json's box
+    assert ds[0][1]["boxes"].tolist() == [[6, 5, 8, 8]]  # x2 = min(16, 8), y2 = min(17, 8)
+    assert (ds.coco.anns[7]["iscrowd"], ds.coco.anns[7]["area"]) == (0, 120)  # w x h of the json's box
 
 
 def test_16_bit_image_is_refused(tmp_path):

@@ -32,8 +32,9 @@ def box_mask(h, w, x1, y1, x2, y2):
 
 
 def test_results_use_xywh_original_ids_and_rle():
+    # soft mask: 0.8 inside the box, 0.3 around it; Mask R-CNN Sec. 3.1 binarizes at 0.5
     out = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]), "scores": torch.tensor([0.9]),
-           "labels": torch.tensor([2]), "masks": box_mask(64, 48, 10, 20, 30, 60)[None] * 0.8}
+           "labels": torch.tensor([2]), "masks": (box_mask(64, 48, 10, 20, 30, 60) * 0.5 + 0.3)[None]}
     (r,) = evaluate.to_coco_results(out, image_id=5, cat_ids=[3, 7])
     assert r["bbox"] == [10.0, 20.0, 20.0, 40.0]
     assert r["category_id"] == 7 and r["image_id"] == 5 and r["score"] == np.float32(0.9).item()
@@ -52,6 +53,15 @@ def test_perfect_predictions_score_ap_one():
     metrics = evaluate.coco_eval(gt, results)
     assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
     assert set(metrics) == {f"{t}/{m}" for t in ("bbox", "segm") for m in evaluate.METRICS}
+
+
+def test_image_ids_restrict_the_evaluation_to_those_images():
+    # Image 1 detected perfectly, image 2 not at all: AP 1 over image 1 alone, about half over both.
+    out = {"boxes": torch.tensor([[10.0, 5.0, 30.0, 25.0]]), "scores": torch.tensor([0.99]),
+           "labels": torch.tensor([2]), "masks": 0.9 * box_mask(40, 60, 10, 5, 30, 25)[None]}
+    results = evaluate.to_coco_results(out, 1, cat_ids=[3, 7])
+    assert evaluate.coco_eval(make_coco_gt(), results, image_ids=[1])["bbox/AP"] == pytest.approx(1.0)
+    assert evaluate.coco_eval(make_coco_gt(), results)["bbox/AP"] == pytest.approx(0.5)  # category 3: AP 0
 
 
 def test_wrong_category_scores_zero():

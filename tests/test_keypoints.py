@@ -113,9 +113,10 @@ def test_heatmaps_to_keypoints_hand_worked_and_equal_torchvision():
     assert scores.tolist() == [[9.0, 4.0]]
 
     torch.manual_seed(0)
-    maps = torch.randn(6, 17, 56, 56)
+    maps = torch.randn(7, 17, 56, 56)
     rois = torch.tensor([[3.2, 4.7, 90.1, 60.3], [0.0, 0, 0.5, 0.4], [10, 10, 11.5, 200], [7.5, 8, 300.25, 310],
-                         [1, 2, 57, 58], [40, 30, 41, 31]])  # non-integer sizes, thinner than a pixel, large
+                         [1, 2, 57, 58], [40, 30, 41, 31], [0, 0, 40.2, 30.3]])  # non-integer sizes (rounding down
+    # and up differ for 40.2 x 30.3), thinner than a pixel, large
     keypoints, scores = heatmaps_to_keypoints(maps, rois)
     ref_keypoints, ref_scores = tv_roi.heatmaps_to_keypoints(maps, rois)
     torch.testing.assert_close(keypoints, ref_keypoints)

@@ -109,9 +109,9 @@ def test_map_levels_fpn_equation_1():
     assert torch.sqrt(box_area(resized)).item() < 448 and map_levels(resized).tolist() == [5]
 
 
-def test_multilevel_roi_align_matches_torchvision(pooling):
+@pytest.mark.parametrize("H, W", [(256, 320), (384, 896)])  # a wide batch too: the level scales come from heights
+def test_multilevel_roi_align_matches_torchvision(pooling, H, W):
     g = torch.Generator().manual_seed(2)
-    H, W = 256, 320
     features = [torch.randn(2, 4, H // s, W // s, generator=g) for s in (4, 8, 16, 32)]  # P2..P5
     boxes = [random_boxes(n, (H, W), min_side=8, max_side=900, generator=g).float() for n in (60, 25)]
     pooler = tv.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
