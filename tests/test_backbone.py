@@ -161,6 +161,14 @@ def test_msra_init():
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
 
 
+def test_msra_init_uses_fan_out_not_fan_in():
+    # A 1x1 conv with fan_in != fan_out: layer4[0].conv3 is (2048, 512, 1, 1), fan_out 2048 and fan_in 512, so
+    # fan_out gives std sqrt(2 / 2048) = 0.03125 and fan_in twice that (1M samples: the estimate is good to < 0.2 %).
+    w = resnet50(norm="gn").layer4[0].conv3.weight
+    assert tuple(w.shape) == (2048, 512, 1, 1)
+    assert abs(w.std().item() / 0.03125 - 1) < 0.02
+
+
 def test_frozen_bn_resnet_has_no_norm_parameters():
     model = resnet50(norm="frozen_bn")
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == 53

@@ -8,9 +8,10 @@ import torch
 import evaluate
 import checkpoint
 import train
+from boxes import box_iou
 from cascade import CascadeRoIHeads, cascade_state_dict, load_weights, scale_gradient
 from model import build_model
-from roi_heads import BoxHead, MaskHead, fast_rcnn_loss
+from roi_heads import BoxHead, MaskHead, RoIHeads, fast_rcnn_loss, multilevel_roi_align
 from shapes import make_shapes
 
 C, K, REP = 8, 3, 32                          # feature channels, classes incl. background, box feature size
@@ -204,3 +205,54 @@ def test_switching_a_mask_rcnn_run_to_cascade(tmp_path, capsys):
     with pytest.raises(SystemExit, match="without --cascade; start a new run with --weights"):
         train.main(common + ["--output-dir", str(tmp_path / "x"), "--cascade",
                              "--resume", str(tmp_path / "mask_rcnn" / "model_0000001.pth")])
+
+
+def test_training_stages_sample_in_turn_each_at_its_own_iou(monkeypatch):
+    # Proposals [20, 10, 60, L] inside the GT [20, 10, 60, 40] overlap it with IoU (L - 10) / 30 = 0.55, 0.65, 0.75.
+    # Their refined copies barely move (deltas ~ N(0, 0.001^2) init), so each stage sees them again; a stage must
+    # label foreground exactly the RoIs at IoU >= its own u_k, and stage k (not stage 1) must do stage k's sampling.
+    calls, sample_rois = [], RoIHeads.sample_rois
+
+    def spy(self, proposals, targets_):
+        out = sample_rois(self, proposals, targets_)
+        calls.append((self, out))
+        return out
+
+    monkeypatch.setattr(RoIHeads, "sample_rois", spy)
+    torch.manual_seed(0)
+    heads = thin_cascade(mask=False).train()
+    proposals = [torch.tensor([[20.0, 10.0, 60.0, 26.5], [20.0, 10.0, 60.0, 29.5], [20.0, 10.0, 60.0, 32.5],
+                               [0.0, 0.0, 10.0, 10.0]]), torch.tensor([[5.0, 5.0, 40.0, 40.0]])]
+    heads(features(), proposals, IMAGE_SHAPE, IMAGE_SIZES, targets())
+    assert [stage for stage, _ in calls] == list(heads.stages)
+    gt = targets()[0]["boxes"]
+    for (stage, (rois, labels, matched, _)), u in zip(calls, (0.5, 0.6, 0.7)):
+        iou = box_iou(gt, rois[0])[matched[0], torch.arange(len(rois[0]))]     # each RoI of image 0 with its GT
+        assert torch.equal(labels[:len(rois[0])] > 0, iou >= u), u
+        assert ((iou >= 0.5) & (iou < u)).any() == (u > 0.5)   # the 0.55 (and at 0.7 the 0.65) RoIs: background
+
+
+def test_a_stage_sends_a_third_of_its_gradient_into_the_shared_features():
+    # run_stage = the stage's head on the pooled features with their gradient scaled by 1 / 3 (Detectron2): the
+    # features get a third of what the same head, applied directly, sends them; the head's own gradients are unscaled.
+    heads = thin_cascade(mask=False)
+    stage = heads.stages[1]
+    rois = [torch.tensor([[18.0, 8.0, 62.0, 44.0], [0.0, 0.0, 30.0, 30.0]]), torch.tensor([[5.0, 5.0, 40.0, 40.0]])]
+    grads = []
+    for through_cascade in (True, False):
+        feats = [f.requires_grad_() for f in features()]
+        heads.zero_grad()
+        if through_cascade:
+            logits, deltas = heads.run_stage(stage, feats, rois, IMAGE_SHAPE)
+        else:
+            pooled = multilevel_roi_align(feats, rois, IMAGE_SHAPE, stage.box_resolution, stage.sampling_ratio,
+                                          stage.aligned)
+            logits, deltas = stage.box_predictor(stage.box_head(pooled))
+        (logits.sum() + deltas.sum()).backward()
+        grads.append((feats[0].grad, [p.grad.clone() for p in stage.parameters() if p.grad is not None]))
+    (cascade_feat, cascade_params), (direct_feat, direct_params) = grads
+    assert direct_feat.abs().sum() > 0
+    torch.testing.assert_close(cascade_feat, direct_feat / 3)
+    assert len(cascade_params) == len(direct_params) > 0
+    for a, b in zip(cascade_params, direct_params):
+        torch.testing.assert_close(a, b)

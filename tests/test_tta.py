@@ -79,6 +79,27 @@ def test_flip_and_scale_map_back_to_the_original_box():
     assert torch.equal(out["masks"], paste_masks(ramp, out["boxes"], (8, 12)))
 
 
+class MirrorPreferringDetector(RectangleDetector):
+    """RectangleDetector that scores 0.95 where the rectangle's ramp falls left to right, i.e. in mirrored views."""
+
+    def __call__(self, images, image_sizes, original_sizes=None, masks=True):
+        outputs = super().__call__(images, image_sizes, original_sizes, masks)
+        for image, boxes, out in zip(images, self.detected[-len(images):], outputs):
+            for i, (x1, y1, x2, _) in enumerate(boxes.int().tolist()):
+                if image[0, y1, x1] > image[0, y1, x2 - 1]:
+                    out["scores"][i] = 0.95
+        return outputs
+
+
+def test_the_mirrored_views_box_maps_back_exactly():
+    # As above, but the mirrored views now win NMS: the merged box is a mirrored view's box mirrored back,
+    # x -> 12 - x of [7, 2, 11, 6] (or of [14, 4, 22, 12] / 2), the original [1, 2, 5, 6] again.
+    detector = MirrorPreferringDetector()
+    out = tta.detect(detector, [rectangle_view(1), rectangle_view(2)], original_size=(8, 12), flip=True)
+    assert out["scores"].tolist() == [pytest.approx(0.95)] and out["labels"].tolist() == [1]
+    assert out["boxes"].tolist() == [[1, 2, 5, 6]]
+
+
 def test_nothing_detected_gives_empty_outputs():
     out = tta.detect(RectangleDetector(), [-torch.ones(3, 8, 12)], original_size=(8, 12), flip=True)
     assert out["boxes"].shape == (0, 4) and out["scores"].shape == (0,) and out["masks"].shape == (0, 1, 8, 12)
