@@ -195,8 +195,7 @@ def lr_at(it, base_lr, steps=(), gamma=0.1, warmup_iters=500, warmup_factor=1 / 
 
 def param_groups(model, weight_decay):
     """No weight decay on normalization parameters (Detectron WEIGHT_DECAY_GN = 0, detectron2 WEIGHT_DECAY_NORM).
-    Departure: biases get the base LR and the weight decay, as in Detectron2; Detectron doubled their LR and did not
-    decay them (SOLVER.BIAS_DOUBLE_LR, BIAS_WEIGHT_DECAY)."""
+    Departure: biases get the base LR and weight decay, as in Detectron2 (Detectron: twice the LR, no decay)."""
     norm_types = (GroupNorm, SyncBatchNorm, torch.nn.BatchNorm2d)
     decay, no_decay = [], []
     for module in model.modules():
@@ -289,8 +288,7 @@ def main(argv=None):
         start_iter = ckpt["iteration"]
         log(f"resumed from {resume} at iteration {start_iter}")
         if start_iter >= args.max_iters:
-            log(f"the run has ended; its metrics are in {args.output_dir}/metrics.jsonl, and "
-                f"python evaluate.py --checkpoint {resume} evaluates it again")
+            log(f"the run has ended (metrics.jsonl holds its rows); evaluate.py --checkpoint {resume} evaluates it")
     # DDP averages the gradients over the processes during backward (after the identical init above)
     net = model if world_size == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.index
                                                                  is not None else None)
