@@ -61,3 +61,25 @@ def test_resume_refuses_a_checkpoint_without_its_preset(tmp_path, run_args):
     torch.save({"model": {}, "optimizer": {}, "args": run_args, "rng": []}, tmp_path / "old.pth")
     with pytest.raises(SystemExit, match=r"old\.pth has no args\.preset: not a model_\*\.pth written by train\.py"):
         checkpoint.load_for_resume(str(tmp_path / "old.pth"), argparse.Namespace(preset="tiny"))
+
+
+def test_latest_is_the_highest_iteration(tmp_path):
+    for it in (10, 500, 1000):
+        (tmp_path / f"model_{it:07d}.pth").touch()
+    (tmp_path / "model_0002000.pth.tmp").touch()  # a checkpoint being written is not one yet
+    assert checkpoint.latest(str(tmp_path)) == str(tmp_path / "model_0001000.pth")
+
+
+@pytest.mark.parametrize("flag, value", [("lr", 0.04), ("batch_size", 8), ("seed", 3), ("min_size", 600),
+                                         ("max_size", 1000), ("warmup_iters", 0), ("lr_steps", [5]),
+                                         ("weight_decay", 0.0), ("amp", "bf16"), ("norm", "syncbn"),
+                                         ("train_subset", 10), ("data", "PennFudanPed")])
+def test_resume_refuses_a_changed_trajectory_flag(tmp_path, flag, value):
+    import train
+    args = train.resolve(train.get_args(["--device", "cpu"]))
+    path = tmp_path / "model_0000001.pth"
+    torch.save({"model": {}, "optimizer": {}, "rng": [], "args": dict(vars(args))}, path)
+    assert checkpoint.load_for_resume(str(path), args)["args"]["lr"] == args.lr  # the run's own flags: accepted
+    setattr(args, flag, value)
+    with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} "):
+        checkpoint.load_for_resume(str(path), args)

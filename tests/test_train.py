@@ -364,3 +364,35 @@ def test_cuda_without_a_gpu_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         train.get_args(["--device", "cuda"])
     assert "torch finds no CUDA GPU on this machine; use --device cpu" in capsys.readouterr().err
+
+
+def test_resolved_defaults_follow_the_paper_and_the_effective_batch(tmp_path):
+    # 4 processes x 2 images = batch 8: LR 0.02 x 8 / 16, the 1x schedule and Detectron's 500-iteration warm-up
+    # both scaled by 16 / 8; the paper's 800-pixel shorter side.
+    a = train.resolve(train.get_args(["--device", "cpu", "--data", str(tmp_path / "coco"), "--batch-size", "2"]),
+                      world_size=4)
+    assert a.lr == pytest.approx(0.01) and a.batch_size == 2
+    assert (a.max_iters, a.lr_steps, a.warmup_iters, a.min_size) == (180_000, [120_000, 160_000], 1000, 800)
+    # On GPUs the default batch is 16 images in all: 2 per process on 8 processes, LR 0.02
+    args = train.get_args(["--data", str(tmp_path / "coco")])
+    args.device = "cuda"
+    a = train.resolve(args, world_size=8)
+    assert (a.batch_size, a.lr, a.max_iters, a.preset) == (2, 0.02, 90_000, "r50_fpn_gn")
+    # The CPU demo: 400 iterations, one LR drop at 80%, a 50-iteration warm-up, 128-pixel images
+    a = train.resolve(train.get_args(["--device", "cpu"]))
+    assert (a.max_iters, a.lr_steps, a.warmup_iters, a.min_size, a.lr) == (400, [320], 50, 128, 0.02)
+
+
+def test_infinite_loss_stops_too(shapes, tmp_path, monkeypatch):
+    import model
+    forward = model.MaskRCNN.forward
+
+    def inf_mask_loss(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            out["loss_mask"] = out["loss_mask"] + math.inf
+        return out
+
+    monkeypatch.setattr(model.MaskRCNN, "forward", inf_mask_loss)
+    with pytest.raises(SystemExit, match=r"non-finite loss at iteration 0: loss_mask = inf"):
+        train.main(run_args(shapes, tmp_path, "--max-iters", "2", "--no-eval"))

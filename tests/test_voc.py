@@ -2,6 +2,7 @@
 short Faster R-CNN training run on VOC data. CI has no VOC data: every test builds what it reads in tmp_path."""
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import evaluate
 import train
 from data import DataError, build_dataset
 from model import build_model
-from voc import VOC_CLASSES, VOCDataset, read_annotation, voc_ap, voc_eval
+from voc import VOC_CLASSES, VOCDataset, read_annotation, voc_ap, voc_eval, voc_metrics
 
 W, H = 64, 48  # every generated image
 
@@ -69,6 +70,7 @@ def test_reader_classes_boxes_and_difficult(devkit):
     anns = dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=1))
     assert [(a["category_id"], a["bbox"], a["difficult"], a["iscrowd"]) for a in anns] == [
         (dog, [0.0, 0.0, W, H], 0, 0), (person, [10, 20, 20, 20], 1, 0)]
+    assert [a["area"] for a in anns] == [W * H, 20 * 20]  # COCOeval's small / medium / large ranges read it
     # The training target leaves the difficult person out and has no masks; the ground truth keeps it.
     image, target = dataset[0]
     assert image.shape == (3, H, W) and "masks" not in target
@@ -227,3 +229,24 @@ def test_training_on_voc_writes_voc_map(devkit, tmp_path):
     # evaluate.py (and plot.py) rebuild the same box-only model from the checkpoint, with the VOC val split.
     model, val_set = evaluate.load_run(str(out / "model_0000002.pth"))
     assert model.roi_heads.mask_head is None and isinstance(val_set, VOCDataset) and len(val_set) == 2
+
+
+def test_a_missing_difficult_tag_means_not_difficult(tmp_path):
+    # Some VOC XMLs have no <difficult> (py-faster-rcnn reads them as 0): the object is trained on and evaluated.
+    path = tmp_path / "a.xml"
+    path.write_text(f"<annotation><size><width>{W}</width><height>{H}</height></size><object><name>dog</name>"
+                    f"<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>"
+                    f"</annotation>")
+    assert read_annotation(path)[2] == [("dog", [0.0, 1.0, 30.0, 40.0], 0)]
+
+
+def test_voc_metrics_names_the_area_and_11_point_numbers():
+    # test_voc_ap_area_and_11_point's case: 2 objects, detections TP, FP, TP in score order.
+    annotations = [gt(1, 1, A), gt(1, 1, B)]
+    dataset = SimpleNamespace(image_ids=[1], coco=SimpleNamespace(dataset={"annotations": annotations,
+                                                                            "categories": CATS[:1]}))
+    results = [det(1, 1, A, 0.9), det(1, 1, (40, 40, 50, 50), 0.8), det(1, 1, B, 0.7)]
+    metrics = voc_metrics(dataset, results)
+    assert metrics["voc/mAP50"] == pytest.approx(0.5 + 0.5 * 2 / 3)  # VOC2010+ area
+    assert metrics["voc/mAP50_11pt"] == pytest.approx((6 + 5 * 2 / 3) / 11)  # VOC2007
+    assert metrics["voc/AP50/a"] == metrics["voc/mAP50"]
