@@ -72,14 +72,10 @@ def run_args(shapes, out, *extra):
             "--workers", "0", "--log-period", "1", "--warmup-iters", "2", "--output-dir", str(out), *extra]
 
 
-def read_rows(path):
+def read_rows(path, evaluation=False):
+    """metrics.jsonl's training rows (with a "loss"), or its evaluation rows."""
     with open(path) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
-
-
-def read_evaluation_rows(path):
-    with open(path) as f:
-        return [r for r in map(json.loads, f) if "loss" not in r]
+        return [r for r in map(json.loads, f) if ("loss" in r) != evaluation]
 
 
 def test_resume_is_exact(shapes, tmp_path):
@@ -94,7 +90,7 @@ def test_resume_is_exact(shapes, tmp_path):
                         "--resume", "auto"))
     a, b = read_rows(full / "metrics.jsonl"), read_rows(resumed / "metrics.jsonl")
     assert [r["iter"] for r in b] == [4, 5, 6]
-    evals_a, evals_b = read_evaluation_rows(full / "metrics.jsonl"), read_evaluation_rows(resumed / "metrics.jsonl")
+    evals_a, evals_b = read_rows(full / "metrics.jsonl", True), read_rows(resumed / "metrics.jsonl", True)
     assert [r["iter"] for r in evals_b] == [3, 6]
     assert evals_a == evals_b  # the same checkpoints evaluated alike, and the same model at iteration 6
     for ra, rb in zip(a[3:], b):
