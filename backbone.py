@@ -40,9 +40,10 @@ def _conv(in_channels, out_channels, kernel_size, stride=1, groups=1, norm="gn")
 
 
 def msra_init_(module):
-    """MSRA init (He et al. 2015, "Delving Deep into Rectifiers", Eq. 14: std = sqrt(2 / fan_out)); norms 1 / 0."""
+    """MSRA init (He et al. 2015, "Delving Deep into Rectifiers", Eq. 14: std = sqrt(2 / fan_out)) of every conv and
+    deconv of module, biases 0; norms 1 / 0. Used by the backbones and the box, mask and keypoint heads."""
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

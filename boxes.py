@@ -14,15 +14,6 @@ import math
 import torch
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1  # sampler labels (Faster R-CNN Sec. 3.1.2)
-# Box pairs per block of an NMS suppression matrix. On a GPU, big blocks (a few float tensors of 64 MB): few kernel
-# launches and host syncs. On a CPU, where those cost little, blocks of 1 MB floats that stay in the cache.
-NMS_BLOCK = 1 << 24
-NMS_BLOCK_CPU = 1 << 18
-
-
-def nms_block(device):
-    """Box pairs per block of the suppression matrix on this device."""
-    return NMS_BLOCK_CPU if device.type == "cpu" else NMS_BLOCK
 
 
 def box_area(boxes):
@@ -122,140 +113,31 @@ def remove_small_boxes(boxes, min_size):
     return torch.where(big_enough(boxes, min_size))[0]
 
 
-def _suppression_pairs(boxes, valid, groups, iou_threshold, lengths=None):
-    """Rows of boxes, each sorted by decreasing score -> the nonzero entries of their "suppresses" matrices.
-
-    boxes (B, K, 4), valid (B, K) bool (False: padding, never suppresses nor is kept), groups (B, K) int64 or None.
-    lengths: None, or B numbers such that entries at or beyond lengths[b] are padding; rows of a run of equal lengths
-    are then paired only up to that length (the RPN's short levels are not padded up to K x K pairs).
-    S[b, i, j] = i ranks above j in row b (i < j), both valid, same group when groups are given, and
-    IoU(i, j) > iou_threshold. IoU uses the arithmetic of box_iou (so ties at the threshold fall as in torchvision).
-    Returns (E,) source and (E,) destination indices into the flattened B*K entries.
-    Memory: S is computed in blocks of at most nms_block() pairs (GPU: 16M, a few float blocks of 64 MB), upper part
-    only, and only its E entries above the threshold are kept: usually a tiny fraction of the B*K*K pairs, so never
-    B x K x K floats (RPN training at 800 px: 2 images x 5 levels x 2000^2 = 40M pairs, 160 MB as one float tensor).
-    One host synchronization (torch.where) per block.
-    """
-    B, K = valid.shape
-    area = box_area(boxes)  # (B, K)
-    x1, y1, x2, y2 = boxes.unbind(dim=2)  # (B, K) each
-    lengths = [K] * B if lengths is None else list(lengths)
-    block = nms_block(boxes.device)
-    src = [torch.zeros(0, dtype=torch.int64, device=boxes.device)]
-    dst = [torch.zeros(0, dtype=torch.int64, device=boxes.device)]
-    run_start = 0
-    for b_end in range(1, B + 1):  # runs of rows run_start..b_end of the same length n
-        if b_end < B and lengths[b_end] == lengths[run_start]:
-            continue
-        n = lengths[run_start]
-        rows = max(1, min(n, block // max(n, 1)))  # rows i of one block ...
-        batch = max(1, block // max(rows * n, 1))  # ... and how many rows b at once
-        for b in range(run_start, b_end, batch):  # blocks (b..c, s..e) against columns s..n: no box suppresses one
-            c = min(b_end, b + batch)  # above it
-            for s in range(0, n, rows):
-                e = min(n, s + rows)
-                w = (torch.min(x2[b:c, s:e, None], x2[b:c, None, s:n])
-                     - torch.max(x1[b:c, s:e, None], x1[b:c, None, s:n])).clamp_(min=0)  # (c-b, e-s, n-s)
-                h = (torch.min(y2[b:c, s:e, None], y2[b:c, None, s:n])
-                     - torch.max(y1[b:c, s:e, None], y1[b:c, None, s:n])).clamp_(min=0)  # (c-b, e-s, n-s)
-                inter = w * h
-                union = area[b:c, s:e, None] + area[b:c, None, s:n] - inter
-                pairs = (inter / union > iou_threshold).triu_(diagonal=1)  # strictly upper: j > i
-                pairs &= valid[b:c, s:e, None] & valid[b:c, None, s:n]
-                if groups is not None:
-                    pairs &= groups[b:c, s:e, None] == groups[b:c, None, s:n]
-                row_b, i, j = torch.where(pairs)
-                src.append((row_b + b) * K + i + s)
-                dst.append((row_b + b) * K + j + s)
-        run_start = b_end
-    return torch.cat(src), torch.cat(dst)
-
-
-def _greedy_fixed_point(src, dst, valid):
-    """Greedy NMS from the suppression pairs (E,), (E,) of entries in score order; valid (M,) -> keep (M,) bool.
-
-    Greedy NMS keeps box j iff no KEPT box above j suppresses it: keep = valid & ~(S & keep[:, None]).any(0), a fixed
-    point. We iterate that equation from keep = valid (here in sparse form: count, for every box, its kept
-    suppressors). Why this gives exactly greedy NMS: S is strictly upper triangular, so keep[j] depends only on
-    keep[:j]. Box 0 has no suppressor and is correct after one step; if keep[:t] is correct after step t, keep[t] is
-    correct after step t + 1 and keep[:t] no longer changes. Entries become correct in score order, so the fixed point
-    is unique (it is the greedy answer) and is reached within M steps; in practice within about the length of the
-    longest chain of boxes suppressing one another (a few steps), each step costing O(E). Independent rows (images,
-    levels, classes) have no pair between them, so they all iterate together. Testing for the fixed point is a host
-    sync, so it is tested every second step: at most one step more, half the syncs.
-    """
-    def step(keep):
-        kept_suppressors = torch.zeros(valid.shape, dtype=torch.int32, device=valid.device).index_add_(
-            0, dst, keep[src].to(torch.int32))  # (M,) for every box, how many kept boxes above it suppress it
-        return valid & (kept_suppressors == 0)
-
-    keep = step(valid)
-    while True:
-        new_keep = step(keep)
-        if torch.equal(new_keep, keep):  # the host sync: keep is the fixed point
-            return keep
-        keep = step(new_keep)
-
-
-def padded_nms(boxes, scores, valid, iou_threshold, lengths=None):
-    """Greedy NMS in each row of a padded batch: boxes (B, K, 4), scores (B, K), valid (B, K) bool -> keep (B, K).
-
-    Rows are independent (the RPN's (image, level) pairs); invalid entries are padding, dropped and inert. Within a
-    row the semantics are nms()'s: equal scores rank in input order. Work: B*K*K pairs, in blocks (nms_block); with
-    lengths (B numbers, all entries of row b from lengths[b] on invalid, rows of equal length next to each other),
-    the sum over rows of lengths[b]^2. Sorting keeps that bound: valid entries (finite scores) sort before padding.
-    """
-    B, K = scores.shape
-    order = torch.sort(scores.masked_fill(~valid, -math.inf), dim=1, descending=True, stable=True).indices  # (B, K)
-    sorted_boxes = boxes.gather(1, order[..., None].expand(B, K, 4))  # (B, K, 4), each row by decreasing score
-    sorted_valid = valid.gather(1, order)  # (B, K): padding last (or among the -inf scores, where it is inert)
-    src, dst = _suppression_pairs(sorted_boxes, sorted_valid, None, iou_threshold, lengths)
-    keep_sorted = _greedy_fixed_point(src, dst, sorted_valid.reshape(-1)).view(B, K)  # (B*K,) -> (B, K)
-    return torch.zeros_like(valid).scatter_(1, order, keep_sorted)  # (B, K) back in input order
-
-
 def nms(boxes, scores, iou_threshold):
-    """Greedy non-maximum suppression (Faster R-CNN Sec. 3.3), without a Python loop over boxes.
+    """Greedy non-maximum suppression (Faster R-CNN Sec. 3.3): boxes (N, 4), scores (N,) -> int64 indices of the kept
+    boxes, by decreasing score (equal scores in input order), with the semantics of torchvision.ops.nms.
 
-    Returns int64 indices of the kept boxes, by decreasing score; a box is dropped if its IoU with a kept,
-    higher-scoring box is > iou_threshold (torchvision semantics). Equal scores keep their input order (stable sort).
+    Keep the highest-scoring box left, drop every box that overlaps it by an IoU above the threshold, repeat.
     """
-    return _one_row_nms(boxes, scores, None, iou_threshold)
-
-
-def _one_row_nms(boxes, scores, idxs, iou_threshold):
-    """nms() of (N, 4) boxes as one row of pairs; with idxs (N,), only boxes of the same group suppress each other.
-    -> kept indices, by decreasing score, ties in input order."""
-    order = torch.sort(scores, descending=True, stable=True).indices  # (N,)
-    valid = torch.ones((1, order.shape[0]), dtype=torch.bool, device=boxes.device)  # (1, N): one row, no padding
-    groups = None if idxs is None else idxs[order][None]  # (1, N)
-    src, dst = _suppression_pairs(boxes[order][None], valid, groups, iou_threshold)  # box src suppresses dst
-    return order[_greedy_fixed_point(src, dst, valid[0])]
+    order = torch.sort(scores, descending=True, stable=True).indices  # (N,) the candidates, best first
+    keep = []
+    while order.numel() > 0:
+        best, rest = order[0], order[1:]
+        keep.append(best)
+        iou = box_iou(boxes[best, None], boxes[rest])[0]  # (len(rest),) overlap of each remaining box with the best
+        order = rest[iou <= iou_threshold]  # drop those it suppresses
+    return torch.stack(keep) if keep else order
 
 
 def batched_nms(boxes, scores, idxs, iou_threshold):
-    """NMS done independently per group (class, image or FPN level) given by idxs (N,); same contract as nms().
-
-    All groups at once, with no loop over them: boxes are sorted by score (stable) and S[i, j] also needs
-    idxs[i] == idxs[j], so the pairs are those of one N x N matrix (in blocks, see _suppression_pairs) and the fixed
-    point runs once for all groups. Exact, unlike torchvision's trick of offsetting each group's coordinates (which
-    rounds them). The work is N^2 pairs instead of the sum of the squared group sizes: fine for detections (a few
-    thousand boxes, one block of pairs, no host sync before the fixed point). Above one block, when padding every
-    group to the largest one (G x K x K pairs) is cheaper, the groups go through padded_nms instead (two host syncs
-    to find G and K). The RPN, whose groups are known in advance, calls padded_nms itself.
-    """
-    n = scores.shape[0]
-    if n * n > nms_block(boxes.device):  # over one block of pairs: padding each group to the largest may cost less
-        group_ids, group, counts = torch.unique(idxs, return_inverse=True, return_counts=True)  # (G,), (N,), (G,)
-        G, K = group_ids.shape[0], int(counts.max())  # host syncs
-        if G * K * K < n * n:
-            by_group = torch.sort(group, stable=True).indices  # (N,) grouped, input order inside a group
-            slot = torch.arange(K, device=idxs.device)  # (K,)
-            valid = slot < counts[:, None]  # (G, K) False: padding
-            index = by_group[((torch.cumsum(counts, 0) - counts)[:, None] + slot).clamp(max=n - 1)]  # (G, K)
-            kept = torch.sort(index[padded_nms(boxes[index], scores[index], valid, iou_threshold)]).values
-            return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
-    return _one_row_nms(boxes, scores, idxs, iou_threshold)
+    """nms() within each group of idxs (N,), e.g. a class, an image or an FPN level: boxes of different groups never
+    suppress each other. Same contract as nms(): kept indices by decreasing score, equal scores in input order."""
+    kept = [torch.zeros(0, dtype=torch.int64, device=boxes.device)]
+    for group in torch.unique(idxs):  # one group at a time
+        members = torch.where(idxs == group)[0]
+        kept.append(members[nms(boxes[members], scores[members], iou_threshold)])
+    kept = torch.sort(torch.cat(kept)).values  # input order, so that the stable sort below keeps ties in it
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
 
 
 class Matcher:

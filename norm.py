@@ -11,14 +11,68 @@ FrozenBatchNorm2d is the pre-training baseline ("BN*"): BN turned into a fixed p
 
 Shapes: N images, C channels, G groups, H, W spatial size (any number of trailing spatial dims is allowed).
 """
-import math
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import fast_ops
+
 NORM_KINDS = ("gn", "syncbn", "bn", "frozen_bn", "none")
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Group Normalization (Wu & He 2018, Sec. 3.1; their Fig. 3 in PyTorch): x (N, C, *) -> the same shape.
+
+    Each image's C channels form G groups of C/G channels; each group is normalized by the mean and the (biased)
+    variance of its C/G * H * W values, then every channel gets its own scale gamma and shift beta. Statistics are
+    float32 at least, so that bf16 activations under autocast are normalized as float32 ones.
+    """
+    xg = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(1, (num_groups, -1))  # (N, G, C/G, *)
+    dims = tuple(range(2, xg.dim()))  # GN Eq. 7: S_i is one image's group, its C/G channels and every pixel
+    mu = xg.mean(dims, keepdim=True)  # GN Eq. 2: mu_i = 1/m sum_{k in S_i} x_k
+    var = ((xg - mu) ** 2).mean(dims, keepdim=True)  # GN Eq. 2: sigma_i^2 = 1/m sum_{k in S_i} (x_k - mu_i)^2
+    x_hat = ((xg - mu) / torch.sqrt(var + eps)).flatten(1, 2)  # GN Eq. 1; (N, G, C/G, *) -> (N, C, *)
+    if weight is not None:
+        per_channel = (-1,) + (1,) * (x.dim() - 2)  # (C, 1, ..., 1)
+        x_hat = x_hat * weight.view(per_channel) + bias.view(per_channel)  # GN Eq. 6: y_i = gamma x_hat_i + beta
+    return x_hat.to(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """Group Normalization as a layer (Wu & He 2018, Sec. 3.1); equal to torch.nn.GroupNorm.
+
+    gamma (weight) and beta (bias) are per-channel parameters, initialized to 1 and 0. The forward pass is
+    fast_ops.group_norm, proven equal to group_norm above, or group_norm itself when plain_ops is True
+    (build_model(plain_ops=True), --plain-ops).
+    """
+
+    plain_ops = False
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
+        super().__init__()
+        if num_groups < 1:
+            raise ValueError(f"GroupNorm: num_groups must be at least 1, got {num_groups}")
+        if num_channels % num_groups != 0:
+            raise ValueError(f"GroupNorm: {num_channels} channels do not divide into {num_groups} groups; "
+                             f"pass a num_groups that divides {num_channels}")
+        self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels))  # gamma, GN Eq. 6
+            self.bias = nn.Parameter(torch.zeros(num_channels))  # beta, GN Eq. 6
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x):
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"GroupNorm: expected an input (N, {self.num_channels}, ...), got shape {tuple(x.shape)}")
+        norm = group_norm if self.plain_ops else fast_ops.group_norm
+        return norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
 
 
 def _per_channel(t, x):
@@ -54,137 +108,6 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-def _group_statistics(x, num_groups, eps, one_pass=None):
-    """x (N, C, *) -> x viewed as (N, G, C/G, S) with S the product of the spatial sizes, the groups' mean mu and
-    r = 1 / sqrt(sigma^2 + eps) of GN Eq. 2, both (N, G, 1, 1) and float32 at least: reductions with dtype= or an
-    out= of float32 read bf16/fp16 values directly (such calls are also exempt from autocast).
-
-    one_pass (default: on a GPU) takes sigma^2 from torch.var, in one more read of x. Elsewhere sigma^2 is the mean
-    of the squared deviations, as Eq. 2 writes it: on a CPU, torch.var (Welford's update, a division per value) measured
-    9x slower than that subtraction, square and mean (2 threads, 2x256x64x96 float32: 12 ms against 1.3 ms), while
-    on a GPU both are bound by memory and the extra (x - mu) tensor would cost two more passes over the activation.
-    """
-    N, C, G = x.shape[0], x.shape[1], num_groups
-    xg = x.reshape(N, G, C // G, math.prod(x.shape[2:]))  # (N, G, C/G, S); sizes spelled out for N = 0
-    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
-    mean = torch.mean(xg, (2, 3), keepdim=True, dtype=stat)  # (N, G, 1, 1) mu
-    one_pass = x.is_cuda if one_pass is None else one_pass
-    if N == 0:
-        var = mean.clone()
-    elif one_pass:
-        var = torch.var(xg, (2, 3), correction=0, keepdim=True, out=torch.empty_like(mean))
-    else:
-        var = torch.mean((xg - mean).square_(), (2, 3), keepdim=True)  # GN Eq. 2, (x - mu) in float32 at least
-    return xg, mean, var.add_(eps).rsqrt_()  # sigma^2 biased, as GN Eq. 2
-
-
-def _group_norm_no_grad(x, weight, bias, num_groups, eps):
-    """GN Eqs. 1, 2, 6, 7 when no gradient is needed (inference): after the statistics, y = x * scale + shift in one
-    pass over x, with per-channel scale = gamma * r and shift = beta - mu * gamma * r computed in float32 and applied
-    inside the kernel."""
-    xg, mean, rstd = _group_statistics(x, num_groups, eps)  # (N, G, C/G, S), (N, G, 1, 1), (N, G, 1, 1)
-    N, G, Cg = xg.shape[:3]
-    gamma = weight.view(G, Cg, 1) if weight is not None else rstd.new_ones(G, Cg, 1)  # (G, C/G, 1)
-    beta = bias.view(G, Cg, 1) if bias is not None else rstd.new_zeros(G, Cg, 1)
-    scale = rstd * gamma  # (N, G, C/G, 1): channel c of group g gets gamma_c * r_g
-    shift = torch.addcmul(beta, mean, scale, value=-1)  # (N, G, C/G, 1) beta - mu * gamma * r
-    per_channel = (N, G * Cg) + (1,) * (x.dim() - 2)  # (N, C, 1, ..., 1), broadcasts against x in its own layout
-    return torch.addcmul(shift.view(per_channel), x, scale.view(per_channel), out=torch.empty_like(x))
-
-
-class _GroupNormFunction(torch.autograd.Function):
-    """GN Eqs. 1, 2, 6, 7 with a written-out backward pass, in few passes over the activation and few small ops.
-
-    Per image n and group g (S_i of GN Eq. 7: its L = C/G * H * W values), with r = 1 / sqrt(sigma^2 + eps) (Eq. 2):
-        forward   x_hat = (x - mu) * r,   y = gamma * x_hat + beta
-        backward  dbeta_c = sum dy,   dgamma_c = sum dy * x_hat                    (sums over n and the pixels)
-                  dx = r * (gamma * dy - 1/L sum_S gamma * dy - x_hat/L * sum_S gamma * dy * x_hat)
-    The backward is the usual normalization derivative: removing the mean and the scale of a group takes out of
-    dx its components along 1 and along x_hat. Both group sums are gamma-weighted sums of the per-channel sums
-    db = sum_pixels dy and ds = sum_pixels dy * x_hat, so the backward reads dy three times (the two sums and dx),
-    x_hat twice, and writes and reads one dy * x_hat temporary.
-    x_hat (not x) is kept for backward: sum dy * x_hat has no cancellation even when |mu| >> sigma, which
-    matters when x_hat is stored in bf16. Statistics and per-channel sums are float32 for bf16/fp16 inputs, reduced
-    from the input's dtype directly (dtype= or out= of float32); x_hat, y and dx are written in the input's dtype
-    (out= with a bf16 destination casts inside the kernel). Two full-size float32 temporaries remain: the
-    backward's first dx pass (on purpose, see there) and, on a CPU, the variance's x - mu (_group_statistics).
-    Autocast needs no switching off: it leaves in-place ops and calls with out= or dtype= alone, and the rest
-    (mul, stack) are not on its lists.
-    Everything works on the grouped view (N, G, C/G, S), where per-group (N, G, 1, 1) and per-channel (G, C/G, 1)
-    tensors broadcast without reshapes: on a GPU at batch 2 the step is bound by the CPU issuing small ops.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps):
-        xg, mean, rstd = _group_statistics(x, num_groups, eps)  # (N, G, C/G, S), (N, G, 1, 1), (N, G, 1, 1)
-        G, Cg = xg.shape[1:3]
-        x_hat = torch.addcmul(mean.mul_(rstd).neg_(), xg, rstd, out=torch.empty_like(xg))  # GN Eq. 1: (x - mu) r
-        y = x_hat.view(x.shape)
-        if weight is not None:  # GN Eq. 6: y = gamma * x_hat + beta, per channel, in x's own memory layout
-            per_channel = (G * Cg,) + (1,) * (x.dim() - 2)  # (C, 1, ..., 1)
-            y = torch.addcmul(bias.view(per_channel), y, weight.view(per_channel), out=torch.empty_like(x))
-        ctx.save_for_backward(x_hat, rstd, weight)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x_hat, rstd, weight = ctx.saved_tensors  # (N, G, C/G, S), (N, G, 1, 1), (C,) or None
-        N, G, Cg, S = x_hat.shape
-        dyg = dy.reshape(x_hat.shape)  # (N, G, C/G, S)
-        # (2, N, G, C/G, 1): per channel, db = sum over pixels of dy and ds = sum over pixels of dy * x_hat
-        sums = torch.stack((dyg.sum(3, keepdim=True, dtype=rstd.dtype),
-                            (dyg * x_hat).sum(3, keepdim=True, dtype=rstd.dtype)))
-        scale = rstd * (weight.view(G, Cg, 1) if weight is not None else rstd.new_ones(G, Cg, 1))  # (N, G, C/G, 1)
-        # (2, N, G, 1, 1): -r/L sum_S gamma * dy and -r/L sum_S gamma * dy * x_hat
-        minus_db, minus_ds = (sums * scale).sum(3, keepdim=True).mul_(-1.0 / (Cg * S)).unbind()
-        # dx = (r * gamma) * dy + (-r/L sum_S gamma dy) + (-r/L sum_S gamma dy x_hat) * x_hat: two passes, the
-        # first in float32 (its two terms may cancel against the third)
-        dx = torch.addcmul(torch.addcmul(minus_db, x_hat, minus_ds), dyg, scale, out=torch.empty_like(dyg))
-        if weight is None:
-            return dx.view(dy.shape), None, None, None, None
-        dbeta, dgamma = sums.sum(1).view(2, G * Cg).to(weight.dtype).unbind()  # (C,) each: sums over the images
-        return dx.view(dy.shape), dgamma, dbeta, None, None
-
-
-class GroupNorm(nn.Module):
-    """Group Normalization, Wu & He 2018 (arXiv:1803.08494) Sec. 3.1, written out; equal to torch.nn.GroupNorm.
-
-    The C channels of each image are split into G groups of C/G consecutive channels; each group is normalized by its
-    own mean and (biased) variance over its C/G * H * W values, then a per-channel affine (gamma, beta) is applied.
-    Statistics are computed in float32 (at least) even for bf16 inputs under autocast; the output keeps the input's
-    dtype. The backward pass is written out (_GroupNormFunction): left to autograd, the forward's ~15 small ops and
-    their float32 copies of the activation took 61 ms of GPU time per R50-GN Mask R-CNN step (H100, bf16, batch 2),
-    48 ms with this version. Without gradients (inference), _group_norm_no_grad normalizes in one pass over x once
-    the statistics are computed.
-    """
-
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
-        super().__init__()
-        if num_groups < 1:
-            raise ValueError(f"GroupNorm: num_groups must be at least 1, got {num_groups}")
-        if num_channels % num_groups != 0:
-            raise ValueError(f"GroupNorm: {num_channels} channels do not divide into {num_groups} groups; "
-                             f"pass a num_groups that divides {num_channels}")
-        self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels))  # gamma, GN Eq. 6
-            self.bias = nn.Parameter(torch.zeros(num_channels))  # beta, GN Eq. 6
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-
-    def forward(self, x):
-        if x.dim() < 2 or x.shape[1] != self.num_channels:
-            raise ValueError(f"GroupNorm: expected an input (N, {self.num_channels}, ...), got shape {tuple(x.shape)}")
-        if torch.is_grad_enabled() and (x.requires_grad or self.affine and self.weight.requires_grad):
-            return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
-        return _group_norm_no_grad(x, self.weight, self.bias, self.num_groups, self.eps)
-
-    def extra_repr(self):
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -304,3 +227,17 @@ def make_norm(kind, channels, num_groups=32):
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm kind {kind!r}; expected one of {', '.join(NORM_KINDS)}")
+
+
+def conv_norm_relu(in_channels, out_channels, norm="gn", num_groups=32):
+    """3x3 conv + norm + ReLU, the block of the box, mask and keypoint heads: (R, C, S, S) -> (R, out_channels, S, S).
+    The conv has a bias only without a norm (a norm's shift replaces it). Names 0 (conv), 1 (norm), as torchvision."""
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none")
+    return nn.Sequential(conv, make_norm(norm, out_channels, num_groups), nn.ReLU(inplace=True))
+
+
+def head_convs(in_channels, num_convs, conv_dim, norm="gn", num_groups=32):
+    """num_convs x conv_norm_relu, the trunk of the box, mask and keypoint heads: (R, C, S, S) -> (R, conv_dim, S, S)
+    (or the input itself for num_convs=0). Names convs.i.0 (conv), convs.i.1 (norm), as torchvision's heads."""
+    return nn.Sequential(*(conv_norm_relu(in_channels if i == 0 else conv_dim, conv_dim, norm, num_groups)
+                           for i in range(num_convs)))

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from boxes import (IGNORE, NEGATIVE, POSITIVE, BalancedSampler, BoxCoder, Matcher, big_enough, box_iou, clip_boxes,
-                   image_limits, padded_nms)
+import fast_ops
+from boxes import (IGNORE, NEGATIVE, POSITIVE, BalancedSampler, BoxCoder, Matcher, batched_nms, big_enough, box_iou,
+                   clip_boxes)
 from distributed import loss_denominator
 
 
@@ -108,7 +109,10 @@ def flatten_predictions(pred_objectness, pred_deltas):
 
 
 class RPN(nn.Module):
-    """Anchors + head -> proposals per image (and, when training with targets, loss_rpn_cls and loss_rpn_box)."""
+    """Anchors + head -> proposals per image (and, when training with targets, loss_rpn_cls and loss_rpn_box).
+    plain_ops: select proposals with the per-image loop of select_proposals instead of fast_ops.select_proposals."""
+
+    plain_ops = False
 
     def __init__(self, in_channels=256, anchor_sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0),
                  fg_iou=0.7, bg_iou=0.3, batch_size_per_image=256, positive_fraction=0.5,
@@ -158,41 +162,31 @@ class RPN(nn.Module):
         return proposals, losses
 
     def select_proposals(self, proposals, objectness, image_sizes, num_anchors_per_level):
-        """proposals (N, T, 4), objectness logits (N, T) -> N x (R, 4): per-level top-k, clip, filter, per-level NMS.
+        """proposals (N, T, 4), objectness logits (N, T) -> N x (R, 4) proposals by decreasing score.
 
-        All images and levels at once: the top-k candidates of each (level, image) form one row of a padded
-        (L*N, k) batch (levels with fewer than k anchors are padded, and paired only up to their length), and
-        padded_nms runs on all rows together. The only host sync besides the NMS is the number of proposals each
-        image keeps.
+        Per image (Faster R-CNN Sec. 3.3, per FPN level as in Detectron and torchvision): the pre_nms_top_n anchors
+        of each level with the highest objectness, their boxes clipped to the image, boxes under min_size dropped,
+        NMS at IoU 0.7 within each level, then the post_nms_top_n best of all levels. fast_ops.select_proposals does
+        all images and levels at once; this loop runs with plain_ops.
         """
         mode = "train" if self.training else "test"
-        k = min(self.pre_nms_top_n[mode], max(num_anchors_per_level))  # row length of the padded batch
-        slot = torch.arange(k, device=objectness.device)  # (k,) position in a row
-        top_idx, valid, lengths, offset = [], [], [], 0
-        n, L = objectness.shape[0], len(num_anchors_per_level)
-        for num in num_anchors_per_level:  # top-k on logits within each level, as torchvision
-            k_level = min(self.pre_nms_top_n[mode], num)
-            idx = objectness[:, offset:offset + num].topk(k_level, dim=1).indices + offset  # (N, k_level)
-            top_idx.append(F.pad(idx, (0, k - k_level)))  # (N, k): padded with anchor 0, marked invalid below
-            valid.append(slot < k_level)  # (k,)
-            lengths += [k_level] * n
-            offset += num
-        top_idx = torch.stack(top_idx, dim=1)  # (N, L, k)
-        batch_idx = torch.arange(n, device=proposals.device)[:, None, None]  # (N, 1, 1)
-        scores = torch.sigmoid(objectness[batch_idx, top_idx])  # (N, L, k)
-        limits = image_limits(image_sizes, proposals)[:, None, None]  # (N, 1, 1, 4)
-        boxes = clip_boxes(proposals[batch_idx, top_idx], limits)  # (N, L, k, 4)
-        valid = torch.stack(valid) & big_enough(boxes, self.min_size) & (scores >= self.score_thresh)  # (N, L, k)
-        # NMS within each level, as torchvision; rows level-major, so that rows of equal length are neighbours
-        keep = padded_nms(boxes.transpose(0, 1).reshape(L * n, k, 4), scores.transpose(0, 1).reshape(L * n, k),
-                          valid.transpose(0, 1).reshape(L * n, k), self.nms_thresh, lengths)  # (L*N, k)
-        keep = keep.view(L, n, k).transpose(0, 1).reshape(n, L * k)  # (N, L*k)
-        # per image: the kept boxes by decreasing score, ties in level-then-top-k order (a stable sort, as batched_nms)
-        order = torch.sort(scores.view(n, L * k).masked_fill(~keep, -1.0), dim=1, descending=True,
-                           stable=True).indices  # (N, L*k): kept first (scores are >= 0)
-        counts = keep.sum(dim=1).clamp(max=self.post_nms_top_n[mode]).tolist()  # host sync: R per image
-        boxes = boxes.view(n, L * k, 4).gather(1, order[:, :max(counts, default=0), None].expand(-1, -1, 4))
-        return [b[:r] for b, r in zip(boxes, counts)]  # N x (R, 4), by decreasing score
+        pre_nms_top_n, post_nms_top_n = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
+        if not self.plain_ops:
+            return fast_ops.select_proposals(proposals, objectness, image_sizes, num_anchors_per_level, pre_nms_top_n,
+                                             post_nms_top_n, self.nms_thresh, self.min_size, self.score_thresh)
+        selected = []
+        for boxes, logits, image_size in zip(proposals, objectness, image_sizes):  # (T, 4), (T,) of one image
+            top, level = [], []
+            for k, level_logits in enumerate(logits.split(num_anchors_per_level)):  # top-n of each level
+                start = sum(num_anchors_per_level[:k])
+                top.append(level_logits.topk(min(pre_nms_top_n, level_logits.numel())).indices + start)
+                level.append(torch.full_like(top[-1], k))
+            top, level = torch.cat(top), torch.cat(level)
+            boxes, scores = clip_boxes(boxes[top], image_size), torch.sigmoid(logits[top])
+            keep = torch.where(big_enough(boxes, self.min_size) & (scores >= self.score_thresh))[0]
+            keep = keep[batched_nms(boxes[keep], scores[keep], level[keep], self.nms_thresh)]  # NMS per level
+            selected.append(boxes[keep[:post_nms_top_n]])
+        return selected
 
     def label_anchors(self, anchors, gt_boxes):
         """anchors (T, 4), gt_boxes (G, 4) -> labels (T,) in {1, 0, -1}, matched gt box (T, 4) for every anchor.

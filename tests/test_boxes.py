@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-import boxes as boxes_module
-from boxes import (BalancedSampler, BoxCoder, Matcher, batched_nms, box_area, box_iou, clip_boxes, nms, padded_nms,
-                   remove_small_boxes)
+import boxes as plain_ops
+import fast_ops
+from boxes import BalancedSampler, BoxCoder, Matcher, box_area, box_iou, clip_boxes, remove_small_boxes
 
 tv = pytest.importorskip("torchvision")
 from torchvision.models.detection import _utils as tv_utils  # noqa: E402
@@ -17,6 +17,12 @@ def random_boxes(n, size=200.0, max_side=60.0, seed=0):
     xy = torch.rand(n, 2, generator=g) * size
     wh = torch.rand(n, 2, generator=g) * max_side + 1
     return torch.cat([xy, xy + wh], dim=1)
+
+
+@pytest.fixture(params=[plain_ops, fast_ops], ids=["plain", "fast"])
+def ops(request):
+    """Runs an NMS test with the paper's greedy loop (boxes.nms, boxes.batched_nms) and with fast_ops'."""
+    return request.param
 
 
 def test_box_iou_hand_worked():
@@ -35,55 +41,55 @@ def test_box_iou_matches_torchvision():
 
 @pytest.mark.parametrize("n", [1, 7, 300, 2000])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 1.0])
-def test_nms_matches_torchvision_random(n, threshold):
+def test_nms_matches_torchvision_random(n, threshold, ops):
     boxes = random_boxes(n, seed=n)
     scores = torch.rand(n, generator=torch.Generator().manual_seed(n + 1))
-    assert torch.equal(nms(boxes, scores, threshold), tv.ops.nms(boxes, scores, threshold))
+    assert torch.equal(ops.nms(boxes, scores, threshold), tv.ops.nms(boxes, scores, threshold))
 
 
-def test_nms_matches_torchvision_with_tied_scores():
+def test_nms_matches_torchvision_with_tied_scores(ops):
     boxes = random_boxes(500, seed=3)
     scores = torch.randint(0, 5, (500,), generator=torch.Generator().manual_seed(4)).float()  # many exact ties
     for threshold in (0.1, 0.5):
-        assert torch.equal(nms(boxes, scores, threshold), tv.ops.nms(boxes, scores, threshold))
+        assert torch.equal(ops.nms(boxes, scores, threshold), tv.ops.nms(boxes, scores, threshold))
 
 
-def test_nms_10k_boxes_matches_torchvision():
+def test_nms_10k_boxes_matches_torchvision(ops):
     boxes = random_boxes(10_000, size=800.0, max_side=200.0, seed=5)
     scores = torch.rand(10_000, generator=torch.Generator().manual_seed(6))
-    assert torch.equal(nms(boxes, scores, 0.7), tv.ops.nms(boxes, scores, 0.7))
+    assert torch.equal(ops.nms(boxes, scores, 0.7), tv.ops.nms(boxes, scores, 0.7))
 
 
-def test_nms_hand_made():
-    empty = nms(torch.zeros((0, 4)), torch.zeros(0), 0.5)
+def test_nms_hand_made(ops):
+    empty = ops.nms(torch.zeros((0, 4)), torch.zeros(0), 0.5)
     assert empty.dtype == torch.int64 and empty.numel() == 0
-    assert nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([0.3]), 0.5).tolist() == [0]
+    assert ops.nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([0.3]), 0.5).tolist() == [0]
     # three identical boxes with equal scores: the first one in input order survives (stable sort, as torchvision)
     same = torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 3)
-    assert nms(same, torch.ones(3), 0.5).tolist() == [0] == tv.ops.nms(same, torch.ones(3), 0.5).tolist()
+    assert ops.nms(same, torch.ones(3), 0.5).tolist() == [0] == tv.ops.nms(same, torch.ones(3), 0.5).tolist()
     # IoU exactly 0.5 ([0,0,2,1] vs [0,0,1,1]): suppressed only when the threshold is below 0.5 (IoU > threshold)
     pair, pair_scores = torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 1.0, 1.0]]), torch.tensor([0.9, 0.8])
-    assert nms(pair, pair_scores, 0.5).tolist() == [0, 1] == tv.ops.nms(pair, pair_scores, 0.5).tolist()
-    assert nms(pair, pair_scores, 0.49).tolist() == [0] == tv.ops.nms(pair, pair_scores, 0.49).tolist()
+    assert ops.nms(pair, pair_scores, 0.5).tolist() == [0, 1] == tv.ops.nms(pair, pair_scores, 0.5).tolist()
+    assert ops.nms(pair, pair_scores, 0.49).tolist() == [0] == tv.ops.nms(pair, pair_scores, 0.49).tolist()
     # greedy chain: A suppresses B, B would suppress C, A does not touch C -> C survives because B was dropped.
     # Given in reverse score order, so the output must also be re-sorted: [A, C] = [2, 0].
     chain = torch.tensor([[20.0, 0.0, 30.0, 10.0], [10.0, 0.0, 20.0, 10.0], [5.0, 0.0, 15.0, 10.0]])  # C, B, A
     chain_scores = torch.tensor([0.7, 0.8, 0.9])  # IoU(A, B) = 5/15, IoU(B, C) = 0, IoU(A, C) = 0
-    assert nms(chain, chain_scores, 0.3).tolist() == [2, 0]
+    assert ops.nms(chain, chain_scores, 0.3).tolist() == [2, 0]
     long_chain = torch.tensor([[5.0 * i, 0.0, 5.0 * i + 10, 10.0] for i in range(9)])  # neighbours: IoU 1/3
-    assert nms(long_chain, torch.linspace(1, 0.1, 9), 0.3).tolist() == [0, 2, 4, 6, 8]
+    assert ops.nms(long_chain, torch.linspace(1, 0.1, 9), 0.3).tolist() == [0, 2, 4, 6, 8]
 
 
-def test_batched_nms_matches_torchvision():
+def test_batched_nms_matches_torchvision(ops):
     for n in (40, 3000):  # torchvision uses its offset trick below 1000 boxes and a per-class loop above
         boxes = random_boxes(n, seed=n)
         scores = torch.rand(n, generator=torch.Generator().manual_seed(7))
         idxs = torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(8))
-        assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), tv.ops.batched_nms(boxes, scores, idxs, 0.5))
+        assert torch.equal(ops.batched_nms(boxes, scores, idxs, 0.5), tv.ops.batched_nms(boxes, scores, idxs, 0.5))
     # identical boxes in different groups never suppress each other
     same = torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 3)
-    assert batched_nms(same, torch.tensor([0.1, 0.3, 0.2]), torch.tensor([0, 1, 0]), 0.5).tolist() == [1, 2]
-    assert batched_nms(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
+    assert ops.batched_nms(same, torch.tensor([0.1, 0.3, 0.2]), torch.tensor([0, 1, 0]), 0.5).tolist() == [1, 2]
+    assert ops.batched_nms(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
 
 
 def reference_batched_nms(boxes, scores, idxs, threshold):
@@ -96,7 +102,7 @@ def reference_batched_nms(boxes, scores, idxs, threshold):
     return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
 
 
-def test_batched_nms_many_groups_ties_and_identical_boxes():
+def test_batched_nms_many_groups_ties_and_identical_boxes(ops):
     g = torch.Generator().manual_seed(12)
     boxes = random_boxes(2500, size=300.0, max_side=80.0, seed=13)
     boxes[:40] = boxes[40]  # a group of identical boxes: all but the first suppressed
@@ -104,26 +110,24 @@ def test_batched_nms_many_groups_ties_and_identical_boxes():
     idxs = torch.randint(0, 80, (2500,), generator=g)  # 80 classes, as per-class NMS at inference
     idxs[:41] = 81
     for threshold in (0.3, 0.5, 0.7):
-        assert torch.equal(batched_nms(boxes, scores, idxs, threshold),
+        assert torch.equal(ops.batched_nms(boxes, scores, idxs, threshold),
                            reference_batched_nms(boxes, scores, idxs, threshold))
 
 
 @pytest.mark.parametrize("block", [64, 3000, 1 << 24])
-def test_batched_nms_in_blocks_and_padded_by_group(monkeypatch, block):
+def test_fast_batched_nms_in_blocks_and_padded_by_group(block):
     # a small block forces several row blocks and, above one block, the padded-by-group path (one big group: not)
-    monkeypatch.setattr(boxes_module, "NMS_BLOCK_CPU", block)  # these tests run on the CPU
     g = torch.Generator().manual_seed(14)
     for groups in (1, 3, 20):
         boxes = random_boxes(600, size=200.0, max_side=60.0, seed=groups)
         scores = torch.randint(0, 50, (600,), generator=g).float()
         idxs = torch.randint(0, groups, (600,), generator=g) * 7  # sparse group ids
-        assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), reference_batched_nms(boxes, scores, idxs, 0.5))
-        assert torch.equal(nms(boxes, scores, 0.5), tv.ops.nms(boxes, scores, 0.5))
+        assert torch.equal(fast_ops.batched_nms(boxes, scores, idxs, 0.5, block=block), reference_batched_nms(boxes, scores, idxs, 0.5))
+        assert torch.equal(fast_ops.nms(boxes, scores, 0.5, block=block), tv.ops.nms(boxes, scores, 0.5))
 
 
 @pytest.mark.parametrize("block", [50, 1 << 24])
-def test_padded_nms_matches_torchvision_per_row(monkeypatch, block):
-    monkeypatch.setattr(boxes_module, "NMS_BLOCK_CPU", block)  # these tests run on the CPU
+def test_fast_padded_nms_matches_torchvision_per_row(block):
     g = torch.Generator().manual_seed(15)
     B, K = 7, 300
     boxes = random_boxes(B * K, size=200.0, max_side=60.0, seed=16).reshape(B, K, 4)
@@ -133,7 +137,7 @@ def test_padded_nms_matches_torchvision_per_row(monkeypatch, block):
     boxes[3] = boxes[3, :1]  # a row of identical boxes: all but one suppressed
     valid[4, 150:] = False  # a row padded at its end, with garbage boxes in the padding
     boxes[4, 150:] = torch.tensor([5.0, 5.0, 5.0, 5.0])
-    keep = padded_nms(boxes, scores, valid, 0.5)
+    keep = fast_ops.padded_nms(boxes, scores, valid, 0.5, block=block)
     assert keep.shape == (B, K) and not (keep & ~valid).any()
     for b in range(B):
         members = torch.where(valid[b])[0]
@@ -143,9 +147,11 @@ def test_padded_nms_matches_torchvision_per_row(monkeypatch, block):
     # rows of known lengths (all entries beyond are padding) give the same answer, paired only up to the length
     lengths = [300, 300, 300, 300, 150, 300, 300]
     order = [0, 1, 2, 3, 5, 6, 4]  # rows of equal length next to each other
-    keep_lengths = padded_nms(boxes[order], scores[order], valid[order], 0.5, [lengths[b] for b in order])
+    keep_lengths = fast_ops.padded_nms(boxes[order], scores[order], valid[order], 0.5, [lengths[b] for b in order],
+                                       block=block)
     assert torch.equal(keep_lengths, keep[order])
-    assert padded_nms(torch.zeros(0, 5, 4), torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool), 0.5).shape == (0, 5)
+    empty = fast_ops.padded_nms(torch.zeros(0, 5, 4), torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool), 0.5)
+    assert empty.shape == (0, 5)
 
 
 def test_box_coder_round_trip_and_torchvision():

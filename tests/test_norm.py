@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from norm import FrozenBatchNorm2d, GroupNorm, SyncBatchNorm, _group_statistics, make_norm
+import fast_ops
+from norm import FrozenBatchNorm2d, GroupNorm, SyncBatchNorm, group_norm, make_norm
 
 
 def _randomize_affine(*modules, seed=0):
@@ -24,10 +25,22 @@ def _randomize_affine(*modules, seed=0):
 
 # ---------------------------------------------------------------------------------------------------- GroupNorm
 
+@pytest.fixture(params=[False, True], ids=["fast", "plain"])
+def plain(request):
+    """Runs a GroupNorm test with the default forward (fast_ops.group_norm) and with norm.group_norm (plain_ops)."""
+    return request.param
+
+
+def make_gn(*args, plain=False, **kwargs):
+    gn = GroupNorm(*args, **kwargs)
+    gn.plain_ops = plain
+    return gn
+
+
 @pytest.mark.parametrize("shape", [(2, 64, 7, 9), (3, 12, 5), (2, 12)])
-def test_group_norm_matches_torch_values_and_grads(shape):
+def test_group_norm_matches_torch_values_and_grads(shape, plain):
     G = 4
-    ours, ref = GroupNorm(G, shape[1]), nn.GroupNorm(G, shape[1])
+    ours, ref = make_gn(G, shape[1], plain=plain), nn.GroupNorm(G, shape[1])
     _randomize_affine(ours, ref)
     x = (torch.randn(shape) * 3 + 2).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
@@ -41,32 +54,32 @@ def test_group_norm_matches_torch_values_and_grads(shape):
     torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
 
 
-def test_group_norm_hand_worked():
+def test_group_norm_hand_worked(plain):
     # 1 image, 4 channels, 1x1 pixel, 2 groups: group (0, 4) has mean 2, variance 4 -> (-1, +1);
     # group (10, 12) has mean 11, variance 1 -> (-1, +1). With gamma = (1, 1, 2, 2), beta = (0, 0, 0, 5):
     x = torch.tensor([0.0, 4.0, 10.0, 12.0]).view(1, 4, 1, 1)
-    gn = GroupNorm(2, 4, eps=0.0)
+    gn = make_gn(2, 4, eps=0.0, plain=plain)
     with torch.no_grad():
         gn.weight.copy_(torch.tensor([1.0, 1.0, 2.0, 2.0]))
         gn.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))
     torch.testing.assert_close(gn(x).flatten(), torch.tensor([-1.0, 1.0, -2.0, 7.0]))
 
 
-def test_group_norm_without_affine():
+def test_group_norm_without_affine(plain):
     x = torch.randn(2, 8, 3, 3)
-    torch.testing.assert_close(GroupNorm(2, 8, affine=False)(x), nn.GroupNorm(2, 8, affine=False)(x))
+    torch.testing.assert_close(make_gn(2, 8, affine=False, plain=plain)(x), nn.GroupNorm(2, 8, affine=False)(x))
     x = (torch.randn(2, 8, 3, 3) * 2 + 1).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     g = torch.randn(2, 8, 3, 3)
-    (GroupNorm(2, 8, affine=False)(x) * g).sum().backward()
+    (make_gn(2, 8, affine=False, plain=plain)(x) * g).sum().backward()
     (nn.GroupNorm(2, 8, affine=False)(x_ref) * g).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
 @pytest.mark.parametrize("grad", [True, False])
-def test_group_norm_channels_last_input(grad):
+def test_group_norm_channels_last_input(grad, plain):
     # --channels-last: NHWC activations are normalized like NCHW ones and the output keeps the NHWC layout
-    ours, ref = GroupNorm(4, 16), nn.GroupNorm(4, 16)
+    ours, ref = make_gn(4, 16, plain=plain), nn.GroupNorm(4, 16)
     _randomize_affine(ours, ref)
     x = (torch.randn(2, 16, 5, 6) * 3 + 2).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
     x_ref = x.detach().contiguous().requires_grad_(grad)
@@ -81,11 +94,11 @@ def test_group_norm_channels_last_input(grad):
         torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
 
 
-def test_group_norm_bf16_autocast_uses_float32_statistics():
+def test_group_norm_bf16_autocast_uses_float32_statistics(plain):
     # A bf16 activation with a large offset: its bf16 mean (8 significant bits) would be off by about 0.1-0.5, i.e.
     # by a large fraction of its standard deviation; statistics in float32 keep the result within bf16 rounding.
     x = (torch.randn(2, 32, 8, 8) + 100.0).bfloat16()
-    gn = GroupNorm(8, 32)
+    gn = make_gn(8, 32, plain=plain)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = gn(x)
     assert y.dtype == torch.bfloat16
@@ -93,13 +106,13 @@ def test_group_norm_bf16_autocast_uses_float32_statistics():
     torch.testing.assert_close(y.float(), y_ref, atol=2e-2, rtol=1e-2)
 
 
-def test_group_norm_bf16_backward_matches_float64():
+def test_group_norm_bf16_backward_matches_float64(plain):
     # The written-out backward on bf16 activations with a large offset (|mu| = 100 sigma): gradients within bf16
     # rounding (2^-7 of the largest gradient) of float64 GN on the same input values. A backward built on
     # sum(dy * x) - mu * sum(dy) with bf16 products would lose about 100 * 2^-9 here, far outside this tolerance.
     torch.manual_seed(0)
     x = (torch.randn(2, 32, 8, 8) + 100.0).bfloat16().requires_grad_()
-    gn, ref = GroupNorm(8, 32), nn.GroupNorm(8, 32).double()
+    gn, ref = make_gn(8, 32, plain=plain), nn.GroupNorm(8, 32).double()
     _randomize_affine(gn, ref)
     dy = torch.randn(2, 32, 8, 8).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -111,8 +124,9 @@ def test_group_norm_bf16_backward_matches_float64():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_group_norm_inference_path_equals_training_path(dtype):
-    # Without gradients GN takes a one-pass path (x * scale + shift); it must give the autograd path's output.
+def test_fast_group_norm_inference_path_equals_training_path(dtype):
+    # Without gradients fast_ops.group_norm takes a one-pass path (x * scale + shift); it must give the autograd
+    # path's output.
     gn = GroupNorm(4, 16)
     _randomize_affine(gn)
     x = (torch.randn(2, 16, 5, 6) * 2 + 10).to(dtype)
@@ -126,22 +140,19 @@ def test_group_norm_inference_path_equals_training_path(dtype):
 
 
 @pytest.mark.parametrize("one_pass", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_group_statistics_both_variance_paths(one_pass, dtype):
-    # GPUs take sigma^2 from torch.var (one pass), other devices as the mean of (x - mu)^2; CI runs on a CPU, so
-    # both are called here. Input with |mu| = 100 sigma: both must give float64's statistics of the same values
-    # to float32 precision. E[x^2] - mu^2 in float32 would lose ~1e4 * 2^-24, i.e. fail this tolerance.
+@pytest.mark.parametrize("grad", [True, False])
+def test_fast_group_norm_both_variance_paths(one_pass, grad):
+    # GPUs take sigma^2 from torch.var (one pass), CPUs as the mean of (x - mu)^2; CI runs on a CPU, so both are
+    # called here. Input with |mu| = 100 sigma: both must give float64's normalization of the same values to float32
+    # precision. E[x^2] - mu^2 in float32 would lose ~1e4 * 2^-24 of the variance, i.e. fail this tolerance.
     torch.manual_seed(0)
-    x = (torch.randn(2, 16, 5, 6) * 0.5 + 50.0).to(dtype)
-    xg, mean, rstd = _group_statistics(x, 4, 1e-5, one_pass=one_pass)
-    groups = x.double().view(2, 4, -1)  # (N, G, C/G * H * W)
-    assert xg.shape == (2, 4, 4, 30) and mean.dtype == rstd.dtype == torch.float32
-    torch.testing.assert_close(mean.view(2, 4), groups.mean(-1).float())
-    torch.testing.assert_close(rstd.view(2, 4), (groups.var(-1, correction=0) + 1e-5).rsqrt().float())
+    x = (torch.randn(2, 16, 5, 6) * 0.5 + 50.0).requires_grad_(grad)
+    y = fast_ops.group_norm(x, 4, one_pass=one_pass)
+    torch.testing.assert_close(y.double(), group_norm(x.detach().double(), 4), rtol=1e-4, atol=1e-4)
 
 
-def test_group_norm_float64_gradcheck():
-    gn = GroupNorm(3, 6).double()
+def test_group_norm_float64_gradcheck(plain):
+    gn = make_gn(3, 6, plain=plain).double()
     _randomize_affine(gn)
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
     w, b = gn.weight.detach().clone().requires_grad_(), gn.bias.detach().clone().requires_grad_()
@@ -150,10 +161,10 @@ def test_group_norm_float64_gradcheck():
         lambda x, w, b: torch.func.functional_call(gn, {"weight": w, "bias": b}, (x,)), (x, w, b))
 
 
-def test_group_norm_empty_batch():
+def test_group_norm_empty_batch(plain):
     # The mask head sees zero RoIs when an image batch has no positive proposals: GN must still run and keep
     # gamma and beta in the graph (zero gradients, not None), as torch.nn.GroupNorm does.
-    gn = GroupNorm(4, 8)
+    gn = make_gn(4, 8, plain=plain)
     x = torch.randn(0, 8, 14, 14, requires_grad=True)
     y = gn(x)
     assert y.shape == (0, 8, 14, 14)

@@ -40,9 +40,11 @@ def test_anchors_match_torchvision():
         assert torch.equal(torch.cat(ours), per_image)
 
 
-def make_pair(**kw):
-    """Our RPN and a torchvision RegionProposalNetwork with the same settings and the same head weights."""
+def make_pair(plain_ops=False, **kw):
+    """Our RPN and a torchvision RegionProposalNetwork with the same settings and the same head weights.
+    plain_ops: ours selects proposals with its per-image loop instead of fast_ops.select_proposals."""
     ours = RPN(in_channels=CHANNELS, **kw)
+    ours.plain_ops = plain_ops
     g = torch.Generator().manual_seed(0)
     for p in ours.head.parameters():  # larger than the N(0, 0.01) init so that deltas and scores spread out
         p.data = torch.randn(p.shape, generator=g) * 0.2
@@ -84,8 +86,9 @@ def test_head_shapes_and_init():
     assert head.cls_logits.bias.abs().max().item() == 0
 
 
-def test_eval_proposals_match_torchvision():
-    ours, theirs = make_pair(pre_nms_top_n_test=1000, post_nms_top_n_test=1000)
+@pytest.mark.parametrize("plain_ops", [False, True], ids=["fast", "plain"])
+def test_eval_proposals_match_torchvision(plain_ops):
+    ours, theirs = make_pair(plain_ops, pre_nms_top_n_test=1000, post_nms_top_n_test=1000)
     ours.eval(), theirs.eval()
     features, targets = make_inputs()
     with torch.no_grad():
@@ -98,9 +101,10 @@ def test_eval_proposals_match_torchvision():
         assert p[:, 2].max() <= w and p[:, 3].max() <= h  # clipped to the real (unpadded) image
 
 
-def test_train_proposals_and_losses_match_torchvision():
+@pytest.mark.parametrize("plain_ops", [False, True], ids=["fast", "plain"])
+def test_train_proposals_and_losses_match_torchvision(plain_ops):
     # torchvision's training settings (2000 / 2000); P2 has 3840 anchors per image, so top-k really cuts
-    ours, theirs = make_pair(pre_nms_top_n_train=2000, post_nms_top_n_train=2000)
+    ours, theirs = make_pair(plain_ops, pre_nms_top_n_train=2000, post_nms_top_n_train=2000)
     ours.train(), theirs.train()
     features, targets = make_inputs()
     features = [f.requires_grad_() for f in features]
