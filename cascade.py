@@ -24,8 +24,8 @@ Departures from Detectron2:
   label all of the previous stage's boxes (no resampling, no GT added again). mmdetection also drops the sampled
   RoIs that were GT boxes before regressing the rest for the next stage; here they go on, so a later stage can
   sample a GT box twice (itself and its regressed copy);
-- the mask head learns from the last stage's RoIs (foreground at IoU >= 0.7), the RoIs it sees at test; Detectron2
-  trains it on stage 1's RoIs (foreground at IoU >= 0.5).
+- the mask head learns from the last stage's positive RoIs (foreground at IoU >= 0.7), the RoIs it sees at test;
+  Detectron2 trains it on stage 1's RoIs (foreground at IoU >= 0.5).
 
 Shapes: N images, K classes incl. background, R RoIs over all images (R_i of image i), F box-head features,
 D detections of one image.
@@ -34,8 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from boxes import clip_boxes, remove_small_boxes
-from roi_heads import BoxPredictor, RoIHeads, fast_rcnn_loss, multilevel_roi_align
+import fast_ops
+from boxes import batched_nms, clip_boxes, remove_small_boxes
+from roi_align import multilevel_roi_align
+from roi_heads import (BoxPredictor, RoIHeads, branch_losses, fast_rcnn_loss, predict_with_branches,
+                       select_detections)
 
 STAGE_IOUS = (0.5, 0.6, 0.7)                                                     # Cascade R-CNN Sec. 4.2: u_t
 STAGE_BBOX_REG_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))  # Sec. 4.1
@@ -49,36 +52,34 @@ def scale_gradient(x, scale):
 
 
 class CascadeRoIHeads(nn.Module):
-    """Drop-in replacement for RoIHeads with len(box_heads) stages; each stage is a RoIHeads (its own matcher at u_t,
-    sampler, box coder, box head and class-agnostic predictor) so that sampling, losses, NMS and masks are shared code.
-    The mask head lives in the last stage."""
+    """Drop-in replacement for RoIHeads (the same interface: mask_head, keypoint_head, nms_thresh,
+    detections_per_img, detect, forward) with len(box_heads) stages. Each stage is a RoIHeads without branches (its
+    own matcher at u_t, sampler, box coder, box head and class-agnostic predictor), so that sampling and losses are
+    shared code. The mask head belongs to the cascade itself and runs on the last stage's RoIs and boxes.
+    score_thresh, nms_thresh and detections_per_img are the last stage's (the test-time selection is done once)."""
+
+    plain_ops = False  # True (build_model(plain_ops=True)): the plain RoIAlign and NMS of roi_align.py and boxes.py
 
     def __init__(self, box_heads, num_classes, mask_head=None, stage_ious=STAGE_IOUS,
                  stage_bbox_reg_weights=STAGE_BBOX_REG_WEIGHTS, **roi_heads_kwargs):
         super().__init__()
         assert len(box_heads) == len(stage_ious) == len(stage_bbox_reg_weights), (
             f"{len(box_heads)} box heads, {len(stage_ious)} IoU thresholds, {len(stage_bbox_reg_weights)} coders")
-        last = len(box_heads) - 1
         self.stages = nn.ModuleList(
-            RoIHeads(head, BoxPredictor(head.out_channels, num_classes, class_agnostic=True),
-                     mask_head if k == last else None, fg_iou=iou, bg_iou=iou, bbox_reg_weights=weights,
-                     **roi_heads_kwargs)
-            for k, (head, iou, weights) in enumerate(zip(box_heads, stage_ious, stage_bbox_reg_weights)))
-
-    @property
-    def mask_head(self):
-        """The last stage's mask head (or None), where RoIHeads has its own."""
-        return self.stages[-1].mask_head
-
-    @property
-    def keypoint_head(self):
-        """None: the cascade predicts boxes and masks (Rethinking Table 3)."""
-        return None
+            RoIHeads(head, BoxPredictor(head.out_channels, num_classes, class_agnostic=True), fg_iou=iou, bg_iou=iou,
+                     bbox_reg_weights=weights, **roi_heads_kwargs)
+            for head, iou, weights in zip(box_heads, stage_ious, stage_bbox_reg_weights))
+        self.mask_head = mask_head  # masks.MaskHead or None
+        self.keypoint_head = None  # the cascade predicts boxes and masks (Rethinking Table 3)
+        last = self.stages[-1]
+        self.score_thresh, self.nms_thresh, self.detections_per_img = (last.score_thresh, last.nms_thresh,
+                                                                       last.detections_per_img)
 
     def run_stage(self, stage, features, rois, image_shape):
         """rois [(R_i, 4)] -> class logits (R, K), class-agnostic box deltas (R, 4)."""
-        pooled = multilevel_roi_align(features, rois, image_shape, stage.box_resolution, stage.sampling_ratio,
-                                      stage.aligned)  # (R, C, 7, 7)
+        pool = multilevel_roi_align if self.plain_ops else fast_ops.multilevel_roi_align
+        pooled = pool(features, rois, image_shape, stage.box_resolution, stage.sampling_ratio,
+                      stage.aligned)  # (R, C, 7, 7)
         pooled = scale_gradient(pooled, 1.0 / len(self.stages))  # Detectron2: the stages share the features
         return stage.box_predictor(stage.box_head(pooled))
 
@@ -90,51 +91,47 @@ class CascadeRoIHeads(nn.Module):
             boxes = [b[remove_small_boxes(b, min_size=1e-3)] for b in boxes]
         return boxes
 
-    def forward(self, features, proposals, image_shape, image_sizes, targets=None, masks=True):
-        """As RoIHeads.forward. Training losses: loss_cls_stage{1,2,3}, loss_box_stage{1,2,3} and loss_mask."""
-        if self.training:
-            assert targets is not None, "CascadeRoIHeads needs targets in training"
-        losses, probs, rois = {}, [], proposals
+    def detect(self, features, proposals, image_shape, image_sizes):
+        """As RoIHeads.detect: every stage scores the boxes it was given, the stages' class probabilities are
+        averaged (Detectron2), the boxes are the last stage's; then NMS as RoIHeads -> [{"boxes", "labels",
+        "scores"}] per image."""
+        probs, rois = [], proposals
         for k, stage in enumerate(self.stages, start=1):
-            if self.training:  # stage k's own GT boxes, matching at u_k and sampling (see the module docstring)
-                rois, labels, matched, regression_targets = stage.sample_rois(rois, targets)
             class_logits, box_deltas = self.run_stage(stage, features, rois, image_shape)  # (R, K), (R, 4)
-            if self.training:
-                loss_cls, loss_box = fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets,
-                                                    stage.box_loss_beta)
-                losses[f"loss_cls_stage{k}"], losses[f"loss_box_stage{k}"] = loss_cls, loss_box
-            else:
-                probs.append(F.softmax(class_logits, dim=-1))  # (R, K)
+            probs.append(F.softmax(class_logits, dim=-1))  # (R, K)
             if k < len(self.stages):  # Cascade R-CNN Sec. 4.1: stage k's boxes are stage k + 1's RoIs
                 rois = self.next_rois(stage, box_deltas, rois, image_sizes)
+        scores = torch.stack(probs).mean(dim=0)  # (R, K): the stages' classifiers averaged
+        boxes = self.stages[-1].box_coder.decode(box_deltas, torch.cat(rois))  # (R, 4): the last stage's boxes
+        boxes = boxes[:, None].expand(-1, scores.shape[1], 4)  # (R, K, 4): class-agnostic, one box for every class
+        nms = batched_nms if self.plain_ops else fast_ops.batched_nms
+        return select_detections(scores, boxes, [r.shape[0] for r in rois], image_sizes, self.score_thresh,
+                                 self.nms_thresh, self.detections_per_img, nms)
 
-        last = self.stages[-1]
-        if self.training:
-            if last.mask_head is not None:
-                losses["loss_mask"] = last.mask_losses(features, rois, labels, matched, targets, image_shape)
-            return [], losses
-
-        scores = torch.stack(probs).mean(dim=0)  # (R, K): the stages' classifiers averaged (Detectron2)
-        K = scores.shape[1]
-        boxes = last.box_coder.decode(box_deltas, torch.cat(rois))  # (R, 4): the last stage's boxes
-        boxes = boxes[:, None].expand(-1, K, 4)  # (R, K, 4): class-agnostic, the same box for every class
-        detections = last.detect(scores, boxes, [r.shape[0] for r in rois], image_sizes)
-        if last.mask_head is not None and masks:
-            last.add_masks(features, detections, image_shape)
-        return detections, {}
-
-    def mask_probs(self, features, boxes, labels, image_shape):
-        """The last stage's mask branch on given boxes (test-time augmentation, tta.py)."""
-        return self.stages[-1].mask_probs(features, boxes, labels, image_shape)
+    def forward(self, features, proposals, image_shape, image_sizes, targets=None):
+        """As RoIHeads.forward. Training losses: loss_cls_stage{1,2,3}, loss_box_stage{1,2,3} and loss_mask."""
+        if not self.training:
+            return predict_with_branches(self, features, proposals, image_shape, image_sizes)
+        assert targets is not None, "CascadeRoIHeads needs targets in training"
+        losses, rois = {}, proposals
+        for k, stage in enumerate(self.stages, start=1):
+            # stage k's own GT boxes, matching at u_k and sampling (see the module docstring)
+            rois, labels, matched, regression_targets = stage.sample_rois(rois, targets)
+            class_logits, box_deltas = self.run_stage(stage, features, rois, image_shape)  # (R, K), (R, 4)
+            losses[f"loss_cls_stage{k}"], losses[f"loss_box_stage{k}"] = fast_rcnn_loss(
+                class_logits, box_deltas, labels, regression_targets, stage.box_loss_beta)
+            if k < len(self.stages):  # Cascade R-CNN Sec. 4.1: stage k's boxes are stage k + 1's RoIs
+                rois = self.next_rois(stage, box_deltas, rois, image_sizes)
+        # the branches learn from the last stage's positive RoIs (IoU >= 0.7)
+        return {**losses, **branch_losses(self, features, rois, labels, matched, targets, image_shape)}
 
 
-def cascade_state_dict(state_dict, num_stages=3):
+def cascade_state_dict(state_dict):
     """A Mask R-CNN state dict (model.py names) -> a cascade model's names: the box head and box predictor become
-    stage 1's, the mask head the last stage's; the backbone, FPN and RPN keep their names. Keys already in cascade
-    form pass unchanged."""
+    stage 1's; the backbone, FPN, RPN and mask head (roi_heads.mask_head, the cascade's own) keep their names. Keys
+    already in cascade form pass unchanged."""
     renames = [("roi_heads.box_head.", "roi_heads.stages.0.box_head."),
-               ("roi_heads.box_predictor.", "roi_heads.stages.0.box_predictor."),
-               ("roi_heads.mask_head.", f"roi_heads.stages.{num_stages - 1}.mask_head.")]
+               ("roi_heads.box_predictor.", "roi_heads.stages.0.box_predictor.")]
     converted = {}
     for key, value in state_dict.items():
         for old, new in renames:
@@ -142,16 +139,3 @@ def cascade_state_dict(state_dict, num_stages=3):
                 key = new + key[len(old):]
         converted[key] = value
     return converted
-
-
-def load_weights(model, state_dict):
-    """Initialize model from state_dict, non-strict; a Mask R-CNN state dict goes into a cascade model through
-    cascade_state_dict. Tensors whose shape differs from the model's are skipped: Mask R-CNN's class-specific
-    box deltas (K*4 outputs) do not fit stage 1's class-agnostic predictor (4 outputs), which keeps its init.
-    Returns (missing keys, unexpected keys, skipped keys)."""
-    if isinstance(getattr(model, "roi_heads", None), CascadeRoIHeads):
-        state_dict = cascade_state_dict(state_dict, len(model.roi_heads.stages))
-    own = model.state_dict()
-    skipped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    result = model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped}, strict=False)
-    return result.missing_keys, result.unexpected_keys, skipped

@@ -9,7 +9,8 @@ m^2-way softmax output". Departure, as Detectron and torchvision: targets and lo
 Rethinking ImageNet Pre-training (arXiv:1811.08883) Fig. 6 trains this model (R50-FPN, GN) from scratch: 65.6
 keypoint AP at 2x, against 65.5 with ImageNet pre-training.
 Targets, loss and decoding follow Detectron and torchvision (keypoints_to_heatmap, keypointrcnn_loss,
-heatmaps_to_keypoints), the reference of tests/test_keypoints.py.
+heatmaps_to_keypoints), the reference of tests/test_keypoints.py. The branch has the mask branch's shape (masks.py):
+RoIHeads hands it the positive RoIs in training (loss) and the detections at test (predict).
 
 Shapes: R RoIs, C channels, S pooled side (14), M heatmap side (56), K keypoints, G ground-truth people,
 P positive RoIs, D detections; a keypoint is (x, y, v) in image pixels, v = 0 not labelled, 1 hidden, 2 visible
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fast_ops
+from backbone import msra_init_
 from distributed import loss_denominator
-from masks import head_convs
-from roi_heads import BACKGROUND, multilevel_roi_align
+from norm import head_convs
+from roi_align import multilevel_roi_align
 
 
 class KeypointHead(nn.Module):
@@ -31,7 +34,10 @@ class KeypointHead(nn.Module):
     2x bilinear upsampling (56x56). norm="none" is torchvision's KeypointRCNNHeads + KeypointRCNNPredictor exactly
     (convs.i.0 = its i-th conv, deconv = its kps_score_lowres). The r50_fpn_gn_kp preset puts GN after every conv:
     this code's reading of Fig. 6's "R50-FPN + GN", as in the box and mask heads (Detectron's head has no norm).
+    resolution, sampling_ratio, aligned: its multi-level RoIAlign (14 x 14, 2 points per bin, Detectron's RoIAlign).
     """
+
+    plain_ops = False  # True (build_model(plain_ops=True)): roi_align.py's plain RoIAlign
 
     def __init__(self, in_channels=256, num_keypoints=17, num_convs=8, conv_dim=512, norm="gn", num_groups=32,
                  resolution=14, sampling_ratio=2, aligned=False):
@@ -40,11 +46,7 @@ class KeypointHead(nn.Module):
         channels = conv_dim if num_convs else in_channels
         # kernel 4, stride 2, padding 1: exactly doubles the side (14 -> 28), as Detectron's KRCNN deconv
         self.deconv = nn.ConvTranspose2d(channels, num_keypoints, kernel_size=4, stride=2, padding=1)
-        for layer in self.modules():  # MSRA init, bias 0 (MSRAFill in Detectron's keypoint configs; torchvision)
-            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        msra_init_(self)  # MSRAFill in Detectron's keypoint configs; torchvision
         self.num_keypoints = num_keypoints
         self.resolution, self.sampling_ratio, self.aligned = resolution, sampling_ratio, aligned
 
@@ -53,33 +55,29 @@ class KeypointHead(nn.Module):
         Detectron upsamples with a fixed bilinear deconv (zeros beyond the border); F.interpolate as torchvision."""
         return F.interpolate(self.deconv(self.convs(x)), scale_factor=2.0, mode="bilinear", align_corners=False)
 
-    def predict_logits(self, features, boxes, image_shape):
-        """[(R_i, 4)] boxes on features [P2..P5] -> (R, K, M, M) logits, pooled 14x14 by FPN Eq. 1 levels."""
-        pooled = multilevel_roi_align(features, boxes, image_shape, self.resolution, self.sampling_ratio,
-                                      self.aligned)  # (R, C, 14, 14)
-        return self(pooled)
+    def logits(self, features, boxes, image_shape):
+        """Boxes [(R_i, 4)] on features [P2..P5] of a padded batch of size image_shape -> (R, K, M, M) logits,
+        each box pooled 14 x 14 from its FPN level (Eq. 1)."""
+        pool = multilevel_roi_align if self.plain_ops else fast_ops.multilevel_roi_align
+        return self(pool(features, boxes, image_shape, self.resolution, self.sampling_ratio, self.aligned))
 
     def loss(self, features, rois, labels, matched, targets, image_shape):
-        """Training step of the branch, on the positive RoIs only (as L_mask, Mask R-CNN Sec. 3).
-
-        rois [(R_i, 4)] sampled per image, labels (R,) their classes (0 = background), matched [(R_i,)] their GT
-        index, targets [{"keypoints" (G, K, 3)}]. Returns the scalar keypoint loss.
-        """
+        """Training step (Mask R-CNN Sec. 5, defined on positive RoIs as L_mask in Sec. 3): rois [(P_i, 4)] the
+        POSITIVE sampled RoIs of each image, labels (P,) their classes (unused: one keypoint set, "person"),
+        matched [(P_i,)] their GT index into targets [{"keypoints" (G, K, 3)}]. Returns {"loss_keypoint": loss}."""
         if any("keypoints" not in t for t in targets):
             raise ValueError("the keypoint head needs targets with 'keypoints' (G, K, 3): train on a COCO "
                              "person-keypoints json, or build the model with num_keypoints=0")
-        fg = [torch.where(lab > BACKGROUND)[0] for lab in labels.split([r.shape[0] for r in rois])]
-        fg_rois = [r[i] for r, i in zip(rois, fg)]  # [(P_i, 4)]
-        logits = self.predict_logits(features, fg_rois, image_shape)  # (P, K, M, M)
-        index, valid = zip(*[keypoint_targets(t["keypoints"][m[i]], r, logits.shape[-1])
-                             for t, r, m, i in zip(targets, fg_rois, matched, fg)])  # [(P_i, K)] each
-        return keypoint_loss(logits, torch.cat(index), torch.cat(valid))
+        logits = self.logits(features, rois, image_shape)  # (P, K, M, M)
+        index, valid = zip(*[keypoint_targets(t["keypoints"][m], r, logits.shape[-1])
+                             for t, r, m in zip(targets, rois, matched)])  # [(P_i, K)] each
+        return {"loss_keypoint": keypoint_loss(logits, torch.cat(index), torch.cat(valid))}
 
     def predict(self, features, detections, image_shape):
         """Test step (Mask R-CNN Sec. 5, as for masks in Sec. 3.1): the branch runs on the final detections.
         Adds "keypoints" (D_i, K, 3) as (x, y, 1) and "keypoint_scores" (D_i, K) to each detection dict."""
         boxes = [d["boxes"] for d in detections]
-        logits = self.predict_logits(features, boxes, image_shape)  # (D, K, M, M)
+        logits = self.logits(features, boxes, image_shape)  # (D, K, M, M)
         for d, maps, b in zip(detections, logits.split([b.shape[0] for b in boxes]), boxes):
             d["keypoints"], d["keypoint_scores"] = heatmaps_to_keypoints(maps, b)
 

@@ -16,11 +16,13 @@ import re
 
 from torch import nn
 
+import fast_ops
 from backbone import RESNET_LAYERS, VGG16, ResNet
 from cascade import CascadeRoIHeads
 from fpn import FPN
 from keypoints import KeypointHead
-from roi_heads import BoxHead, BoxPredictor, MaskHead, RoIHeads, paste_masks
+from masks import MaskHead, paste_masks
+from roi_heads import BoxHead, BoxPredictor, RoIHeads
 from rpn import RPN
 
 # Every preset is a plain set of keyword arguments for `build_model`; `**overrides` replaces any of them.
@@ -90,18 +92,21 @@ PRESETS["tiny_kp"] = dict(PRESETS["tiny"], mask_head=False, num_keypoints=17, kp
 
 
 class MaskRCNN(nn.Module):
+    """backbone -> FPN -> RPN -> RoI heads (roi_heads.RoIHeads or cascade.CascadeRoIHeads)."""
+
+    plain_ops = False  # True (build_model(plain_ops=True)): masks.paste_masks instead of fast_ops.paste_masks
+
     def __init__(self, backbone, fpn, rpn, roi_heads):
         super().__init__()
         self.backbone, self.fpn, self.rpn, self.roi_heads = backbone, fpn, rpn, roi_heads
 
-    def forward(self, images, image_sizes, targets=None, original_sizes=None, masks=True):
+    def forward(self, images, image_sizes, targets=None, original_sizes=None):
         """images: (N, 3, H, W), normalized and padded; image_sizes: [(h, w)] before padding.
 
         Training returns a dict of named losses. Evaluation returns, per image, a dict with boxes (R, 4) as
         (x1, y1, x2, y2), labels (R,), scores (R,) and soft masks (R, 1, h, w) pasted into the image (with a mask
         head), keypoints (R, K, 3) as (x, y, 1) and keypoint_scores (R, K) (with a keypoint head), all in the
         pixels of image_sizes, or of original_sizes when given (the sizes before the data pipeline resized).
-        masks=False leaves the masks out (test-time augmentation computes them for the merged boxes: mask_probs).
         """
         if self.training and targets is None:
             raise ValueError("MaskRCNN in training mode needs targets; call model.eval() for inference")
@@ -109,10 +114,10 @@ class MaskRCNN(nn.Module):
         features = self.features(images)
         proposals, rpn_losses = self.rpn(features, image_shape, image_sizes, targets)
         # FPN Sec. 4.2: the RoI heads pool from P2..P5; P6 only feeds the RPN. Without FPN both read the one map.
-        detections, roi_losses = self.roi_heads(features[:4], proposals, image_shape, image_sizes, targets, masks=masks)
+        out = self.roi_heads(features[:4], proposals, image_shape, image_sizes, targets)
         if self.training:
-            return {**rpn_losses, **roi_losses}
-        return self.postprocess(detections, image_sizes, original_sizes or image_sizes)
+            return {**rpn_losses, **out}
+        return self.postprocess(out, image_sizes, original_sizes or image_sizes)
 
     def features(self, images):
         """[P2..P6] with FPN ((N, C, H/4, W/4), ...), else the backbone's maps (VGG-16: [conv5_3 (N, 512, H/16,
@@ -122,22 +127,31 @@ class MaskRCNN(nn.Module):
             features = self.fpn(features)  # {"P2": (N, C, H/4, W/4), ..., "P6"}
         return list(features.values())
 
+    def detect_boxes(self, images, image_sizes, original_sizes=None):
+        """Inference without the branches: per image {"boxes", "labels", "scores"} as forward gives them
+        (test-time augmentation merges the views' boxes first and runs the mask branch on the merged ones, tta.py)."""
+        image_shape = tuple(images.shape[-2:])
+        features = self.features(images)
+        proposals, _ = self.rpn(features, image_shape, image_sizes)
+        detections = self.roi_heads.detect(features[:4], proposals, image_shape, image_sizes)
+        return self.postprocess(detections, image_sizes, original_sizes or image_sizes)
+
     def mask_probs(self, images, image_sizes, boxes, labels):
         """The mask branch alone on given boxes [(D_i, 4)] in the pixels of image_sizes, of classes [(D_i,)]:
         [(D_i, 1, M, M)] probabilities, not pasted (test-time augmentation averages them first, tta.py)."""
         features = self.features(images)
-        return self.roi_heads.mask_probs(features[:4], boxes, labels, tuple(images.shape[-2:]))
+        return self.roi_heads.mask_head.probs(features[:4], boxes, labels, tuple(images.shape[-2:]))
 
-    @staticmethod
-    def postprocess(detections, image_sizes, output_sizes):
+    def postprocess(self, detections, image_sizes, output_sizes):
         """Rescale boxes (and keypoints) from the network's input size to output_sizes; paste the 28x28 masks there."""
+        paste = paste_masks if self.plain_ops else fast_ops.paste_masks
         results = []
         for det, (h, w), (out_h, out_w) in zip(detections, image_sizes, output_sizes):
             scale = det["boxes"].new_tensor([out_w / w, out_h / h, out_w / w, out_h / h])
             boxes = det["boxes"] * scale
             result = {"boxes": boxes, "labels": det["labels"], "scores": det["scores"]}
             if "mask_probs" in det:
-                result["masks"] = paste_masks(det["mask_probs"], boxes, (out_h, out_w))  # (R, 1, out_h, out_w)
+                result["masks"] = paste(det["mask_probs"], boxes, (out_h, out_w))  # (R, 1, out_h, out_w)
             if "keypoints" in det:  # (R, K, 3) as (x, y, 1): x, y scale like the boxes
                 result["keypoints"] = det["keypoints"] * scale.new_tensor([out_w / w, out_h / h, 1.0])
                 result["keypoint_scores"] = det["keypoint_scores"]  # (R, K)
@@ -145,8 +159,10 @@ class MaskRCNN(nn.Module):
         return results
 
 
-def build_model(preset, num_classes, **overrides):
-    """Build a named preset (see PRESETS) for num_classes classes, background included (81 for COCO)."""
+def build_model(preset, num_classes, plain_ops=False, **overrides):
+    """Build a named preset (see PRESETS) for num_classes classes, background included (81 for COCO).
+    plain_ops: the paper's plain GroupNorm, NMS, RoIAlign, mask targets and mask pasting instead of the fast
+    equivalents of fast_ops.py (equal results, slower); how the model computes, not what, so not a preset option."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     unknown = set(overrides) - set(PRESETS[preset]) - {"layers"}
@@ -185,7 +201,8 @@ def build_model(preset, num_classes, **overrides):
     mask_head = None
     if cfg["mask_head"]:
         mask_head = MaskHead(in_channels=channels, num_convs=cfg["mask_num_convs"], conv_dim=cfg["mask_conv_dim"],
-                             norm=cfg["head_norm"], num_groups=cfg["num_groups"], num_classes=num_classes)
+                             norm=cfg["head_norm"], num_groups=cfg["num_groups"], num_classes=num_classes,
+                             aligned=cfg["aligned"])
     keypoint_head = KeypointHead(in_channels=channels, num_keypoints=cfg["num_keypoints"],
                                  num_convs=cfg["kp_num_convs"], conv_dim=cfg["kp_conv_dim"], norm=cfg["head_norm"],
                                  num_groups=cfg["num_groups"], aligned=cfg["aligned"]) if cfg["num_keypoints"] else None
@@ -200,7 +217,11 @@ def build_model(preset, num_classes, **overrides):
         roi_heads = RoIHeads(box_heads[0], BoxPredictor(box_heads[0].out_channels, num_classes), mask_head,
                              batch_size_per_image=cfg["roi_batch_size_per_image"], aligned=cfg["aligned"],
                              box_loss_beta=cfg["box_loss_beta"], keypoint_head=keypoint_head)
-    return MaskRCNN(backbone, fpn, rpn, roi_heads)
+    model = MaskRCNN(backbone, fpn, rpn, roi_heads)
+    for module in model.modules():  # plain_ops: the paper's plain ops instead of fast_ops.py's (--plain-ops)
+        if hasattr(module, "plain_ops"):
+            module.plain_ops = plain_ops
+    return model
 
 
 # torchvision's maskrcnn_resnet50_fpn names -> ours (older torchvision names the mask convs mask_fcn1..4).
@@ -232,3 +253,14 @@ def convert_torchvision_state_dict(state_dict):
             key = re.sub(pattern, replacement, key)
         converted[key] = value
     return converted
+
+
+def build_for_data(preset, dataset, norm=None, cascade=False, plain_ops=False):
+    """A run's model, as train.py builds it and evaluate.py rebuilds it from the run's flags: build_model for the
+    dataset's classes (background included), with norm (--norm) in the backbone, the FPN and the heads when given,
+    the Cascade R-CNN heads with cascade (--cascade), and plain_ops (--plain-ops). The data decides the heads: box-only
+    data (PASCAL VOC) gets no mask head, i.e. Faster R-CNN as in Rethinking Sec. 5.2; a keypoint preset predicts the
+    dataset's keypoints (Fig. 6)."""
+    return build_model(preset, num_classes=dataset.num_classes, plain_ops=plain_ops, norm=norm, fpn_norm=norm,
+                       head_norm=norm, cascade=cascade, mask_head=None if dataset.has_masks else False,
+                       num_keypoints=dataset.num_keypoints or None)

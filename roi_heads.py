@@ -1,27 +1,32 @@
-"""RoI heads of Mask R-CNN: the box head and the RoIHeads module (RoIAlign is in roi_align.py).
+"""RoI heads of Mask R-CNN: the box head, and RoIHeads, which samples RoIs, runs the box head and hands RoIs to the
+mask and keypoint heads.
 
 Fast R-CNN, Girshick 2015 (arXiv:1504.08083) Sec. 2: RoI features -> fc layers -> two sibling outputs (class scores
 and per-class box deltas), multi-task loss Eq. 1, RoI sampling (25% foreground at IoU >= 0.5).
-Mask R-CNN, He et al. 2017 (arXiv:1703.06870) Sec. 3: RoIAlign (Fig. 3; roi_align.py, re-exported here), the mask
-branch (masks.py) and L_mask; Sec. 3.1 "Inference": per-class NMS of the detections.
+Mask R-CNN, He et al. 2017 (arXiv:1703.06870) Sec. 3: RoIAlign (Fig. 3; roi_align.py), the branches that run on the
+positive RoIs in training and on the detections at test (the mask head, masks.py; the keypoint head, keypoints.py);
+Sec. 3.1 "Inference": per-class NMS of the detections.
 Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 4: the box head is "4conv1fc" with GN (Wu & He 2018).
 Sampling, losses and post-processing follow torchvision's RoIHeads, the reference of tests/test_roi_heads.py.
 
-Shapes: N images, C channels, R RoIs, S pooled side (7 box, 14 mask), K classes incl. background, G ground-truth
-boxes, P positive RoIs, D detections.
+A branch (MaskHead, KeypointHead) has loss(features, rois, labels, matched, targets, image_shape) -> {name: loss}
+on the positive RoIs and predict(features, detections, image_shape), which adds its outputs to each detection.
+RoIHeads and cascade.CascadeRoIHeads share one interface: the attributes mask_head, keypoint_head (None where
+absent), nms_thresh, detections_per_img; detect(...) -> box detections; forward(...) -> losses or detections.
+
+Shapes: N images, C channels, R RoIs (R_i of image i), S pooled side (7), K classes incl. background, G ground-truth
+boxes, P positive RoIs (P_i of image i), D detections.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fast_ops
+from backbone import msra_init_
 from boxes import BalancedSampler, BoxCoder, Matcher, batched_nms, big_enough, box_iou, clip_boxes, image_limits
 from distributed import loss_denominator
-from masks import MaskHead, mask_loss, paste_masks
-from norm import make_norm
-from roi_align import map_levels, mask_targets, multilevel_roi_align, roi_align
-
-__all__ = ["roi_align", "map_levels", "multilevel_roi_align", "mask_targets", "BoxHead", "BoxPredictor", "MaskHead",
-           "RoIHeads", "fast_rcnn_loss", "paste_masks"]
+from norm import head_convs
+from roi_align import multilevel_roi_align
 
 BACKGROUND = 0  # class 0 (Fast R-CNN Sec. 2: "K object classes plus a catch-all background class")
 
@@ -36,15 +41,9 @@ class BoxHead(nn.Module):
     def __init__(self, in_channels=256, resolution=7, num_convs=4, conv_dim=256, num_fcs=1, fc_dim=1024, norm="gn",
                  num_groups=32):
         super().__init__()
-        blocks, channels = [], in_channels
-        for _ in range(num_convs):
-            conv = nn.Conv2d(channels, conv_dim, 3, padding=1, bias=norm == "none")  # a norm's shift replaces bias
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # MSRA, as Detectron2/torchvision
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
-            blocks.append(nn.Sequential(conv, make_norm(norm, conv_dim, num_groups), nn.ReLU(inplace=True)))
-            channels = conv_dim
-        self.convs = nn.Sequential(*blocks)
+        self.convs = head_convs(in_channels, num_convs, conv_dim, norm, num_groups)
+        msra_init_(self.convs)  # as Detectron2 and torchvision
+        channels = conv_dim if num_convs else in_channels
         self.fcs = nn.ModuleList()
         features = channels * resolution * resolution
         for _ in range(num_fcs):
@@ -109,15 +108,19 @@ def fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets, beta=1.
 
 
 class RoIHeads(nn.Module):
-    """Sample RoIs, pool them, run the box head (and mask, keypoint heads); losses in training, detections in eval."""
+    """Sample RoIs, pool them, run the box head and hand RoIs to the branches (mask_head, keypoint_head, or None):
+    losses in training, detections in eval."""
+
+    plain_ops = False  # True (build_model(plain_ops=True)): the plain RoIAlign and NMS of roi_align.py and boxes.py
 
     def __init__(self, box_head, box_predictor, mask_head=None, fg_iou=0.5, bg_iou=0.5, batch_size_per_image=512,
                  positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
-                 detections_per_img=100, box_resolution=7, mask_resolution=14, sampling_ratio=2, aligned=False,
-                 box_loss_beta=1.0, keypoint_head=None):
+                 detections_per_img=100, box_resolution=7, sampling_ratio=2, aligned=False, box_loss_beta=1.0,
+                 keypoint_head=None):
         super().__init__()
-        self.box_head, self.box_predictor, self.mask_head = box_head, box_predictor, mask_head
-        self.keypoint_head = keypoint_head  # keypoints.KeypointHead: Mask R-CNN Sec. 5, its own loss and predict
+        self.box_head, self.box_predictor = box_head, box_predictor
+        self.mask_head = mask_head  # masks.MaskHead (Mask R-CNN Sec. 3) or None (Faster R-CNN)
+        self.keypoint_head = keypoint_head  # keypoints.KeypointHead (Mask R-CNN Sec. 5) or None
         # Fast R-CNN Sec. 2.3: foreground at IoU >= 0.5; Detectron/torchvision make everything below 0.5 background
         # (the paper's background is [0.1, 0.5)). No low-quality matches: GT boxes are among the proposals anyway.
         self.matcher = Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
@@ -127,8 +130,7 @@ class RoIHeads(nn.Module):
         self.box_coder = BoxCoder(weights=bbox_reg_weights)
         self.box_loss_beta = box_loss_beta  # smooth-L1 beta of L_loc (fast_rcnn_loss)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
-        self.box_resolution, self.mask_resolution = box_resolution, mask_resolution
-        self.sampling_ratio, self.aligned = sampling_ratio, aligned
+        self.box_resolution, self.sampling_ratio, self.aligned = box_resolution, sampling_ratio, aligned
 
     def sample_rois(self, proposals, targets):
         """Per image: add the GT boxes, match, sample. Returns RoIs [(R_i, 4)], labels (R,), matched GT [(R_i,)]
@@ -158,104 +160,95 @@ class RoIHeads(nn.Module):
             regression_targets.append(self.box_coder.encode(gt_for_roi, props))  # Faster R-CNN Eq. 2 targets
         return rois, torch.cat(labels), matched, torch.cat(regression_targets)
 
-    def postprocess(self, class_logits, box_deltas, rois, image_sizes):
-        """Per image: per-class boxes, drop background and scores <= score_thresh, class-wise NMS, keep the top
-        detections_per_img (Mask R-CNN Sec. 3.1 "Inference"; torchvision's postprocess_detections)."""
+    def box_outputs(self, features, rois, image_shape):
+        """RoIs [(R_i, 4)] pooled 7 x 7 from their FPN levels -> class logits (R, K), box deltas (R, K*4)."""
+        pool = multilevel_roi_align if self.plain_ops else fast_ops.multilevel_roi_align
+        pooled = pool(features, rois, image_shape, self.box_resolution, self.sampling_ratio, self.aligned)
+        return self.box_predictor(self.box_head(pooled))  # (R, C, 7, 7) -> (R, K), (R, K*4)
+
+    def detect(self, features, proposals, image_shape, image_sizes):
+        """Box detections (Mask R-CNN Sec. 3.1 "Inference"; torchvision's postprocess_detections): the box head on
+        the proposals [(R_i, 4)], per-class boxes, background and scores <= score_thresh dropped, class-wise NMS,
+        the top detections_per_img -> per image {"boxes" (D, 4), "labels" (D,), "scores" (D,)}."""
+        class_logits, box_deltas = self.box_outputs(features, proposals, image_shape)  # (R, K), (R, K*4)
         K = class_logits.shape[1]
-        deltas = box_deltas.reshape(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)  # (R, K or 1, 4)
-        boxes = self.box_coder.decode(deltas, torch.cat(rois)).expand(-1, K, 4)  # (R, K, 4)
-        return self.detect(F.softmax(class_logits, dim=-1), boxes, [r.shape[0] for r in rois], image_sizes)
+        deltas = box_deltas.reshape(box_deltas.shape[0], box_deltas.shape[1] // 4, 4)  # (R, K, 4)
+        boxes = self.box_coder.decode(deltas, torch.cat(proposals)).expand(-1, K, 4)  # (R, K, 4)
+        nms = batched_nms if self.plain_ops else fast_ops.batched_nms
+        return select_detections(F.softmax(class_logits, dim=-1), boxes, [p.shape[0] for p in proposals],
+                                 image_sizes, self.score_thresh, self.nms_thresh, self.detections_per_img, nms)
 
-    def detect(self, scores, boxes, per_image, image_sizes):
-        """Class probabilities (R, K) and boxes (R, K, 4) of the RoIs of all images (per_image of them per image)
-        -> per image {"boxes" (D, 4), "labels" (D,), "scores" (D,)}.
-
-        All images at once: one batched_nms whose groups are (image, class) pairs. Host syncs: listing the
-        candidates, the NMS, and the number of detections per image."""
-        K, N = scores.shape[1], len(per_image)
-        image = torch.empty(boxes.shape[0], dtype=torch.int64, device=boxes.device)  # (R,) image of each RoI
-        for i, img in enumerate(image.split(per_image)):
-            img.fill_(i)  # fills, not a host-to-device copy
-        limits = image_limits(image_sizes, boxes)[image, None]  # (R, 1, 4) each RoI's image bounds
-        b = clip_boxes(boxes[:, 1:], limits)  # (R, K-1, 4): background dropped
-        s = scores[:, 1:]  # (R, K-1)
-        # scores > score_thresh, and boxes of at least 0.01 pixel (torchvision's remove_small_boxes)
-        candidate = (s > self.score_thresh) & big_enough(b, 1e-2)
-        roi, column = torch.where(candidate)  # (D0,) each: RoI-major, class-minor, as torchvision flattens them
-        b, s, labels, image = b[roi, column], s[roi, column], column + 1, image[roi]
-        keep = batched_nms(b, s, image * K + labels, self.nms_thresh)  # NMS per image and class, by score
-        keep = keep[torch.sort(image[keep], stable=True).indices]  # grouped by image, still by score inside
-        counts = torch.bincount(image[keep], minlength=N).tolist()  # host sync: detections per image before the cap
-        detections, start = [], 0
-        for count in counts:
-            top = keep[start:start + min(count, self.detections_per_img)]
-            detections.append({"boxes": b[top], "labels": labels[top], "scores": s[top]})
-            start += count
-        return detections
-
-    def forward(self, features, proposals, image_shape, image_sizes, targets=None, masks=True):
+    def forward(self, features, proposals, image_shape, image_sizes, targets=None):
         """features [P2..P5] (N, C, H/4, W/4) ...; proposals [(R_i, 4)]; image_shape (H, W) of the padded batch;
         image_sizes [(h, w)] before padding; targets [{"boxes" (G, 4), "labels" (G,), "masks" (G, h, w)}].
-        Returns (detections, losses): ([], {"loss_cls", "loss_box", "loss_mask"}) in training;
-        ([{"boxes" (D, 4), "labels" (D,), "scores" (D,), "mask_probs" (D, 1, M, M)}], {}) in eval; a keypoint head
-        adds "loss_keypoint", and "keypoints" (D, K, 3), "keypoint_scores" (D, K) (keypoints.py).
-        masks=False skips the mask branch in eval (test-time augmentation runs it later on the merged boxes)."""
-        if self.training:
-            assert targets is not None, "RoIHeads needs targets in training"
-            proposals, labels, matched, regression_targets = self.sample_rois(proposals, targets)
-        box_features = multilevel_roi_align(features, proposals, image_shape, self.box_resolution,
-                                            self.sampling_ratio, self.aligned)  # (R, C, 7, 7)
-        class_logits, box_deltas = self.box_predictor(self.box_head(box_features))  # (R, K), (R, K*4)
+        Training returns the losses {"loss_cls", "loss_box"} and each branch's ("loss_mask", "loss_keypoint").
+        Eval returns detect(...)'s detections, to which each branch adds its outputs: "mask_probs" (D, 1, M, M);
+        "keypoints" (D, K, 3) and "keypoint_scores" (D, K) (keypoints.py)."""
+        if not self.training:
+            return predict_with_branches(self, features, proposals, image_shape, image_sizes)
+        assert targets is not None, "RoIHeads needs targets in training"
+        rois, labels, matched, regression_targets = self.sample_rois(proposals, targets)
+        class_logits, box_deltas = self.box_outputs(features, rois, image_shape)  # (R, K), (R, K*4)
+        loss_cls, loss_box = fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets, self.box_loss_beta)
+        return {"loss_cls": loss_cls, "loss_box": loss_box,
+                **branch_losses(self, features, rois, labels, matched, targets, image_shape)}
 
-        if self.training:
-            loss_cls, loss_box = fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets,
-                                                self.box_loss_beta)
-            losses = {"loss_cls": loss_cls, "loss_box": loss_box}
-            if self.mask_head is not None:
-                losses["loss_mask"] = self.mask_losses(features, proposals, labels, matched, targets, image_shape)
-            if self.keypoint_head is not None:
-                losses["loss_keypoint"] = self.keypoint_head.loss(features, proposals, labels, matched, targets,
-                                                                  image_shape)
-            return [], losses
 
-        detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes)
-        if self.mask_head is not None and masks:
-            self.add_masks(features, detections, image_shape)
-        if self.keypoint_head is not None:
-            self.keypoint_head.predict(features, detections, image_shape)  # adds keypoints, keypoint_scores
-        return detections, {}
+def predict_with_branches(heads, features, proposals, image_shape, image_sizes):
+    """Eval of RoIHeads or cascade.CascadeRoIHeads: heads.detect's box detections, to which each branch
+    (heads.mask_head, heads.keypoint_head) adds its outputs (Mask R-CNN Sec. 3.1: the branches run on the
+    detections)."""
+    detections = heads.detect(features, proposals, image_shape, image_sizes)
+    for head in (heads.mask_head, heads.keypoint_head):
+        if head is not None:
+            head.predict(features, detections, image_shape)
+    return detections
 
-    def mask_losses(self, features, rois, labels, matched, targets, image_shape):
-        """Mask R-CNN Sec. 3: L_mask is defined on positive RoIs only; rois [(R_i, 4)], labels (R,), matched
-        [(R_i,)] GT index of each RoI (as sample_rois returns them)."""
-        fg = labels > BACKGROUND  # (R,)
-        counts = torch.stack([f.sum() for f in fg.split([r.shape[0] for r in rois])]).tolist()  # host sync: P_i
-        # The P = sum P_i foreground indices, increasing: a stable sort puts the True entries first and in order, so
-        # this is torch.where(fg)[0] with the count already known (no second host sync).
-        fg = torch.sort((~fg).to(torch.uint8), stable=True).indices[:sum(counts)]  # (P,)
-        fg_rois = torch.cat(rois)[fg].split(counts)  # [(P_i, 4)]
-        mask_logits = self.predict_masks(features, fg_rois, image_shape)  # (P, K, M, M)
-        gt = [mask_targets(t["masks"], r, m, mask_logits.shape[-1])
-              for t, r, m in zip(targets, fg_rois, torch.cat(matched)[fg].split(counts))]  # [(P_i, M, M)] per image
-        return mask_loss(mask_logits, labels[fg], torch.cat(gt))
 
-    def add_masks(self, features, detections, image_shape):
-        """Mask R-CNN Sec. 3.1 "Inference": the mask branch runs on the final detection boxes; adds "mask_probs"."""
-        probs = self.mask_probs(features, [d["boxes"] for d in detections], [d["labels"] for d in detections],
-                                image_shape)
-        for d, p in zip(detections, probs):
-            d["mask_probs"] = p  # (D_i, 1, M, M)
+def branch_losses(heads, features, rois, labels, matched, targets, image_shape):
+    """Training of the branches (heads.mask_head, heads.keypoint_head) on the positive RoIs among the sampled rois
+    [(R_i, 4)], labels (R,), matched [(R_i,)] -> {"loss_mask": .., "loss_keypoint": ..} for those present."""
+    losses, positives = {}, positive_rois(rois, labels, matched)
+    for head in (heads.mask_head, heads.keypoint_head):
+        if head is not None:
+            losses.update(head.loss(features, *positives, targets, image_shape))
+    return losses
 
-    def mask_probs(self, features, boxes, labels, image_shape):
-        """The mask branch on given boxes [(D_i, 4)] of classes [(D_i,)] -> [(D_i, 1, M, M)] probabilities."""
-        mask_logits = self.predict_masks(features, boxes, image_shape)  # (D, K, M, M)
-        label = torch.cat(labels)  # (D,)
-        # Mask R-CNN Sec. 3: only the mask of the predicted class k is used, as a per-pixel sigmoid
-        probs = mask_logits[torch.arange(label.shape[0], device=label.device), label].sigmoid()  # (D, M, M)
-        return list(probs[:, None].split([lab.shape[0] for lab in labels]))  # [(D_i, 1, M, M)]
 
-    def predict_masks(self, features, boxes, image_shape):
-        """[(R_i, 4)] boxes -> (R, K, 2*mask_resolution, 2*mask_resolution) mask logits."""
-        pooled = multilevel_roi_align(features, boxes, image_shape, self.mask_resolution, self.sampling_ratio,
-                                      self.aligned)  # (R, C, 14, 14)
-        return self.mask_head(pooled)
+def positive_rois(rois, labels, matched):
+    """The foreground of sampled RoIs, which the mask and keypoint branches learn from (Mask R-CNN Sec. 3: L_mask
+    "is defined only on positive RoIs"): rois [(R_i, 4)], labels (R,), matched [(R_i,)] GT index, as
+    RoIHeads.sample_rois returns them -> rois [(P_i, 4)], labels (P,), matched [(P_i,)]."""
+    fg = labels > BACKGROUND  # (R,)
+    per_image = fg.split([r.shape[0] for r in rois])  # [(R_i,)]
+    return [r[f] for r, f in zip(rois, per_image)], labels[fg], [m[f] for m, f in zip(matched, per_image)]
+
+
+def select_detections(scores, boxes, per_image, image_sizes, score_thresh, nms_thresh, detections_per_img,
+                      nms=batched_nms):
+    """Class probabilities (R, K) and boxes (R, K, 4) of the RoIs of all images (per_image of them per image)
+    -> per image {"boxes" (D, 4), "labels" (D,), "scores" (D,)}: background dropped, scores > score_thresh, NMS per
+    class at nms_thresh (nms: boxes.batched_nms or fast_ops.batched_nms), the detections_per_img best.
+
+    All images at once: one NMS whose groups are (image, class) pairs. Host syncs: listing the candidates, the NMS,
+    and the number of detections per image."""
+    K, N = scores.shape[1], len(per_image)
+    image = torch.empty(boxes.shape[0], dtype=torch.int64, device=boxes.device)  # (R,) image of each RoI
+    for i, img in enumerate(image.split(per_image)):
+        img.fill_(i)  # fills, not a host-to-device copy
+    limits = image_limits(image_sizes, boxes)[image, None]  # (R, 1, 4) each RoI's image bounds
+    b = clip_boxes(boxes[:, 1:], limits)  # (R, K-1, 4): background dropped
+    s = scores[:, 1:]  # (R, K-1)
+    # scores > score_thresh, and boxes of at least 0.01 pixel (torchvision's remove_small_boxes)
+    candidate = (s > score_thresh) & big_enough(b, 1e-2)
+    roi, column = torch.where(candidate)  # (D0,) each: RoI-major, class-minor, as torchvision flattens them
+    b, s, labels, image = b[roi, column], s[roi, column], column + 1, image[roi]
+    keep = nms(b, s, image * K + labels, nms_thresh)  # NMS per image and class, by score
+    keep = keep[torch.sort(image[keep], stable=True).indices]  # grouped by image, still by score inside
+    counts = torch.bincount(image[keep], minlength=N).tolist()  # host sync: detections per image before the cap
+    detections, start = [], 0
+    for count in counts:
+        top = keep[start:start + min(count, detections_per_img)]
+        detections.append({"boxes": b[top], "labels": labels[top], "scores": s[top]})
+        start += count
+    return detections

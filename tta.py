@@ -28,6 +28,8 @@ from tqdm import tqdm
 
 import data
 import distributed
+import fast_ops
+import flags
 from boxes import batched_nms
 from masks import paste_masks
 
@@ -38,10 +40,12 @@ def flip_boxes(boxes, width):
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
-def merge_detections(boxes, scores, labels, nms_thresh=0.5, detections_per_img=100):
+def merge_detections(boxes, scores, labels, nms_thresh=0.5, detections_per_img=100, plain_ops=False):
     """The union of all augmentations' detections, boxes (D, 4) in original pixels, scores (D,), labels (D,) ->
-    the boxes that survive NMS within their class, at most detections_per_img, by decreasing score."""
-    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+    the boxes that survive NMS within their class, at most detections_per_img, by decreasing score.
+    plain_ops: boxes.batched_nms instead of fast_ops.batched_nms (the model's plain_ops)."""
+    nms = batched_nms if plain_ops else fast_ops.batched_nms
+    keep = nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
     return boxes[keep], scores[keep], labels[keep]
 
 
@@ -56,12 +60,15 @@ def average_masks(mask_probs, flipped):
 def detect(model, views, original_size, flip=True):
     """Test-time augmented inference on one image.
 
-    model: a MaskRCNN in eval mode; views [(3, h, w)]: the image normalized and resized to each test scale
-    (data.transform), not padded, on the model's device; original_size (H0, W0). flip adds every view's mirror image.
+    model: a MaskRCNN in eval mode; what TTA uses of it is detect_boxes, mask_probs, plain_ops and its RoI heads'
+    mask_head, keypoint_head, nms_thresh and detections_per_img. views [(3, h, w)]: the image normalized and
+    resized to each test scale (data.transform), not padded, on the model's device; original_size (H0, W0). flip
+    adds every view's mirror image.
     Returns what model(...) returns for one image in original pixels: {"boxes" (D, 4), "labels" (D,),
     "scores" (D,), "masks" (D, 1, H0, W0)}, without "masks" when the model has no mask head.
     """
-    if model.roi_heads.keypoint_head is not None:
+    heads = model.roi_heads
+    if heads.keypoint_head is not None:
         raise ValueError("test-time augmentation merges boxes and masks; evaluate keypoint models without it")
     H0, W0 = original_size
     mirrored = (False, True) if flip else (False,)
@@ -71,16 +78,15 @@ def detect(model, views, original_size, flip=True):
     # 1. Detections of every augmentation, in original pixels (the model rescales them to original_sizes).
     found = []
     for images, sizes in batches:
-        outputs = model(images, sizes, original_sizes=[original_size] * len(sizes), masks=False)
+        outputs = model.detect_boxes(images, sizes, original_sizes=[original_size] * len(sizes))
         for m, out in zip(mirrored, outputs):
             boxes = flip_boxes(out["boxes"], W0) if m else out["boxes"]  # a mirrored view's boxes, mirrored back
             found.append((boxes, out["scores"], out["labels"]))
     boxes, scores, labels = (torch.cat(column) for column in zip(*found))  # (sum of D_a, 4), (sum of D_a,) twice
 
-    # 2. One set of detections, with the NMS settings of the (last stage's) RoI heads.
-    heads = model.roi_heads
-    last = heads.stages[-1] if hasattr(heads, "stages") else heads  # cascade.CascadeRoIHeads: its last stage
-    boxes, scores, labels = merge_detections(boxes, scores, labels, last.nms_thresh, last.detections_per_img)
+    # 2. One set of detections, with the NMS settings of the RoI heads.
+    boxes, scores, labels = merge_detections(boxes, scores, labels, heads.nms_thresh, heads.detections_per_img,
+                                             model.plain_ops)
     result = {"boxes": boxes, "labels": labels, "scores": scores}
     if heads.mask_head is None:
         return result
@@ -92,7 +98,8 @@ def detect(model, views, original_size, flip=True):
         in_view = boxes * boxes.new_tensor([w / W0, h / H0, w / W0, h / H0])  # original pixels -> this scale's
         view_boxes = [flip_boxes(in_view, w) if m else in_view for m in mirrored]
         probs += model.mask_probs(images, sizes, view_boxes, [labels] * len(sizes))  # [(D, 1, M, M)] per view
-    result["masks"] = paste_masks(average_masks(probs, mirrored * len(views)), boxes, original_size)  # (D, 1, H0, W0)
+    paste = paste_masks if model.plain_ops else fast_ops.paste_masks
+    result["masks"] = paste(average_masks(probs, mirrored * len(views)), boxes, original_size)  # (D, 1, H0, W0)
     return result
 
 
@@ -129,7 +136,7 @@ def predict(model, dataset, device, scales=(), flip=True, amp="none", workers=2,
     (output, target) per image, in dataset order. The views: the dataset's own scale, and each of `scales` (shorter
     sides) with the longer side capped at max_size; with flip, each view's mirror image too."""
     model.eval()
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    amp_dtype = flags.amp_dtype(amp)
     loader = data.make_eval_loader(ScaledViews(dataset, scales, max_size), 1, workers, rank=distributed.get_rank(),
                                    world_size=distributed.get_world_size(), collate_fn=_single)
     for item in tqdm(loader, desc=f"eval, {1 + len(scales)} scales{' x 2 flips' if flip else ''}", leave=False,

@@ -9,9 +9,11 @@ import evaluate
 import checkpoint
 import train
 from boxes import box_iou
-from cascade import CascadeRoIHeads, cascade_state_dict, load_weights, scale_gradient
+from cascade import CascadeRoIHeads, cascade_state_dict, scale_gradient
+from masks import MaskHead
 from model import build_model
-from roi_heads import BoxHead, MaskHead, RoIHeads, fast_rcnn_loss, multilevel_roi_align
+from roi_align import multilevel_roi_align
+from roi_heads import BoxHead, RoIHeads, fast_rcnn_loss
 from shapes import make_shapes
 
 C, K, REP = 8, 3, 32                          # feature channels, classes incl. background, box feature size
@@ -45,7 +47,10 @@ def test_stages_have_rising_iou_thresholds_and_growing_coder_weights():
                                                                                           (0.7, 0.7)]
     assert [s.box_coder.weights for s in heads.stages] == [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]
     assert [s.box_predictor.bbox_pred.out_features for s in heads.stages] == [4, 4, 4]   # class-agnostic
-    assert [s.mask_head is not None for s in heads.stages] == [False, False, True]
+    assert heads.mask_head is not None and heads.keypoint_head is None  # the cascade's own mask head
+    assert [s.mask_head for s in heads.stages] == [None, None, None]
+    assert (heads.nms_thresh, heads.detections_per_img) == (heads.stages[-1].nms_thresh,
+                                                            heads.stages[-1].detections_per_img)
 
 
 def test_each_stage_labels_and_encodes_with_its_own_threshold_and_weights():
@@ -105,8 +110,7 @@ def test_scores_are_the_stages_average_and_boxes_the_last_stage():
     set_stage_outputs(heads.stages[2], [0.1, 0.3, 0.6], 7.5)
     roi = torch.tensor([[10.0, 10.0, 50.0, 30.0]])
     with torch.no_grad():
-        detections, losses = heads(features(), [roi, roi[:0]], IMAGE_SHAPE, IMAGE_SIZES)
-    assert losses == {}
+        detections = heads(features(), [roi, roi[:0]], IMAGE_SHAPE, IMAGE_SIZES)
     d = detections[0]
     # mean of (0.6, 0.3, 0.3) = 0.4 for class 1 and of (0.3, 0.6, 0.6) = 0.5 for class 2; the last stage alone
     # would give 0.3 / 0.6. Three shifts of 10 px: [10, 50] -> [20, 60] -> [30, 70] -> [40, 80], the same for both
@@ -131,15 +135,14 @@ def test_training_step_gives_stage_losses_and_reaches_every_stage():
     feats = [f.requires_grad_() for f in features()]
     proposals = [torch.tensor([[18.0, 8.0, 62.0, 44.0], [0.0, 0.0, 30.0, 30.0], [72.0, 18.0, 118.0, 52.0]]),
                  torch.tensor([[5.0, 5.0, 40.0, 40.0]])]
-    detections, losses = heads(feats, proposals, IMAGE_SHAPE, IMAGE_SIZES, targets())
-    assert detections == []
+    losses = heads(feats, proposals, IMAGE_SHAPE, IMAGE_SIZES, targets())
     assert set(losses) == {f"loss_{t}_stage{k}" for t in ("cls", "box") for k in (1, 2, 3)} | {"loss_mask"}
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     for stage in heads.stages:
         for p in list(stage.box_head.parameters()) + list(stage.box_predictor.parameters()):
             assert p.grad is not None and p.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in heads.stages[2].mask_head.parameters())
+    assert all(p.grad is not None for p in heads.mask_head.parameters())
     assert feats[0].grad.abs().sum() > 0        # these small RoIs all pool from the stride-4 level (FPN Eq. 1)
 
 
@@ -163,7 +166,7 @@ def test_mask_rcnn_weights_load_into_stage_one(tiny_pair, tmp_path):
     mask_rcnn, cascade = tiny_pair
     state = mask_rcnn.state_dict()
     assert "roi_heads.stages.0.box_head.fcs.0.weight" in cascade_state_dict(state)
-    missing, unexpected, skipped = load_weights(cascade, state)
+    missing, unexpected, skipped = checkpoint.load_state_dict_non_strict(cascade, state)
     # the class-specific box deltas (K*4 outputs) do not fit stage 1's class-agnostic predictor (4 outputs)
     assert skipped == ["roi_heads.stages.0.box_predictor.bbox_pred.weight",
                        "roi_heads.stages.0.box_predictor.bbox_pred.bias"]
@@ -172,8 +175,8 @@ def test_mask_rcnn_weights_load_into_stage_one(tiny_pair, tmp_path):
     assert {k.split(".")[2] for k in missing} == {"0", "1", "2"}                # the rest: stages 2 and 3
     mine = cascade.state_dict()
     renamed = cascade_state_dict(state)
-    assert "roi_heads.stages.2.mask_head.deconv.weight" in renamed
-    for (name, value), key in zip(state.items(), renamed):    # backbone, FPN, RPN; box head -> stage 1; mask head
+    assert "roi_heads.mask_head.deconv.weight" in renamed and "roi_heads.mask_head.deconv.weight" in state
+    for (name, value), key in zip(state.items(), renamed):    # backbone, FPN, RPN, mask head; box head -> stage 1
         if key not in skipped:
             assert torch.equal(mine[key], value), name
 

@@ -15,8 +15,9 @@ import data
 import evaluate
 from conftest import SHARED_DATA, train_briefly
 from keypoints import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
-from model import MaskRCNN, build_model
-from roi_heads import multilevel_roi_align
+from model import build_model
+from roi_align import multilevel_roi_align
+from roi_heads import positive_rois
 
 COCO_SUBSET = os.path.join(SHARED_DATA, "coco_subset")
 COCO_KEYPOINTS_SUBSET = os.path.join(SHARED_DATA, "coco_keypoints_subset")
@@ -93,14 +94,18 @@ def test_branch_loss_uses_positive_rois_only():
     targets = [{"keypoints": torch.tensor([[[20.0, 20, 2], [40, 50, 2], [0, 0, 0]],
                                            [[30.0, 30, 2], [60, 90, 1], [70, 70, 2]]])},
                {"keypoints": torch.tensor([[[50.0, 50, 2], [20, 20, 2], [79, 89, 2]]])}]
-    ours = head.loss(features, rois, labels, matched, targets, (256, 256))
+    positives = positive_rois(rois, labels, matched)  # what RoIHeads hands the branch
     fg_rois = [rois[0][[0, 2]], rois[1]]
+    assert all(torch.equal(a, b) for a, b in zip(positives[0], fg_rois, strict=True))
+    assert positives[1].tolist() == [1, 1, 1] and [m.tolist() for m in positives[2]] == [[1, 0], [0]]
+    ours = head.loss(features, *positives, targets, (256, 256))
+    assert set(ours) == {"loss_keypoint"}
     logits = head(multilevel_roi_align(features, fg_rois, (256, 256), 14, 2))
     ref = tv_roi.keypointrcnn_loss(logits, fg_rois, [t["keypoints"] for t in targets],
                                    [torch.tensor([1, 0]), torch.tensor([0])])
-    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ours["loss_keypoint"], ref)
     with pytest.raises(ValueError, match="keypoints"):
-        head.loss(features, rois, labels, matched, [{}, {}], (256, 256))
+        head.loss(features, *positives, [{}, {}], (256, 256))
 
 
 def test_heatmaps_to_keypoints_hand_worked_and_equal_torchvision():
@@ -135,7 +140,7 @@ def test_presets_and_postprocess_rescales_keypoints():
 
     det = {"boxes": torch.tensor([[10.0, 20, 30, 40]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.9]),
            "keypoints": torch.tensor([[[10.0, 20, 1], [30, 40, 1]]]), "keypoint_scores": torch.tensor([[3.0, -1]])}
-    (out,) = MaskRCNN.postprocess([det], [(100, 200)], [(50, 400)])  # x doubles, y halves
+    (out,) = model.postprocess([det], [(100, 200)], [(50, 400)])  # x doubles, y halves
     assert out["keypoints"].tolist() == [[[20.0, 10, 1], [60, 20, 1]]]
     assert out["boxes"].tolist() == [[20.0, 10, 60, 20]]
     assert out["keypoint_scores"].tolist() == [[3.0, -1]]

@@ -1,169 +1,17 @@
-"""RoIAlign, FPN level mapping, the box/mask heads and RoIHeads, checked against torchvision and small hand examples."""
+"""The box and mask heads and RoIHeads, checked against torchvision and small hand examples, with fast_ops and with
+the plain ops (RoIAlign, the FPN level map, mask targets and pasting themselves: test_roi_align.py)."""
 import math
 from collections import OrderedDict
 
 import pytest
 import torch
 
-import roi_align as roi_align_module
-from boxes import box_area
-from masks import mask_loss
+from masks import MaskHead, mask_loss
 from model import PRESETS, build_model
-from roi_heads import (BoxHead, BoxPredictor, MaskHead, RoIHeads, fast_rcnn_loss, map_levels, mask_targets,
-                       multilevel_roi_align, paste_masks, roi_align)
+from roi_heads import BoxHead, BoxPredictor, RoIHeads, fast_rcnn_loss
+from test_roi_align import random_boxes
 
 tv = pytest.importorskip("torchvision")
-
-
-@pytest.fixture(params=["sparse", "grid_sample"])
-def pooling(request, monkeypatch):
-    """Runs a test with each way RoIAlign reads its points, whatever the device and the need for gradients: a sparse
-    matrix product (training on a CPU) and grid_sample (GPUs, inference on a CPU)."""
-    monkeypatch.setattr(roi_align_module, "sparse_pooling", lambda maps: request.param == "sparse")
-    return request.param
-
-
-def random_boxes(n, size, min_side=0.2, max_side=None, generator=None):
-    """n valid (x1 < x2, y1 < y2) boxes of sides in [min_side, max_side] around an image of (h, w) = size."""
-    h, w = size
-    max_side = max_side or max(h, w)
-    xy = torch.rand(n, 2, generator=generator, dtype=torch.float64) * torch.tensor([w, h]) * 1.4 - 0.2 * torch.tensor(
-        [w, h])  # top-left corners, some left of / above the image
-    wh = min_side + torch.rand(n, 2, generator=generator, dtype=torch.float64) * (max_side - min_side)
-    return torch.cat([xy, xy + wh], dim=1)  # (n, 4)
-
-
-# ---------------------------------------------------------------- roi_align
-def test_sparse_pooling_for_cpu_maps_that_need_gradients():
-    maps = [torch.zeros(1, 2, 4, 4, requires_grad=True)]
-    assert roi_align_module.sparse_pooling(maps)  # training on a CPU: grid_sample's backward is the slow part
-    with torch.no_grad():
-        assert not roi_align_module.sparse_pooling(maps)  # inference: grid_sample's forward is the fast one
-    assert not roi_align_module.sparse_pooling([torch.zeros(1, 2, 4, 4)])
-
-
-@pytest.mark.parametrize("aligned", [False, True])
-@pytest.mark.parametrize("sampling_ratio", [2, -1, 0])
-@pytest.mark.parametrize("spatial_scale", [1.0, 0.25])
-def test_roi_align_matches_torchvision_values_and_gradients(aligned, sampling_ratio, spatial_scale, pooling):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 13, 17, generator=g, dtype=torch.float64, requires_grad=True)
-    image = (13 / spatial_scale, 17 / spatial_scale)
-    boxes = random_boxes(40, image, min_side=0.1, generator=g)
-    boxes[:4] = torch.tensor([[-40.0, -40, -20, -30],  # fully above-left of the map
-                              [200, 10, 260, 90],  # fully right of the map
-                              [-8, -8, 6, 5],  # crossing the top-left corner
-                              [3.3, 4.1, 3.4, 4.15]]) / spatial_scale  # tiny: below one pixel
-    rois = torch.cat([torch.randint(0, 2, (40, 1), generator=g).double(), boxes], dim=1)
-    ours = roi_align(x, rois, (5, 4), spatial_scale, sampling_ratio, aligned)
-    ref = tv.ops.roi_align(x, rois, (5, 4), spatial_scale, sampling_ratio, aligned)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
-    assert ref[:2].abs().max() == 0 and ref[2:].abs().max() > 0  # the outside boxes really read zeros
-    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    (grad_ours,) = torch.autograd.grad(ours, x, upstream)
-    (grad_ref,) = torch.autograd.grad(ref, x, upstream)
-    torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=1e-12)
-
-
-def test_roi_align_float32_list_boxes_and_bfloat16(pooling):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 8, 50, 76, generator=g)
-    boxes = [random_boxes(n, (200, 304), min_side=2, generator=g).float() for n in (30, 0)]  # one image without RoIs
-    ours = roi_align(x, boxes, 7, 0.25, 2)
-    ref = tv.ops.roi_align(x, boxes, 7, 0.25, 2)
-    assert ours.shape == (30, 8, 7, 7)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)  # float32: the normalized grid rounds to ~1e-5 pixel
-    low = roi_align(x.bfloat16(), boxes, 7, 0.25, 2)
-    assert low.dtype == torch.bfloat16
-    torch.testing.assert_close(low.float(), ref, rtol=0.02, atol=0.05)
-    assert roi_align(x, [torch.zeros(0, 4)] * 2, 7, 0.25, 2).shape == (0, 8, 7, 7)
-
-
-@pytest.mark.parametrize("aligned, shift", [(False, 0.0), (True, 0.5)])
-def test_roi_align_on_a_ramp_reads_the_bin_centres(aligned, shift, pooling):
-    # f(y, x) = x at pixel (y, x). Bilinear interpolation of a ramp is exact and the points of a bin are symmetric
-    # about its centre, so every pooled value is the x of the bin centre (aligned=True: minus half a pixel).
-    ramp = torch.arange(10.0).expand(1, 1, 8, 10)
-    box = torch.tensor([[0.0, 1.0, 2.0, 7.0, 6.0]])  # x from 1 to 7: three bins of width 2, centres 2, 4, 6
-    out = roi_align(ramp, box, (2, 3), sampling_ratio=2, aligned=aligned)
-    expected = torch.tensor([2.0, 4.0, 6.0]) - shift
-    torch.testing.assert_close(out[0, 0], expected.expand(2, 3))
-
-
-def test_roi_align_counts_points_outside_the_map_as_zero(pooling):
-    ones = torch.ones(1, 1, 4, 4)
-    # x from -4 to 4 in 2 bins: bin 0 has points at -3 and -1 (x < -1 is dropped, -1 is clamped to 0 and read as 1);
-    # bin 1 has points at 1 and 3: both inside. Averages: (0 + 1) / 2 and 1.
-    out = roi_align(ones, torch.tensor([[0.0, -4.0, 1.0, 4.0, 3.0]]), (1, 2), sampling_ratio=2)
-    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.5, 1.0]))
-
-
-# ---------------------------------------------------------------- FPN level mapping and multi-level RoIAlign
-def test_map_levels_fpn_equation_1():
-    sides = torch.tensor([112.0, 224.0, 448.0, 896.0, 10.0])
-    boxes = torch.stack([torch.zeros(5), torch.zeros(5), sides, sides], dim=1)
-    # k = floor(4 + log2(side / 224)), clamped to [2, 5]
-    assert map_levels(boxes).tolist() == [3, 4, 5, 5, 2]
-    # a 210-pixel box resized by 800 / 375 in float32: side 447.99988, a hair below 448, still level 5 (the + 1e-6)
-    resized = torch.tensor([[750.0, 750.0, 960.0, 960.0]]) * torch.tensor(800 / 375)
-    assert torch.sqrt(box_area(resized)).item() < 448 and map_levels(resized).tolist() == [5]
-
-
-@pytest.mark.parametrize("H, W", [(256, 320), (384, 896)])  # a wide batch too: the level scales come from heights
-def test_multilevel_roi_align_matches_torchvision(pooling, H, W):
-    g = torch.Generator().manual_seed(2)
-    features = [torch.randn(2, 4, H // s, W // s, generator=g) for s in (4, 8, 16, 32)]  # P2..P5
-    boxes = [random_boxes(n, (H, W), min_side=8, max_side=900, generator=g).float() for n in (60, 25)]
-    pooler = tv.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
-    ref = pooler(OrderedDict((str(i), f) for i, f in enumerate(features)), boxes, [(H, W)] * 2)
-    ours = multilevel_roi_align(features, boxes, (H, W), 7, sampling_ratio=2)
-    assert len(set(map_levels(torch.cat(boxes)).tolist())) == 4  # every level is used
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
-
-
-def test_multilevel_roi_align_needs_boxes_for_each_image():
-    features = [torch.zeros(2, 4, 64 // s, 80 // s) for s in (4, 8, 16, 32)]
-    boxes = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])] * 3  # image 2 would be read from P3's image 0
-    with pytest.raises(ValueError, match="multilevel_roi_align: boxes for 3 images, features for 2"):
-        multilevel_roi_align(features, boxes, (64, 80), 7)
-
-
-# ---------------------------------------------------------------- mask targets and pasting
-def test_mask_targets_match_torchvision_project_masks_on_boxes():
-    from torchvision.models.detection.roi_heads import project_masks_on_boxes
-
-    g = torch.Generator().manual_seed(3)
-    gt_masks = (torch.rand(3, 45, 60, generator=g) > 0.5).to(torch.uint8)
-    rois = random_boxes(20, (45, 60), min_side=0.3, max_side=70, generator=g).float()
-    gt_index = torch.randint(0, 3, (20,), generator=g)
-    ref = project_masks_on_boxes(gt_masks, rois, gt_index, 28)
-    torch.testing.assert_close(mask_targets(gt_masks, rois, gt_index, 28), ref, rtol=0, atol=1e-5)
-    assert mask_targets(gt_masks, rois[:0], gt_index[:0], 28).shape == (0, 28, 28)
-
-
-def test_paste_masks_matches_torchvision():
-    from torchvision.models.detection.roi_heads import paste_masks_in_image
-
-    g = torch.Generator().manual_seed(4)
-    boxes = torch.tensor([[10.0, 12.0, 40.0, 30.0],  # inside
-                          [45.2, 30.7, 70.0, 50.0],  # crossing the right and bottom borders
-                          [-6.3, -3.2, 8.9, 9.4],  # crossing the top-left corner
-                          [20.4, 20.2, 20.9, 20.5],  # tiny: under one pixel
-                          [0.0, 0.0, 60.0, 48.0]])  # the whole image
-    masks = torch.rand(5, 1, 28, 28, generator=g)
-    ref = paste_masks_in_image(masks, boxes, (48, 60), padding=1)
-    ours = paste_masks(masks, boxes, (48, 60))
-    assert ours.shape == (5, 1, 48, 60)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
-    assert paste_masks(masks[:0], boxes[:0], (48, 60)).shape == (0, 1, 48, 60)
-
-
-def test_paste_masks_of_a_constant_mask_fill_the_box():
-    # A mask of ones pasted at an integer box: inside the box the padded mask's interpolation is 1 except at the
-    # one-pixel border ring where it fades into the zero padding; outside the expanded box everything is 0.
-    out = paste_masks(torch.ones(1, 1, 28, 28), torch.tensor([[10.0, 10.0, 38.0, 38.0]]), (50, 50))[0, 0]
-    assert out[15:34, 15:34].eq(1).all()
-    assert out[:8].eq(0).all() and out[:, 41:].eq(0).all()
 
 
 # ---------------------------------------------------------------- heads
@@ -268,9 +116,8 @@ def test_roi_heads_eval_matches_torchvision():
     ours.eval(), ref.eval()
     features, proposals, _ = make_inputs()
     with torch.no_grad():
-        detections, losses = ours(features, proposals, IMAGE_SHAPE, IMAGE_SIZES)
+        detections = ours(features, proposals, IMAGE_SHAPE, IMAGE_SIZES)
         expected, _ = ref(OrderedDict((str(i), f) for i, f in enumerate(features)), proposals, IMAGE_SIZES)
-    assert losses == {}
     for d, e in zip(detections, expected):
         assert d["boxes"].shape[0] > 5  # a real comparison, not two empty lists
         assert torch.equal(d["labels"], e["labels"]) and d["labels"].dtype == torch.int64
@@ -287,10 +134,10 @@ def test_roi_heads_training_losses_and_gradients_match_torchvision(num_gt, batch
     ours.train(), ref.train()
     features, proposals, targets = make_inputs(num_gt)
     torch.manual_seed(7)
-    detections, losses = ours(features, proposals, IMAGE_SHAPE, IMAGE_SIZES, targets)
+    losses = ours(features, proposals, IMAGE_SHAPE, IMAGE_SIZES, targets)
     torch.manual_seed(7)
     _, expected = ref(OrderedDict((str(i), f) for i, f in enumerate(features)), proposals, IMAGE_SIZES, targets)
-    assert detections == [] and set(losses) == {"loss_cls", "loss_box", "loss_mask"}
+    assert set(losses) == {"loss_cls", "loss_box", "loss_mask"}
     assert losses["loss_box"] > 0 and losses["loss_mask"] > 0
     torch.testing.assert_close(losses["loss_cls"], expected["loss_classifier"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["loss_box"], expected["loss_box_reg"], rtol=1e-5, atol=1e-6)
@@ -306,7 +153,7 @@ def test_roi_heads_training_losses_and_gradients_match_torchvision(num_gt, batch
 def test_roi_heads_training_without_any_object_gives_zero_mask_loss():
     ours, _ = build_pair()
     features, proposals, targets = make_inputs((0, 0))
-    losses = ours(features, proposals, IMAGE_SHAPE, IMAGE_SIZES, targets)[1]
+    losses = ours(features, proposals, IMAGE_SHAPE, IMAGE_SIZES, targets)
     assert losses["loss_box"].item() == 0 and losses["loss_mask"].item() == 0 and losses["loss_cls"] > 0
     sum(losses.values()).backward()
     assert ours.mask_head.mask_logits.weight.grad is not None  # connected, so DDP sees every parameter used
@@ -321,7 +168,7 @@ def gn_heads(**kw):
 def test_roi_heads_gn_4conv1fc_trains_every_parameter():
     heads = gn_heads().train()
     features, proposals, targets = make_inputs()
-    losses = heads(features, proposals, IMAGE_SHAPE, IMAGE_SIZES, targets)[1]
+    losses = heads(features, proposals, IMAGE_SHAPE, IMAGE_SIZES, targets)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
@@ -338,7 +185,7 @@ def test_roi_heads_eval_without_detections_gives_empty_tensors(norm, no_proposal
     if no_proposals:
         proposals = [p[:0] for p in proposals]
     with torch.no_grad():
-        detections, _ = heads(features, proposals, IMAGE_SHAPE, IMAGE_SIZES)
+        detections = heads(features, proposals, IMAGE_SHAPE, IMAGE_SIZES)
     for d in detections:
         assert d["boxes"].shape == (0, 4) and d["scores"].shape == (0,)
         assert d["labels"].shape == (0,) and d["labels"].dtype == torch.int64
@@ -358,3 +205,30 @@ def test_box_loss_beta_is_detectrons_but_torchvisions_for_its_preset():
     assert build_model("tiny", num_classes=3).roi_heads.box_loss_beta == 1.0
     assert all(stage.box_loss_beta == 1.0 for stage in build_model("tiny", 3, cascade=True).roi_heads.stages)
     assert PRESETS["tv_maskrcnn_v1"]["box_loss_beta"] == 1 / 9  # test_model checks its losses equal torchvision's
+
+
+def test_plain_ops_give_the_same_detections_masks_and_losses():
+    # RoIHeads with the paper's plain RoIAlign, mask targets, NMS and GroupNorm (plain_ops=True on it and every
+    # module of its heads, as build_model(plain_ops=True) sets it) against the default fast_ops versions.
+    torch.manual_seed(0)
+    heads = gn_heads(batch_size_per_image=10_000)  # a batch this large samples every RoI: no randomness to match
+    features, proposals, targets = make_inputs()
+    runs = []
+    for plain in (False, True):
+        switched = [m for m in heads.modules() if hasattr(m, "plain_ops")]
+        for m in switched:
+            m.plain_ops = plain
+        assert {type(m).__name__ for m in switched} == {"RoIHeads", "MaskHead", "GroupNorm"}
+        with torch.no_grad():
+            detections = heads.eval()(features, proposals, IMAGE_SHAPE, IMAGE_SIZES)
+        runs.append((detections, heads.train()(features, proposals, IMAGE_SHAPE, IMAGE_SIZES, targets)))
+    (fast, fast_losses), (plain, plain_losses) = runs
+    for f, p in zip(fast, plain, strict=True):
+        assert f["boxes"].shape[0] > 5 and torch.equal(f["labels"], p["labels"])  # a real comparison
+        torch.testing.assert_close(p["boxes"], f["boxes"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(p["scores"], f["scores"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(p["mask_probs"], f["mask_probs"], rtol=0, atol=5e-5)  # after 4 GN layers
+    assert set(plain_losses) == set(fast_losses) == {"loss_cls", "loss_box", "loss_mask"}
+    assert fast_losses["loss_mask"] > 0 and fast_losses["loss_box"] > 0
+    for name in fast_losses:
+        torch.testing.assert_close(plain_losses[name], fast_losses[name], rtol=1e-5, atol=1e-6)

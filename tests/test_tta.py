@@ -14,6 +14,7 @@ import torchvision
 
 import data
 import evaluate
+import fast_ops
 import train
 import tta
 from masks import paste_masks
@@ -23,15 +24,18 @@ from shapes import make_shapes
 
 class RectangleDetector:
     """Finds the tight box of the pixels of channel 0 above 0 (one per image, class 1, score 0.9); its "mask" is that
-    channel cropped to the box and average-pooled to 4 x 4. Records the boxes it saw, in each view's pixels."""
+    channel cropped to the box and average-pooled to 4 x 4. Records the boxes it saw, in each view's pixels.
+    It has only what tta.detect may use of a MaskRCNN: boxes alone (detect_boxes), then the masks of the merged
+    boxes (mask_probs); it cannot be called for full outputs."""
+
+    plain_ops = False
 
     def __init__(self):
         self.roi_heads = SimpleNamespace(nms_thresh=0.5, detections_per_img=100, mask_head=object(),
                                          keypoint_head=None)
         self.detected, self.mask_boxes = [], []
 
-    def __call__(self, images, image_sizes, original_sizes=None, masks=True):
-        assert not masks  # TTA asks for boxes only, then for the masks of the merged boxes
+    def detect_boxes(self, images, image_sizes, original_sizes=None):
         outputs = []
         for image, (h, w), (out_h, out_w) in zip(images, image_sizes, original_sizes):
             ys, xs = torch.where(image[0, :h, :w] > 0)
@@ -63,8 +67,10 @@ def rectangle_view(scale=1):
     return view.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
 
 
-def test_flip_and_scale_map_back_to_the_original_box():
+@pytest.mark.parametrize("plain_ops", [False, True])
+def test_flip_and_scale_map_back_to_the_original_box(plain_ops):
     detector = RectangleDetector()
+    detector.plain_ops = plain_ops  # the masks are pasted as the model pastes them: masks.paste_masks or fast_ops'
     out = tta.detect(detector, [rectangle_view(1), rectangle_view(2)], original_size=(8, 12), flip=True)
     # What the detector saw, per view (12 and 24 px wide): the mirrored rectangle spans x 12-5..12-1 and 24-10..24-2.
     assert [b.tolist() for b in detector.detected] == [[[1, 2, 5, 6]], [[7, 2, 11, 6]], [[2, 4, 10, 12]],
@@ -76,14 +82,15 @@ def test_flip_and_scale_map_back_to_the_original_box():
     assert [b.tolist() for b in detector.mask_boxes] == [b.tolist() for b in detector.detected]
     # Every view's mask, mirrored back, is the rectangle's left-to-right ramp; the average is that ramp.
     ramp = torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(4, 4)[None, None]
-    assert torch.equal(out["masks"], paste_masks(ramp, out["boxes"], (8, 12)))
+    paste = paste_masks if plain_ops else fast_ops.paste_masks
+    assert torch.equal(out["masks"], paste(ramp, out["boxes"], (8, 12)))
 
 
 class MirrorPreferringDetector(RectangleDetector):
     """RectangleDetector that scores 0.95 where the rectangle's ramp falls left to right, i.e. in mirrored views."""
 
-    def __call__(self, images, image_sizes, original_sizes=None, masks=True):
-        outputs = super().__call__(images, image_sizes, original_sizes, masks)
+    def detect_boxes(self, images, image_sizes, original_sizes=None):
+        outputs = super().detect_boxes(images, image_sizes, original_sizes)
         for image, boxes, out in zip(images, self.detected[-len(images):], outputs):
             for i, (x1, y1, x2, _) in enumerate(boxes.int().tolist()):
                 if image[0, y1, x1] > image[0, y1, x2 - 1]:
@@ -129,13 +136,14 @@ def test_merge_is_nms_per_class_over_all_augmentations():
         [0.9, 0.85, 0.8, 0.7, 0.6])
 
 
-def test_merge_matches_torchvision_batched_nms():
+@pytest.mark.parametrize("plain_ops", [False, True])
+def test_merge_matches_torchvision_batched_nms(plain_ops):
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(300, 2, generator=g) * 50
     boxes = torch.cat([xy, xy + 5 + torch.rand(300, 2, generator=g) * 20], dim=1)
     scores, labels = torch.rand(300, generator=g), torch.randint(1, 4, (300,), generator=g)
     keep = torchvision.ops.batched_nms(boxes, scores, labels, 0.5)[:100]
-    b, s, l = tta.merge_detections(boxes, scores, labels, nms_thresh=0.5, detections_per_img=100)
+    b, s, l = tta.merge_detections(boxes, scores, labels, nms_thresh=0.5, detections_per_img=100, plain_ops=plain_ops)
     assert torch.equal(b, boxes[keep]) and torch.equal(s, scores[keep]) and torch.equal(l, labels[keep])
 
 
@@ -228,7 +236,8 @@ def test_cascade_and_keypoint_models_under_tta(preset):
     view = torch.randn(3, 64, 96)
     if cascade:
         out = tta.detect(model, [view, torch.randn(3, 96, 144)], (64, 96), flip=True)
-        assert len(out["boxes"]) <= model.roi_heads.stages[-1].detections_per_img
+        assert model.roi_heads.detections_per_img == model.roi_heads.stages[-1].detections_per_img
+        assert len(out["boxes"]) <= model.roi_heads.detections_per_img
         assert out["masks"].shape[1:] == (1, 64, 96) and len(out["masks"]) == len(out["boxes"])
     else:
         with pytest.raises(ValueError, match="keypoint models"):
