@@ -19,7 +19,7 @@ from torch import nn
 
 from data import IMAGE_MEAN, IMAGE_STD
 from model import PRESETS, build_model
-from flags import device_name, positive_int
+from flags import amp_dtype, device_name, positive_int
 
 TORCHVISION_TWINS = ("r50_fpn_gn", "r101_fpn_gn", "r50_fpn_frozenbn", "tv_maskrcnn_v1")
 GIB = 2 ** 30
@@ -131,7 +131,7 @@ def make_train_step(model, inputs, amp, lr=1e-4):
     """One SGD step (momentum 0.9) on the losses model(*inputs) returns; autocast for amp "bf16" or "fp16"
     (fp16 with a GradScaler). The LR is small: the step costs the same and the weights stay finite."""
     device_type = next(model.parameters()).device.type
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = amp_dtype(amp)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
 
@@ -155,7 +155,7 @@ def make_train_step(model, inputs, amp, lr=1e-4):
 def bench_model(model, train_inputs, infer_inputs, batch_size, device, amp="none", iters=20, warmup=5):
     """Training steps on model(*train_inputs) -> losses and inference model(*infer_inputs) -> detections (one image)
     -> a dict of numbers: parameters, seconds per iteration, images/s, peak GiB, seconds per image, detections."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = amp_dtype(amp)
     model.train()
     seconds, peak, loss = time_calls(make_train_step(model, train_inputs, amp), iters, warmup, device)
     assert torch.isfinite(loss), f"non-finite training loss {loss.item()}"
@@ -231,6 +231,9 @@ def get_args(argv=None):
                    help="NHWC weights (both models) and images (ours; torchvision batches its own inputs)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone and FPN (both models; the warm-up iterations absorb compilation)")
+    p.add_argument("--plain-ops", action="store_true",
+                   help="run the paper's plain versions of GroupNorm, NMS, RoIAlign, mask targets and mask pasting "
+                        "instead of the fast equivalents of fast_ops.py (equal results, slower; ours only)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's, one per core)")
     p.add_argument("--iters", type=positive_int, default=20, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing")
@@ -261,7 +264,7 @@ def main(argv=None):
     results = {}
     for name in ["ours"] + (["torchvision"] if args.torchvision else []):
         if name == "ours":
-            model, note = build_model(args.preset, num_classes=args.num_classes), None
+            model, note = build_model(args.preset, num_classes=args.num_classes, plain_ops=args.plain_ops), None
             train_inputs, infer_inputs = (images, image_sizes, targets), (images[:1], image_sizes[:1])
         else:
             model, note = build_torchvision_twin(args.preset, args.num_classes, args.size)

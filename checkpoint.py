@@ -4,6 +4,8 @@ Rethinking ImageNet Pre-training (arXiv:1811.08883) trains from scratch for up t
 run is stopped and resumed many times; `--resume` must continue it as if it had not stopped. A checkpoint holds
 the model, the optimizer (momentum buffers), the GradScaler, the iteration, the run's flags, the samples seen
 (Sec. 3.2) and every process's RNG state (data sampling, augmentation, RoI sampling).
+A run's folder (--output-dir) holds its checkpoints, args.json (the resolved flags) and metrics.jsonl (one JSON row
+per line: training rows with a "loss", evaluation rows without); the functions below keep it whole across resumes.
 ImageNet weights (--init imagenet) are torchvision ResNet/VGG state dicts, whose key names backbone.py keeps.
 """
 import json
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 import cascade
+import distributed
 from norm import GroupNorm
 
 # Flags that shape the training trajectory: --resume refuses a checkpoint whose run had other values.
@@ -68,24 +71,87 @@ def latest(output_dir):
     return os.path.join(output_dir, max(names)) if names else None
 
 
-def refuse_held_output_dir(output_dir, own, resume):
-    """Exit unless output_dir is new, or holds a run (checkpoints or metrics.jsonl) that resume continues from its
-    own checkpoint there. own: output_dir's latest checkpoint (latest()), resume: the checkpoint to resume or None."""
-    held = own or os.path.exists(os.path.join(output_dir, "metrics.jsonl"))
-    if held and not (resume and os.path.samefile(os.path.dirname(resume) or ".", output_dir)):
+def seed(value):
+    """Seed torch, numpy and Python's random, the RNGs a checkpoint saves (rng_state)."""
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+
+
+def find_resume(args):
+    """The checkpoint this run continues, as (path, checkpoint), or (None, None) for a new run: --resume PATH, or
+    --resume auto for the latest one in --output-dir. It must be this very run's (load_for_resume), written by as
+    many processes as there are now (one RNG state each). A folder that holds a run (checkpoints or metrics.jsonl)
+    is written to only to continue that run from its own checkpoint there, so nothing written is lost; anything else
+    is refused, except a --dry-run, which writes nothing."""
+    own = latest(args.output_dir)
+    path = own if args.resume == "auto" else args.resume
+    ckpt = load_for_resume(path, args) if path else None  # refuses another run's flags, first
+    if ckpt and len(ckpt["rng"]) != args.world_size:
+        sys.exit(f"error: {path} was written by {len(ckpt['rng'])} process(es); resume it with as many")
+    held = own or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
+    if held and not args.dry_run and not (path and os.path.samefile(os.path.dirname(path) or ".", args.output_dir)):
         how = "continue it with --resume auto" if own else "it has no checkpoint to continue from"
-        sys.exit(f"error: --output-dir {output_dir} already holds a run (checkpoints or metrics.jsonl); {how}, "
+        sys.exit(f"error: --output-dir {args.output_dir} already holds a run (checkpoints or metrics.jsonl); {how}, "
                  f"or give another --output-dir")
+    return path, ckpt
 
 
-def drop_partial_row(metrics_path):
-    """A run killed while writing a metrics row left half of it: cut the file after its last complete line."""
-    if os.path.exists(metrics_path):
-        with open(metrics_path, "rb+") as f:
+def write_args(args):
+    """args.json in --output-dir (created): the run's resolved flags. Written once nothing can refuse the run any
+    more, so that a dry run or a refused resume leaves a run's files as they were."""
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    except OSError as e:
+        sys.exit(f"error: cannot write into --output-dir {args.output_dir}: {e}")
+
+
+def restore(path, ckpt, model, optimizer, scaler, max_iters, log=print):
+    """Load the checkpoint ckpt (read from path) into the model, the optimizer (momentum buffers) and the GradScaler;
+    returns the iteration to continue from, 0 without a checkpoint. The RNG states are set apart (set_rng_state),
+    once the data loader exists."""
+    if ckpt is None:
+        return 0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    log(f"resumed from {path} at iteration {ckpt['iteration']}")
+    if ckpt["iteration"] >= max_iters:
+        log(f"the run has ended (metrics.jsonl holds its rows); evaluate.py --checkpoint {path} evaluates it")
+    return ckpt["iteration"]
+
+
+def open_metrics(output_dir, resumed):
+    """The run's metrics.jsonl, opened for appending. A run killed while writing a row left half of it: a resumed
+    run first cuts the file after its last complete line."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if resumed and os.path.exists(path):
+        with open(path, "rb+") as f:
             f.truncate(f.read().rfind(b"\n") + 1)
+    return open(path, "a")
 
 
-def evaluated(metrics_path, iteration):
+def write_row(metrics, row):
+    """One row (a dict) into the open metrics.jsonl, flushed: a killed run keeps every row written before."""
+    metrics.write(json.dumps(row) + "\n")
+    metrics.flush()
+
+
+def evaluation_missing(metrics, iteration, device, log=print):
+    """Whether the run's metrics.jsonl lacks the evaluation row (one without a "loss") of this iteration, as after a
+    run killed while evaluating, resumed from the checkpoint of the iteration it was evaluating. metrics: the open
+    metrics.jsonl on rank 0, None on the other processes; rank 0 reads it and decides for all of them (every process
+    calls this, and then they evaluate together)."""
+    missing = metrics is not None and not _evaluated(metrics.name, iteration)
+    if missing:
+        log(f"the evaluation at iteration {iteration} is missing from {metrics.name}: evaluating now")
+    return distributed.sum_over_processes([int(missing)], device)[0] > 0  # rank 0's answer, on every process
+
+
+def _evaluated(metrics_path, iteration):
     """Whether metrics.jsonl holds an evaluation row (one without a "loss") of this iteration."""
     if not os.path.exists(metrics_path):
         return False
@@ -107,18 +173,24 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Continue this process's RNG streams from rng_state()'s record."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    cuda = state["cuda"]
-    if cuda is not None and torch.cuda.is_available():  # a list: a checkpoint of older code, with every GPU's state
-        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(path, model, optimizer, scaler, iteration, args, seen, rng):
-    """Written atomically: a crash mid-write leaves the previous checkpoint intact. rng: every process's RNG state."""
+def save(output_dir, iteration, model, optimizer, scaler, args, seen):
+    """output_dir/model_<iteration>.pth with every process's RNG state, so that resume is exact for each: called by
+    every process, which send theirs to rank 0; rank 0 writes, atomically (a crash mid-write leaves the previous
+    checkpoint intact)."""
+    rng = distributed.gather(rng_state())
+    if rng is None:  # not rank 0
+        return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
              "args": vars(args), "scaler": scaler.state_dict() if scaler else None, "seen": seen, "rng": rng}
+    path = os.path.join(output_dir, f"model_{iteration:07d}.pth")
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -160,10 +232,24 @@ def load_pretrained(backbone, path, log=print):
             f"(the paper fine-tunes its GN models from GN ImageNet weights)")
 
 
+def load_state_dict_non_strict(model, state_dict):
+    """Initialize model from state_dict, non-strict: tensors of names the model lacks are left out, tensors whose shape
+    differs from the model's are skipped (they keep their init). A Mask R-CNN state dict goes into a cascade model
+    through cascade.cascade_state_dict: its box head becomes stage 1, whose class-agnostic predictor (4 outputs) then
+    keeps its init, as Mask R-CNN's class-specific box deltas (K*4 outputs) do not fit it.
+    Returns (missing keys, unexpected keys, skipped keys)."""
+    if isinstance(getattr(model, "roi_heads", None), cascade.CascadeRoIHeads):
+        state_dict = cascade.cascade_state_dict(state_dict)
+    own = model.state_dict()
+    skipped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    result = model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped}, strict=False)
+    return result.missing_keys, result.unexpected_keys, skipped
+
+
 def load_weights(model, path, log=print):
     """--weights: e.g. a scratch Mask R-CNN switched to the cascade for the rest of its training (Sec. 5)."""
     state = _state_dict(read(path, "--weights"), path, "--weights")
-    missing, unexpected, skipped = cascade.load_weights(model, state)
+    missing, unexpected, skipped = load_state_dict_non_strict(model, state)
     # Every use of --weights (the cascade switch, new heads, another data set) carries the backbone over; another
     # preset's file fits at most a few biases shaped by the class or anchor count, so it would train from scratch.
     if all(k in missing for k in model.state_dict() if k.startswith("backbone.")):

@@ -1,4 +1,5 @@
-"""Data: COCO-format datasets, PennFudanPed, resize + flip, batching, samplers (the synthetic set: shapes.py).
+"""Data: COCO-format datasets, PennFudanPed, PASCAL VOC, resize + flip, batching, samplers (the synthetic set:
+shapes.py). Every data set holds its ground truth as a pycocotools COCO, so that evaluate.py scores any of them alike.
 
 Mask R-CNN (He et al. 2017, arXiv:1703.06870) Sec. 3.1: the shorter image side is resized to 800 px (Detectron caps
 the longer side at 1333). Rethinking ImageNet Pre-training (He, Girshick, Dollar 2019, arXiv:1811.08883) Sec. 4:
@@ -17,7 +18,9 @@ import contextlib
 import glob
 import io
 import json
+import math
 import os
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -98,7 +101,8 @@ def transform_keypoints(keypoints, orig_size, size, flip=False, flip_index=None)
 
 
 class _CocoStyleDataset(torch.utils.data.Dataset):
-    """Ground truth held in a pycocotools COCO (so COCOeval works unchanged); shared by CocoDataset and PennFudan.
+    """Ground truth held in a pycocotools COCO (so COCOeval works unchanged); shared by CocoDataset, PennFudanDataset
+    and VOCDataset.
 
     Categories map to contiguous labels 1..K-1 (0 = background): label i + 1 <-> original id cat_ids[i].
     Training targets exclude crowd regions and boxes with no area inside their image (the others are clipped to it);
@@ -305,6 +309,95 @@ class PennFudanDataset(_CocoStyleDataset):
         self._setup(data, source, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed)
 
 
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+# Sec. 5.2: train on trainval2007 + train2012, evaluate on val2012.
+VOC_PAPER_SPLITS = {"train": (("2007", "trainval"), ("2012", "train")), "val": (("2012", "val"),)}
+
+
+def read_voc_annotation(xml_file):
+    """One VOC XML -> (width, height, [(class name, [x1, y1, x2, y2] in 0-based continuous pixels, difficult 0/1)])."""
+    try:
+        tree = ET.parse(xml_file)
+    except FileNotFoundError:
+        raise DataError(f"missing annotation file {xml_file}") from None
+    except (OSError, ET.ParseError) as e:
+        raise DataError(f"unreadable annotation file {xml_file}: {e}") from None
+    try:
+        width, height = (int(tree.findtext(f"size/{key}")) for key in ("width", "height"))
+        objects = []
+        for obj in tree.iterfind("object"):
+            name = obj.findtext("name").strip()
+            if name not in VOC_CLASSES:
+                raise DataError(f"{xml_file}: unknown class {name!r} (not one of the 20 VOC classes)")
+            x1, y1, x2, y2 = (float(obj.findtext(f"bndbox/{key}")) for key in ("xmin", "ymin", "xmax", "ymax"))
+            if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):  # float() reads "nan" and "inf"
+                raise DataError(f"{xml_file}: {name} bndbox {[x1, y1, x2, y2]} is not finite")
+            # VOC stores 1-based inclusive pixel indices: (xmin=1, xmax=W) is the whole image, i.e. [0, W] in
+            # continuous coordinates. As Detectron2 does (detectron2/data/datasets/pascal_voc.py,
+            # load_voc_instances): subtract 1 from xmin and ymin, keep xmax and ymax.
+            difficult = int(obj.findtext("difficult") or 0)  # a missing tag means not difficult
+            objects.append((name, [x1 - 1, y1 - 1, x2, y2], difficult))
+    except DataError:  # a ValueError too, but one that already names the file and the problem
+        raise
+    except (TypeError, ValueError, AttributeError) as e:  # a missing tag (None) or a non-number
+        raise DataError(f"{xml_file}: missing or malformed size, name or bndbox ({e})") from None
+    return width, height, objects
+
+
+class VOCDataset(_CocoStyleDataset):
+    """PASCAL VOC image sets, e.g. (("2007", "trainval"), ("2012", "train")), as one data set with boxes only.
+
+    Rethinking Sec. 5.2: Faster R-CNN R101-FPN + GN (preset r101_fpn_gn_faster) trained on VOC2007 trainval + VOC2012
+    train (the paper: about 15k images, 2.3 objects per image, 20 classes; these two image sets hold 5,011 + 5,717 =
+    10,728 images) and evaluated on VOC2012 val with VOC mAP (voc.py).
+    Layout: root/VOC{2007,2012}/Annotations/NAME.xml, JPEGImages/NAME.jpg, ImageSets/Main/{train,val,trainval,test}.txt.
+    The ground truth becomes an in-memory COCO (as PennFudanDataset's does), so train.py and evaluate.py run on it
+    unchanged: image ids 1..N in split-file order (unique across the years), categories 1..20 in VOC's order, bbox
+    [x, y, w, h] in 0-based continuous pixels, iscrowd 0, no segmentation, and a "difficult" flag per object.
+    Difficult objects are not training targets (_CocoStyleDataset skips them), as in py-faster-rcnn (Detectron2
+    trains on them; the paper does not say); VOC mAP treats them as "ignore", while COCOeval, which evaluate.py also
+    runs, knows nothing of the flag and counts them as ordinary objects.
+    """
+
+    has_masks = False
+
+    def __init__(self, root, image_sets=VOC_PAPER_SPLITS["train"], train=False, min_size=800, max_size=1333,
+                 flip_prob=0.5, subset=None, subset_seed=0):
+        list_files = {(year, image_set): os.path.join(root, f"VOC{year}", "ImageSets", "Main", f"{image_set}.txt")
+                      for year, image_set in image_sets}
+        missing = [path for path in list_files.values() if not os.path.isfile(path)]  # before reading anything
+        if missing:
+            raise DataError(f"missing {missing[0]} (a VOCdevkit holds VOC<year>/ImageSets/Main/<image set>.txt)")
+        images, annotations = [], []
+        for (year, image_set), list_file in list_files.items():
+            with open(list_file) as f:
+                names = [line.split()[0] for line in f if line.strip()]
+            for name in names:
+                image_id = len(images) + 1
+                xml_file = os.path.join(root, f"VOC{year}", "Annotations", f"{name}.xml")
+                width, height, objects = read_voc_annotation(xml_file)
+                images.append({"id": image_id, "file_name": os.path.join(f"VOC{year}", "JPEGImages", f"{name}.jpg"),
+                               "height": height, "width": width})
+                for class_name, (x1, y1, x2, y2), difficult in objects:
+                    annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                        "category_id": VOC_CLASSES.index(class_name) + 1, "iscrowd": 0,
+                                        "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                        "difficult": difficult})
+        data = {"images": images, "annotations": annotations,
+                "categories": [{"id": i + 1, "name": name} for i, name in enumerate(VOC_CLASSES)]}
+        source = f"{root} ({' + '.join(f'VOC{year} {image_set}' for year, image_set in image_sets)})"
+        self._setup(data, source, root, train, min_size, max_size, flip_prob, subset, subset_seed)
+
+    @classmethod
+    def paper_split(cls, root, split, **kwargs):
+        """train.py's --data VOCdevkit: "train" = VOC2007 trainval + VOC2012 train, "val" = VOC2012 val (Sec. 5.2)."""
+        if split not in VOC_PAPER_SPLITS:
+            raise DataError(f"VOC split must be one of {', '.join(VOC_PAPER_SPLITS)}, got {split!r}")
+        return cls(root, VOC_PAPER_SPLITS[split], **kwargs)
+
+
 def collate(batch, size_divisible=32):
     """[(image (3,h,w), target)] -> (images (N,3,H,W) zero-padded bottom/right to multiples of 32, [(h, w)], [target]).
     32 = the stride of C5/P5 (FPN's largest but P6's, which max-pools P5), so that C2..C5 and P2..P5 tile the padded
@@ -379,8 +472,7 @@ def build_dataset(data, split, train, min_size=800, max_size=1333, subset=None, 
     if os.path.isdir(os.path.join(data, "PNGImages")):
         return PennFudanDataset(data, split, **kw)
     if any(os.path.isdir(os.path.join(data, f"VOC{year}")) for year in (2007, 2012)):
-        import voc  # here, not at the top: voc.py builds on this module
-        return voc.VOCDataset.paper_split(data, split, **kw)
+        return VOCDataset.paper_split(data, split, **kw)
     ann_pattern = os.path.join(data, "annotations", f"instances_{split}*.json")
     for ann_file in sorted(glob.glob(ann_pattern), reverse=True):  # newest year first: instances_val2017.json
         image_dir = os.path.join(data, os.path.basename(ann_file)[len("instances_"):-len(".json")])

@@ -32,8 +32,8 @@ import data
 import distributed
 import tta
 import voc
-from flags import device_name, non_negative_int, output_file, positive_int, scale_list
-from model import build_model
+from flags import amp_dtype, device_name, non_negative_int, output_file, positive_int, scale_list
+from model import build_for_data
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 KEYPOINT_METRICS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]  # COCOeval's order
@@ -48,14 +48,14 @@ def predict(model, dataset, device, amp="none", workers=2, tta_scales=(), tta_fl
         outputs = tta.predict(model, dataset, device, tta_scales, tta_flip, amp, workers, tta_max_size)
         return [r for out, target in outputs for r in to_coco_results(out, target["image_id"], dataset.cat_ids)]
     model.eval()
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = amp_dtype(amp)
     results = []
     loader = data.make_eval_loader(dataset, 1, workers=workers, rank=distributed.get_rank(),  # an image at a time
                                    world_size=distributed.get_world_size())
     for images, image_sizes, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
                                              disable=distributed.get_rank() != 0):
         original_sizes = [tuple(t["orig_size"]) for t in targets]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outputs = model(images.to(device), image_sizes, original_sizes=original_sizes)
         for out, target in zip(outputs, targets):
             results.extend(to_coco_results(out, target["image_id"], dataset.cat_ids))
@@ -134,14 +134,30 @@ def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, t
     iou_types = ["bbox"] + ["segm"] * (heads.mask_head is not None) + ["keypoints"] * (heads.keypoint_head is not None)
     metrics = coco_eval(dataset.coco, results, iou_types, image_ids=dataset.image_ids,
                         keypoint_sigmas=dataset.keypoint_sigmas)
-    if isinstance(dataset, voc.VOCDataset):  # Rethinking Sec. 5.2 reports PASCAL VOC mAP at IoU 0.5
+    if isinstance(dataset, data.VOCDataset):  # Rethinking Sec. 5.2 reports PASCAL VOC mAP at IoU 0.5
         metrics.update(voc.voc_metrics(dataset, results))
     return metrics
 
 
-def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None):
-    """The model of a train.py checkpoint (path) and its validation set; data flags default to the run's own.
-    Problems end the program with a one-line error naming the checkpoint or the data."""
+def evaluate_and_log(model, dataset, device, iteration, metrics, amp="none", workers=2):
+    """train.py's evaluation at an iteration: every process predicts its shard of the images, rank 0 gathers them,
+    runs COCOeval and writes the row {"iter": iteration, metric: value, ...} into metrics (the run's open
+    metrics.jsonl on rank 0, None on the others); the model then goes back to training mode."""
+    distributed.broadcast_buffers(model)  # --norm bn: every shard evaluated with rank 0's statistics
+    # the loader draws its workers' seeds from the torch RNG: forked, so that a resumed run takes the same draws
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            results = evaluate(model, dataset, device, amp=amp, workers=workers)
+        except data.DataError as e:  # raised in a loader worker: the one line that names the culprit
+            sys.exit(f"error: {e.line()}")
+    if metrics is not None:
+        checkpoint.write_row(metrics, {"iter": iteration, **results})
+    model.train()
+
+
+def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None, plain_ops=None):
+    """The model of a train.py checkpoint (path) and its validation set; data flags and plain_ops (--plain-ops)
+    default to the run's own. Problems end the program with a one-line error naming the checkpoint or the data."""
     ckpt = checkpoint.read(path, keys=("model", "args.preset", "args.norm", "args.data", "args.min_size",
                                        "args.max_size", "args.val_ann", "args.val_images"))
     run = ckpt["args"]
@@ -154,10 +170,8 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
                                          keypoint_sigmas=run.get("keypoint_sigmas"))
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    model = build_model(run["preset"], num_classes=dataset.num_classes, norm=run["norm"], fpn_norm=run["norm"],
-                        head_norm=run["norm"], cascade=run.get("cascade", False),
-                        mask_head=None if dataset.has_masks else False,  # as train.py
-                        num_keypoints=dataset.num_keypoints or None)
+    model = build_for_data(run["preset"], dataset, norm=run["norm"], cascade=run.get("cascade", False),
+                           plain_ops=run.get("plain_ops", False) if plain_ops is None else plain_ops)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -178,6 +192,10 @@ def main(argv=None):
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
+    p.add_argument("--plain-ops", action="store_true", default=None,
+                   help="run the paper's plain versions of GroupNorm, NMS, RoIAlign, mask targets and mask pasting "
+                        "instead of the fast equivalents of fast_ops.py (equal results, slower; default: the run's "
+                        "own choice)")
     p.add_argument("--workers", type=non_negative_int, default=2, help="data loader worker processes")
     p.add_argument("--results", type=output_file, help="write the COCO results json here")
     p.add_argument("--tta-scales", type=scale_list, default=(),
@@ -192,7 +210,7 @@ def main(argv=None):
 
     _, _, device = distributed.init(args.device)  # under torchrun, each process evaluates a shard of the images
     model, dataset = load_run(args.checkpoint, args.data, args.val_ann, args.val_images, args.min_size,
-                              args.max_size)
+                              args.max_size, plain_ops=args.plain_ops)
     if (args.tta_scales or args.tta_flip) and model.roi_heads.keypoint_head is not None:
         sys.exit("error: --tta-scales/--tta-flip merge boxes and masks; evaluate keypoint models without them")
     if dataset.min_size in args.tta_scales:

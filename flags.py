@@ -1,5 +1,6 @@
 """argparse types shared by train.py, evaluate.py, plot.py and bench.py: a bad flag value is a one-line usage error
-that names the flag (argparse adds it), not a traceback from deep inside torch or the data loader."""
+that names the flag (argparse adds it), not a traceback from deep inside torch or the data loader. And amp_dtype, what
+their shared --amp flag means to torch.autocast."""
 import argparse
 import math
 import os
@@ -90,3 +91,8 @@ def output_file(text):
             return text
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot write a file in the folder of {text}: {e.strerror}") from None
+
+
+def amp_dtype(name):
+    """--amp "bf16" or "fp16" -> the autocast dtype (torch.bfloat16, torch.float16); "none" -> None (no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)

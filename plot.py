@@ -27,7 +27,7 @@ from PIL import Image
 import data
 import evaluate
 from flags import output_file, positive_float, positive_int
-from train import BATCH_1X, ITERS_1X
+from schedule import BATCH_1X, ITERS_1X
 
 import matplotlib
 
@@ -237,12 +237,14 @@ def draw_predictions(checkpoint, out_dir, data_root=None, val_ann=None, val_imag
                      mask_thresh=0.5, device="cpu", zoom=1):
     """For the first num validation images, one PNG of 2 x zoom x W0 by zoom x H0 pixels: the ground truth on the
     left, the checkpoint's detections with score >= score_thresh on the right, masks thresholded at mask_thresh
-    (Mask R-CNN Sec. 3). Data flags default to the checkpoint's own run, as in evaluate.py. Returns the paths."""
+    (Mask R-CNN Sec. 3). Data flags default to the checkpoint's own run, as in evaluate.py.
+    Returns, per image, {"path": its PNG, "ground_truth": the boxes drawn left, "predictions": the boxes drawn right},
+    boxes as [x1, y1, x2, y2] in original image pixels."""
     model, dataset = evaluate.load_run(checkpoint, data_root, val_ann, val_images)
     device = torch.device(device)
     model.to(device).eval()
     os.makedirs(out_dir, exist_ok=True)
-    coco, paths = dataset.coco, []
+    coco, drawn = dataset.coco, []
     for images, image_sizes, targets in itertools.islice(data.make_eval_loader(dataset, 1, workers=0), num):
         image_id, orig_size = targets[0]["image_id"], tuple(targets[0]["orig_size"])
         info = coco.imgs[image_id]
@@ -264,16 +266,17 @@ def draw_predictions(checkpoint, out_dir, data_root=None, val_ann=None, val_imag
         fig, axes = plt.subplots(1, 2, figsize=(2 * w0 * zoom / dpi, h0 * zoom / dpi), dpi=dpi)
         fig.subplots_adjust(left=0, right=1, bottom=0, top=1, wspace=0)  # the two images fill the PNG exactly
         gt_masks = [coco.annToMask(ann) for ann in anns] if dataset.has_masks else []  # VOC: boxes only
+        pred_boxes = out["boxes"][keep].tolist()
         _draw_panel(axes[0], image, gt_boxes, gt_masks, gt_ids, gt_texts,
                     f"ground truth: {len(anns)}")
-        _draw_panel(axes[1], image, out["boxes"][keep].tolist(), pred_masks, [label - 1 for label in labels],
+        _draw_panel(axes[1], image, pred_boxes, pred_masks, [label - 1 for label in labels],
                     pred_texts, f"predictions, score >= {score_thresh:g}: {len(labels)}")
         path = os.path.join(out_dir, f"predictions_{image_id:06d}.png")
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
-        paths.append(path)
-    print(f"wrote {len(paths)} images to {out_dir}")
-    return paths
+        drawn.append({"path": path, "ground_truth": [list(box) for box in gt_boxes], "predictions": pred_boxes})
+    print(f"wrote {len(drawn)} images to {out_dir}")
+    return drawn
 
 
 def main(argv=None):

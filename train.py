@@ -2,8 +2,8 @@
 
 Rethinking ImageNet Pre-training (arXiv:1811.08883), Sec. 4 "Experimental Settings": SGD with momentum 0.9,
 weight decay 1e-4, LR 0.02 at batch 16 with linear warm-up (Goyal et al. 2017), the LR divided by 10 at the last
-60k and the last 20k iterations of an N x 90k-iteration schedule (its 2x..6x; up to 2x, schedule() keeps Detectron's
-1x proportions), horizontal flip only, shorter side 800.
+60k and the last 20k iterations of an N x 90k-iteration schedule (its 2x..6x; up to 2x, schedule.py keeps
+Detectron's 1x proportions), horizontal flip only, shorter side 800.
 
     python train.py                                   # synthetic shapes, tiny model, CPU-sized (the demo)
     python train.py --data PennFudanPed --preset r50_fpn_gn --device cuda --amp bf16
@@ -11,13 +11,10 @@ weight decay 1e-4, LR 0.02 at batch 16 with linear warm-up (Goyal et al. 2017), 
     torchrun --nproc_per_node=8 train.py --data /datasets/coco --schedule 3x --batch-size 2 --amp bf16  # 8 GPUs x 2
 """
 import argparse
-import json
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -26,13 +23,11 @@ import checkpoint
 import data
 import distributed
 import evaluate
-from flags import (device_name, non_negative_float, non_negative_int, positive_float, positive_int, scale_range,
-                   output_file, schedule_name)
-from model import PRESETS, build_model
+import schedule
+from flags import (amp_dtype, device_name, non_negative_float, non_negative_int, positive_float, positive_int,
+                   scale_range, output_file, schedule_name)
+from model import PRESETS, build_for_data
 from norm import GroupNorm, SyncBatchNorm
-
-ITERS_1X, BATCH_1X = 90_000, 16     # Detectron's "1x": 90k iterations at 16 images (~12 COCO epochs)
-WARMUP_1X = 500                     # Detectron's linear warm-up, in iterations at batch 16
 
 
 def get_args(argv=None):
@@ -65,6 +60,9 @@ def get_args(argv=None):
                    help="normalization in backbone, FPN and heads, overriding the preset (paper: gn or syncbn)")
     g.add_argument("--cascade", action="store_true",
                    help="Cascade R-CNN box heads, 3 stages at IoU 0.5/0.6/0.7, mask head on the last (Sec. 5)")
+    g.add_argument("--plain-ops", action="store_true",
+                   help="run the paper's plain versions of GroupNorm, NMS, RoIAlign, mask targets and mask pasting "
+                        "instead of the fast equivalents of fast_ops.py (equal results, slower)")
     g.add_argument("--weights", help="initialize the model from a train.py checkpoint or state dict (non-strict; a "
                                      "Mask R-CNN's box head becomes cascade stage 1); training starts at iteration 0")
     g.add_argument("--init", choices=["scratch", "imagenet"], default="scratch",
@@ -129,17 +127,17 @@ def resolve(args, world_size=1):
     world_size processes each take --batch-size images: the LR and schedule follow the effective batch."""
     cpu = not args.device.startswith("cuda")
     args.preset = args.preset or ("tiny" if cpu else "r50_fpn_gn")
-    args.batch_size = args.batch_size or (4 if cpu else max(1, BATCH_1X // world_size))
+    args.batch_size = args.batch_size or (4 if cpu else max(1, schedule.BATCH_1X // world_size))
     args.world_size = world_size
     batch = args.batch_size * world_size  # the effective batch of one synchronized SGD step
     # The shapes demo departs from the recipe to finish in minutes on a CPU: 400 iterations, a 4x larger LR than
     # the linear scaling rule gives at batch 4, a short warm-up, one LR drop at 80%, images at their native 128 px.
     demo = args.data == "shapes" and not args.train_ann
-    args.lr = args.lr or (0.02 if demo else 0.02 * batch / BATCH_1X)   # linear scaling rule (Goyal et al.)
+    args.lr = args.lr or (0.02 if demo else 0.02 * batch / schedule.BATCH_1X)   # linear scaling rule (Goyal et al.)
     if args.schedule and (args.max_iters or args.lr_steps):
         sys.exit("error: --schedule sets the iterations and the LR drops; give it or --max-iters/--lr-steps")
     if args.schedule or not (args.max_iters or demo):  # Detectron's 1x unless told otherwise
-        args.max_iters, steps = schedule(float((args.schedule or "1x").removesuffix("x")), batch)
+        args.max_iters, steps = schedule.schedule(float((args.schedule or "1x").removesuffix("x")), batch)
         if args.max_iters < 1:
             sys.exit(f"error: --schedule {args.schedule}: less than one iteration at batch {batch}")
         args.lr_steps = args.lr_steps or steps
@@ -147,7 +145,7 @@ def resolve(args, world_size=1):
     args.lr_steps = args.lr_steps or ([args.max_iters * 4 // 5] if demo else [])
     # Detectron's 500 warm-up iterations are at batch 16: scaled like the schedule, they cover the same images
     args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else (
-        50 if demo else round(WARMUP_1X * BATCH_1X / batch))
+        50 if demo else round(schedule.WARMUP_1X * schedule.BATCH_1X / batch))
     args.min_size = args.min_size or (128 if demo else 800)
     data_name = os.path.splitext(os.path.basename(os.path.normpath(args.train_ann or args.data)))[0]
     args.output_dir = args.output_dir or ("runs/demo" if demo else os.path.join("runs", f"{args.preset}-{data_name}"))
@@ -172,27 +170,6 @@ def resolve(args, world_size=1):
     return args
 
 
-def schedule(n, batch_size):
-    """An Nx schedule: N x 90k iterations at batch 16; at another batch, every count scales by 16 / batch (Goyal et
-    al.). The LR drops 10x twice. Rethinking Sec. 4: at the last 60k and the last 20k iterations "no matter how long
-    the total iterations are", for its 2x..6x runs. Shorter schedules keep Detectron's 1x proportions (drops at 60k
-    and 80k of 90k, i.e. at 2/3 and 8/9), where the last-60k rule would drop at 30k and 70k; detectron2's
-    default_X_scheduler does the same for N <= 2, where both rules meet at 2x (120k, 160k)."""
-    scale = BATCH_1X / batch_size
-    total = n * ITERS_1X
-    steps = [total * 2 / 3, total * 8 / 9] if n <= 2 else [total - 60_000, total - 20_000]
-    return round(total * scale), [round(step * scale) for step in steps]
-
-
-def lr_at(it, base_lr, steps=(), gamma=0.1, warmup_iters=500, warmup_factor=1 / 3):
-    """The LR at iteration it: linear warm-up from base_lr * warmup_factor, then x gamma (paper: 0.1) at each step."""
-    lr = base_lr * gamma ** sum(it >= s for s in steps)
-    if it < warmup_iters:
-        alpha = it / warmup_iters
-        lr *= warmup_factor * (1 - alpha) + alpha
-    return lr
-
-
 def param_groups(model, weight_decay):
     """No weight decay on normalization parameters (Detectron WEIGHT_DECAY_GN = 0, detectron2 WEIGHT_DECAY_NORM).
     Departure: biases get the base LR and weight decay, as in Detectron2 (Detectron: twice the LR, no decay)."""
@@ -205,24 +182,11 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def main(argv=None):
-    args = get_args(argv)
-    # One process per GPU under torchrun (see distributed.py); rank 0 alone prints and writes files.
-    rank, world_size, device = distributed.init(args.device)
-    args = resolve(args, world_size)
-    main_process = rank == 0
-    log = print if main_process else (lambda *_: None)
-    torch.manual_seed(args.seed)  # the same seed everywhere: every process builds the same initial model
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    own = checkpoint.latest(args.output_dir)
-    resume = own if args.resume == "auto" else args.resume
-    ckpt = checkpoint.load_for_resume(resume, args) if resume else None  # refuses another run's flags, first
-    if not args.dry_run:  # nothing already written is lost: a folder holding a run is written to only to continue it
-        checkpoint.refuse_held_output_dir(args.output_dir, own, resume)
-    log("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
 
-    # Data: resizing, flipping and normalization happen in data.py, in plain view.
+
+def load_data(args):
+    """The training set (augmented: flip, --train-scales) and the validation set of --data or --train-ann/--val-ann;
+    a data set that cannot be read is a one-line error."""
     try:
         with distributed.rank_zero_first():  # rank 0 writes the synthetic set once; the others then read it
             train_set = data.build_dataset(args.data, "train", train=True,
@@ -235,14 +199,16 @@ def main(argv=None):
                                          keypoint_sigmas=args.keypoint_sigmas)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-
     if PRESETS[args.preset]["num_keypoints"] and not train_set.num_keypoints:
         sys.exit(f"error: preset {args.preset} predicts keypoints; train it on a COCO person-keypoints json")
-    # Data without masks (PASCAL VOC) gets no mask head: Faster R-CNN, as in Sec. 5.2.
-    model = build_model(args.preset, num_classes=train_set.num_classes, norm=args.norm,
-                        fpn_norm=args.norm, head_norm=args.norm, cascade=args.cascade,
-                        mask_head=None if train_set.has_masks else False,
-                        num_keypoints=train_set.num_keypoints or None).to(device)
+    return train_set, val_set
+
+
+def make_model(args, train_set, device, log=print):
+    """The run's model on the device: random (MSRA) init, or ImageNet weights in the backbone (--init imagenet), or
+    --weights; then the speed flags, which change how it computes, not what."""
+    model = build_for_data(args.preset, train_set, norm=args.norm, cascade=args.cascade,
+                           plain_ops=args.plain_ops).to(device)
     if args.init == "imagenet":
         checkpoint.load_pretrained(model.backbone, args.pretrained, log)
     if args.weights:
@@ -253,107 +219,102 @@ def main(argv=None):
         model.backbone.compile()
         if model.fpn is not None:
             model.fpn.compile()
-    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return model
+
+
+def print_plan(args, model, train_set, val_set, log=print):
+    """The resolved model, data and schedule in a few lines, and a warning for a warm-up as long as the run."""
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    epochs = args.max_iters * args.batch_size * world_size / len(train_set)
+    epochs = args.max_iters * args.batch_size * args.world_size / len(train_set)
     log(f"plan: {args.preset}{' + cascade' if args.cascade else ''} ({n_params / 1e6:.2f}M trainable parameters), "
         f"norm {args.norm or PRESETS[args.preset]['norm']}, init {args.init}\n"
         f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
         f"{len(val_set)} validation images, {train_set.num_classes - 1} classes\n"
-        f"      batch {args.batch_size * world_size} ({world_size} process(es) x {args.batch_size}), LR {args.lr:g}, "
-        f"{args.max_iters} iterations ({epochs:.1f} epochs), "
+        f"      batch {args.batch_size * args.world_size} ({args.world_size} process(es) x {args.batch_size}), "
+        f"LR {args.lr:g}, {args.max_iters} iterations ({epochs:.1f} epochs), "
         f"LR x{args.lr_gamma:g} at {args.lr_steps}, warm-up {args.warmup_iters} from x{args.warmup_factor:.3g}")
     if args.warmup_iters >= args.max_iters:
         log(f"warning: the warm-up ({args.warmup_iters} iterations) is as long as the run: the LR never reaches "
             f"{args.lr:g}; see --warmup-iters")
+
+
+def next_batch(batches, device, channels_last=False):
+    """The next training batch (images (N, 3, H, W), [(h, w)], [target]) on the device."""
+    try:
+        images, image_sizes, targets = next(batches)
+    except data.DataError as e:  # raised in a loader worker: the one line that names the culprit
+        sys.exit(f"error: {e.line()}")
+    images = images.to(device, non_blocking=True,
+                       memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images, image_sizes, targets
+
+
+def stop_if_not_finite(total, terms, it, output_dir):
+    """A non-finite loss (total, the sum of the named terms) ends the run with a message naming the iteration, the
+    loss term and the last checkpoint."""
+    if not torch.isfinite(total):
+        bad = ", ".join(f"{k} = {v.item():.4g}" for k, v in terms.items() if not torch.isfinite(v))
+        sys.exit(f"error: non-finite loss at iteration {it}: {bad}; the last good checkpoint is "
+                 f"{checkpoint.latest(output_dir)}")
+
+
+def evaluation_due(args, done):
+    """Evaluate after `done` iterations: every --eval-period iterations, and at the end unless --no-eval."""
+    return (args.eval_period and done % args.eval_period == 0) or (done == args.max_iters and not args.no_eval)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # One process per GPU under torchrun (see distributed.py); rank 0 alone prints and writes files.
+    rank, world_size, device = distributed.init(args.device)
+    args = resolve(args, world_size)
+    main_process = rank == 0
+    log = print if main_process else (lambda *_: None)
+    checkpoint.seed(args.seed)  # the same seed everywhere: every process builds the same initial model
+    resume, ckpt = checkpoint.find_resume(args)  # refuses another run's flags, and a folder holding another run
+    log("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
+    train_set, val_set = load_data(args)  # resizing, flipping and normalization happen in data.py, in plain view
+    model = make_model(args, train_set, device, log)
+    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    print_plan(args, model, train_set, val_set, log)
     if args.dry_run:
         distributed.cleanup()
         return
     if main_process:  # only now: a dry run or a refused resume leaves the run's files as they were
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=1)
-        except OSError as e:
-            sys.exit(f"error: cannot write into --output-dir {args.output_dir}: {e}")
-
-    start_iter = 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        start_iter = ckpt["iteration"]
-        log(f"resumed from {resume} at iteration {start_iter}")
-        if start_iter >= args.max_iters:
-            log(f"the run has ended (metrics.jsonl holds its rows); evaluate.py --checkpoint {resume} evaluates it")
+        checkpoint.write_args(args)
+    start_iter = checkpoint.restore(resume, ckpt, model, optimizer, scaler, args.max_iters, log)
     # DDP averages the gradients over the processes during backward (after the identical init above)
     net = model if world_size == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.index
                                                                  is not None else None)
-
     # Rank r reads items r, r + W, ... of one global stream: the shards of iteration k form the joint batch k.
     batches = data.make_train_loader(train_set, args.batch_size, seed=args.seed, start_iter=start_iter,
                                      workers=args.workers, rank=rank, world_size=world_size)
     if ckpt:  # restored after the loader exists, so the RNG streams continue exactly where they stopped
-        if len(ckpt["rng"]) != world_size:
-            sys.exit(f"error: {resume} was written by {len(ckpt['rng'])} process(es); resume it with as many")
         checkpoint.set_rng_state(ckpt["rng"][rank])
-
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if main_process and ckpt:
-        checkpoint.drop_partial_row(metrics_path)  # a run killed while writing a row left half of it
-    metrics = open(metrics_path, "a") if main_process else None
-
-    def evaluate_and_log(done):
-        """Every process predicts its shard of the images; rank 0 gathers them, runs COCOeval and writes the row."""
-        distributed.broadcast_buffers(model)  # --norm bn: every shard evaluated with rank 0's statistics
-        # the loader draws its workers' seeds from the torch RNG: forked, so that a resumed run takes the same draws
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            try:
-                results = evaluate.evaluate(model, val_set, device, amp=args.amp, workers=args.workers)
-            except data.DataError as e:
-                sys.exit(f"error: {e.line()}")
-        if main_process:
-            metrics.write(json.dumps({"iter": done, **results}) + "\n")
-            metrics.flush()
-        model.train()
-
-    def evaluation_due(done):  # every --eval-period iterations, and at the end unless --no-eval
-        return (args.eval_period and done % args.eval_period == 0) or (done == args.max_iters and not args.no_eval)
-
+    metrics = checkpoint.open_metrics(args.output_dir, resumed=ckpt is not None) if main_process else None
     # A run killed while evaluating has the checkpoint of that iteration but not its evaluation: evaluate it first.
-    missing = ckpt and evaluation_due(start_iter) and not checkpoint.evaluated(metrics_path, start_iter)
-    if distributed.sum_over_processes([int(bool(main_process and missing))], device)[0]:  # rank 0 decides
-        log(f"the evaluation at iteration {start_iter} is missing from {metrics_path}: evaluating now")
-        evaluate_and_log(start_iter)
+    if ckpt and evaluation_due(args, start_iter) and checkpoint.evaluation_missing(metrics, start_iter, device, log):
+        evaluate.evaluate_and_log(model, val_set, device, start_iter, metrics, amp=args.amp, workers=args.workers)
+
     seen = dict(ckpt["seen"]) if ckpt else {"images": 0, "instances": 0, "pixels": 0}
     bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, dynamic_ncols=True,
                disable=not main_process)
     tic, tic_iter = time.perf_counter(), start_iter  # sec_per_iter: the time since tic over the iterations since
     for it in bar:
-        lr = lr_at(it, args.lr, args.lr_steps, args.lr_gamma, args.warmup_iters, args.warmup_factor)
+        lr = schedule.lr_at(it, args.lr, args.lr_steps, args.lr_gamma, args.warmup_iters, args.warmup_factor)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        try:
-            images, image_sizes, targets = next(batches)
-        except data.DataError as e:  # raised in a loader worker: the one line that names the culprit
-            sys.exit(f"error: {e.line()}")
-        images = images.to(device, non_blocking=True,
-                           memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        images, image_sizes, targets = next_batch(batches, device, channels_last=args.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype(args.amp), enabled=args.amp != "none"):
             losses = net(images, image_sizes, targets)
         loss = sum(losses.values())
         # the joint batch's losses (their mean over processes), so every process takes the same decisions below
         terms = distributed.mean_over_processes(losses)
         total = sum(terms.values())
-        if not torch.isfinite(total):
-            bad = ", ".join(f"{k} = {v.item():.4g}" for k, v in terms.items() if not torch.isfinite(v))
-            last = checkpoint.latest(args.output_dir)
-            sys.exit(f"error: non-finite loss at iteration {it}: {bad}; the last good checkpoint is {last}")
+        stop_if_not_finite(total, terms, it, args.output_dir)
 
         optimizer.zero_grad(set_to_none=True)
         if scaler:
@@ -378,16 +339,12 @@ def main(argv=None):
                    **{f"seen_{k}": v for k, v in seen.items()}}
             if device.type == "cuda":
                 row["max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            checkpoint.write_row(metrics, row)
             tic, tic_iter = time.perf_counter(), done
-        if done % args.ckpt_period == 0 or done == args.max_iters:
-            rng = distributed.gather(checkpoint.rng_state())  # every process's, so that resume is exact for each
-            if main_process:
-                checkpoint.save(os.path.join(args.output_dir, f"model_{done:07d}.pth"), model, optimizer, scaler,
-                                done, args, seen, rng)
-        if evaluation_due(done):
-            evaluate_and_log(done)
+        if done % args.ckpt_period == 0 or done == args.max_iters:  # every process: each one's RNG state is saved
+            checkpoint.save(args.output_dir, done, model, optimizer, scaler, args, seen)
+        if evaluation_due(args, done):
+            evaluate.evaluate_and_log(model, val_set, device, done, metrics, amp=args.amp, workers=args.workers)
             tic, tic_iter = time.perf_counter(), done  # the evaluation is not training time
     if main_process:
         metrics.close()

@@ -1,106 +1,18 @@
-"""PASCAL VOC: the VOCdevkit reader, the paper's VOC split, and VOC mAP at IoU 0.5.
+"""PASCAL VOC evaluation: VOC mAP at IoU 0.5, area and 11-point (the VOC reader is data.VOCDataset).
 
 Rethinking ImageNet Pre-training (arXiv:1811.08883) Sec. 5.2: Faster R-CNN R101-FPN + GN (preset r101_fpn_gn_faster)
-trained on VOC2007 trainval + VOC2012 train (the paper: about 15k images, 2.3 objects per image, 20 classes; these
-two image sets hold 5,011 + 5,717 = 10,728 images) and evaluated on VOC2012 val: 82.7 mAP pre-trained (18k
-iterations) against 77.6 from scratch (144k), which does not catch up.
+trained on VOC2007 trainval + VOC2012 train and evaluated on VOC2012 val: 82.7 mAP pre-trained (18k iterations)
+against 77.6 from scratch (144k), which does not catch up.
 Metric: Everingham et al., "The PASCAL Visual Object Classes (VOC) Challenge" (IJCV 2010) Sec. 4.2 (11-point AP,
 VOC2007); from VOC2010 on, the devkit takes the area under the interpolated precision/recall curve instead.
-
-Layout: root/VOC{2007,2012}/Annotations/NAME.xml, JPEGImages/NAME.jpg, ImageSets/Main/{train,val,trainval,test}.txt.
-The ground truth becomes an in-memory COCO (as data.PennFudanDataset does), so train.py and evaluate.py run on it
-unchanged: image ids 1..N in split-file order (unique across the years), categories 1..20 in VOC's order, bbox
-[x, y, w, h] in 0-based continuous pixels, iscrowd 0, no segmentation, and a "difficult" flag per object.
-Difficult objects are not training targets (data._CocoStyleDataset skips them), as in py-faster-rcnn (Detectron2
-trains on them; the paper does not say); VOC mAP treats them as "ignore".
-COCOeval, which evaluate.py also runs, knows nothing of the flag and counts them as ordinary objects.
+Objects marked "difficult" count as "ignore": neither found nor missed.
 
 Shapes: D detections of one class over all images, D_i detections and G ground-truth boxes of one image.
 """
-import math
-import os
-import xml.etree.ElementTree as ET
-
 import numpy as np
 import torch
 
 from boxes import box_iou
-from data import DataError, _CocoStyleDataset
-
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-
-# Sec. 5.2: train on trainval2007 + train2012, evaluate on val2012.
-PAPER_SPLITS = {"train": (("2007", "trainval"), ("2012", "train")), "val": (("2012", "val"),)}
-
-
-def read_annotation(xml_file):
-    """One VOC XML -> (width, height, [(class name, [x1, y1, x2, y2] in 0-based continuous pixels, difficult 0/1)])."""
-    try:
-        tree = ET.parse(xml_file)
-    except FileNotFoundError:
-        raise DataError(f"missing annotation file {xml_file}") from None
-    except (OSError, ET.ParseError) as e:
-        raise DataError(f"unreadable annotation file {xml_file}: {e}") from None
-    try:
-        width, height = (int(tree.findtext(f"size/{key}")) for key in ("width", "height"))
-        objects = []
-        for obj in tree.iterfind("object"):
-            name = obj.findtext("name").strip()
-            if name not in VOC_CLASSES:
-                raise DataError(f"{xml_file}: unknown class {name!r} (not one of the 20 VOC classes)")
-            x1, y1, x2, y2 = (float(obj.findtext(f"bndbox/{key}")) for key in ("xmin", "ymin", "xmax", "ymax"))
-            if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):  # float() reads "nan" and "inf"
-                raise DataError(f"{xml_file}: {name} bndbox {[x1, y1, x2, y2]} is not finite")
-            # VOC stores 1-based inclusive pixel indices: (xmin=1, xmax=W) is the whole image, i.e. [0, W] in
-            # continuous coordinates. As Detectron2 does (detectron2/data/datasets/pascal_voc.py,
-            # load_voc_instances): subtract 1 from xmin and ymin, keep xmax and ymax.
-            difficult = int(obj.findtext("difficult") or 0)  # a missing tag means not difficult
-            objects.append((name, [x1 - 1, y1 - 1, x2, y2], difficult))
-    except DataError:  # a ValueError too, but one that already names the file and the problem
-        raise
-    except (TypeError, ValueError, AttributeError) as e:  # a missing tag (None) or a non-number
-        raise DataError(f"{xml_file}: missing or malformed size, name or bndbox ({e})") from None
-    return width, height, objects
-
-
-class VOCDataset(_CocoStyleDataset):
-    """VOC image sets, e.g. (("2007", "trainval"), ("2012", "train")), as one data set with boxes only."""
-
-    has_masks = False
-
-    def __init__(self, root, image_sets=PAPER_SPLITS["train"], train=False, min_size=800, max_size=1333,
-                 flip_prob=0.5, subset=None, subset_seed=0):
-        list_files = {(year, image_set): os.path.join(root, f"VOC{year}", "ImageSets", "Main", f"{image_set}.txt")
-                      for year, image_set in image_sets}
-        missing = [path for path in list_files.values() if not os.path.isfile(path)]  # before reading anything
-        if missing:
-            raise DataError(f"missing {missing[0]} (a VOCdevkit holds VOC<year>/ImageSets/Main/<image set>.txt)")
-        images, annotations = [], []
-        for (year, image_set), list_file in list_files.items():
-            with open(list_file) as f:
-                names = [line.split()[0] for line in f if line.strip()]
-            for name in names:
-                image_id = len(images) + 1
-                width, height, objects = read_annotation(os.path.join(root, f"VOC{year}", "Annotations", f"{name}.xml"))
-                images.append({"id": image_id, "file_name": os.path.join(f"VOC{year}", "JPEGImages", f"{name}.jpg"),
-                               "height": height, "width": width})
-                for class_name, (x1, y1, x2, y2), difficult in objects:
-                    annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                        "category_id": VOC_CLASSES.index(class_name) + 1, "iscrowd": 0,
-                                        "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                                        "difficult": difficult})
-        data = {"images": images, "annotations": annotations,
-                "categories": [{"id": i + 1, "name": name} for i, name in enumerate(VOC_CLASSES)]}
-        source = f"{root} ({' + '.join(f'VOC{year} {image_set}' for year, image_set in image_sets)})"
-        self._setup(data, source, root, train, min_size, max_size, flip_prob, subset, subset_seed)
-
-    @classmethod
-    def paper_split(cls, root, split, **kwargs):
-        """train.py's --data VOCdevkit: "train" = VOC2007 trainval + VOC2012 train, "val" = VOC2012 val (Sec. 5.2)."""
-        if split not in PAPER_SPLITS:
-            raise DataError(f"VOC split must be one of {', '.join(PAPER_SPLITS)}, got {split!r}")
-        return cls(root, PAPER_SPLITS[split], **kwargs)
 
 
 def voc_ap(recall, precision, use_07_metric=False):
@@ -136,7 +48,7 @@ def voc_eval(annotations, results, categories, iou_threshold=0.5, use_07_metric=
     difficult box: ignored (neither true nor false positive); with a box not matched yet: a true positive, and the
     box is taken; with a taken box: a false positive (a duplicate). Below the threshold: a false positive.
     Unlike COCOeval, a duplicate does not fall back to the next best unmatched box. IoU here is that of continuous
-    boxes; with read_annotation's conversion it equals the devkit's "+1" IoU on the 1-based inclusive boxes.
+    boxes; with data.read_voc_annotation's conversion it equals the devkit's "+1" IoU on the 1-based inclusive boxes.
     (py-faster-rcnn and Detectron2 test IoU > 0.5; the devkit, followed here, tests >= 0.5.)
     """
     gts = {}  # image id -> [(category id, [x1, y1, x2, y2], difficult)]

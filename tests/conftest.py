@@ -15,13 +15,14 @@ def train_briefly(model, dataset, iters, lr_step, base_lr=0.02, batch_size=4, wa
     import torch  # here, so that importing conftest stays cheap
 
     import data
+    import schedule
     import train
     optimizer = torch.optim.SGD(train.param_groups(model, 1e-4), lr=base_lr, momentum=0.9)
     batches = data.make_train_loader(dataset, batch_size=batch_size, seed=0, workers=0)
     model.train()
     for it in range(iters):
         for group in optimizer.param_groups:
-            group["lr"] = train.lr_at(it, base_lr, steps=(lr_step,), warmup_iters=warmup_iters)
+            group["lr"] = schedule.lr_at(it, base_lr, steps=(lr_step,), warmup_iters=warmup_iters)
         images, image_sizes, targets = next(batches)
         losses = model(images, image_sizes, targets)
         optimizer.zero_grad()

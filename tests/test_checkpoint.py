@@ -83,3 +83,18 @@ def test_resume_refuses_a_changed_trajectory_flag(tmp_path, flag, value):
     setattr(args, flag, value)
     with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} "):
         checkpoint.load_for_resume(str(path), args)
+
+
+def test_find_resume_refuses_another_process_count_and_a_held_folder_but_not_a_dry_run(tmp_path):
+    import train
+    args = train.resolve(train.get_args(["--device", "cpu", "--output-dir", str(tmp_path)]))
+    torch.save({"model": {}, "optimizer": {}, "rng": [{}, {}], "args": dict(vars(args))},
+               tmp_path / "model_0000001.pth")                                # written by 2 processes
+    args.resume = "auto"
+    with pytest.raises(SystemExit, match=r"model_0000001\.pth was written by 2 process\(es\); resume it with as many"):
+        checkpoint.find_resume(args)
+    args.resume = None                                                        # a new run where a run is
+    with pytest.raises(SystemExit, match="already holds a run"):
+        checkpoint.find_resume(args)
+    args.dry_run = True                                                       # writes nothing: not refused
+    assert checkpoint.find_resume(args) == (None, None)

@@ -16,6 +16,7 @@ import data
 import distributed
 import evaluate
 import model
+import schedule
 import train
 from conftest import ROOT
 from shapes import make_shapes
@@ -182,7 +183,7 @@ def test_torchrun_train_evaluate_and_resume(shapes_dir, tmp_path, monkeypatch, c
     assert "batch 4 (2 process(es) x 2)" in stdout
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["iter"] for r in rows] == [2, 4, 4]  # two training rows and one evaluation row, written once
-    assert rows[1]["seen_images"] == 4 * 4 and rows[0]["lr"] == pytest.approx(train.lr_at(1, 0.02, [3], 0.1, 50))
+    assert rows[1]["seen_images"] == 4 * 4 and rows[0]["lr"] == pytest.approx(schedule.lr_at(1, 0.02, [3], 0.1, 50))
     assert "bbox/AP" in rows[2] and "segm/AP" in rows[2]
     assert json.load(open(out / "args.json"))["world_size"] == 2
 

@@ -190,7 +190,7 @@ def test_out_is_written_where_it_says(tmp_path, capsys):
     assert f"wrote {tmp_path / 'fig2.pdf'}\n" in capsys.readouterr().out
 
 
-def test_draw_predictions_side_by_side(tmp_path, monkeypatch):
+def test_draw_predictions_side_by_side(tmp_path):
     shapes = tmp_path / "shapes"
     make_shapes(str(shapes), num_train=4, num_val=2)
     run = tmp_path / "run"
@@ -200,15 +200,15 @@ def test_draw_predictions_side_by_side(tmp_path, monkeypatch):
                 "--data", "custom", "--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--min-size", "96",
                 "--workers", "0", "--max-iters", "1", "--no-eval", "--output-dir", str(run)])
     # Score threshold 0: an untrained model scores low, but its boxes and masks are still drawn.
-    panels, draw_panel = [], plot._draw_panel
-    monkeypatch.setattr(plot, "_draw_panel", lambda ax, image, boxes, *rest: panels.append(boxes)
-                        or draw_panel(ax, image, boxes, *rest))
-    paths = plot.draw_predictions(str(run / "model_0000001.pth"), str(tmp_path / "pred"), num=8, score_thresh=0.0)
-    assert len(paths) == 2                                                    # only 2 validation images exist
-    for path in paths:
-        with Image.open(path) as image:
-            assert image.size == (2 * 160, 128)                               # GT | predictions, each 160 x 128
+    drawn = plot.draw_predictions(str(run / "model_0000001.pth"), str(tmp_path / "pred"), num=8, score_thresh=0.0)
+    assert len(drawn) == 2                                                    # only 2 validation images exist
+    for image in drawn:
+        with Image.open(image["path"]) as png:
+            assert png.size == (2 * 160, 128)                                 # GT | predictions, each 160 x 128
     # per image: the GT boxes of the json on the left, the model's (all of them at threshold 0) on the right
     gt = json.loads((shapes / "annotations" / "instances_val.json").read_text())["annotations"]
-    assert [len(b) for b in panels[0::2]] == [sum(a["image_id"] == i for a in gt) for i in (1, 2)]
-    assert all(len(b) > 0 for b in panels[1::2])
+    for image_id, image in zip((1, 2), drawn):
+        assert image["ground_truth"] == [[x, y, x + w, y + h] for x, y, w, h in
+                                         (a["bbox"] for a in gt if a["image_id"] == image_id)]
+        assert len(image["predictions"]) > 0
+        assert all(0 <= x1 <= x2 <= 160 and 0 <= y1 <= y2 <= 128 for x1, y1, x2, y2 in image["predictions"])

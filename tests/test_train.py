@@ -11,28 +11,29 @@ from pycocotools.coco import COCO
 import data
 import evaluate
 import checkpoint
+import schedule
 import train
 from shapes import make_shapes
 
 
 def test_schedule_at_batch_16():
     # Rethinking Sec. 4: 2x = 180k iterations, LR drops at the last 60k and 20k; 6x drops at 480k and 520k.
-    assert train.schedule(2, 16) == (180_000, [120_000, 160_000])
-    assert train.schedule(6, 16) == (540_000, [480_000, 520_000])
-    assert train.schedule(2.5, 16) == (225_000, [165_000, 205_000])
+    assert schedule.schedule(2, 16) == (180_000, [120_000, 160_000])
+    assert schedule.schedule(6, 16) == (540_000, [480_000, 520_000])
+    assert schedule.schedule(2.5, 16) == (225_000, [165_000, 205_000])
     # Up to 2x, Detectron's 1x proportions: 60k and 80k of 90k (the last-60k rule would give 30k and 70k).
-    assert train.schedule(1, 16) == (90_000, [60_000, 80_000])
-    assert train.schedule(0.5, 16) == (45_000, [30_000, 40_000])
+    assert schedule.schedule(1, 16) == (90_000, [60_000, 80_000])
+    assert schedule.schedule(0.5, 16) == (45_000, [30_000, 40_000])
 
 
 def test_schedule_scales_with_batch():
     # Batch 2 sees 8x fewer images per iteration, so every count is 8x larger (linear scaling rule).
-    assert train.schedule(2, 2) == (1_440_000, [960_000, 1_280_000])
-    assert train.schedule(6, 2) == (4_320_000, [3_840_000, 4_160_000])
+    assert schedule.schedule(2, 2) == (1_440_000, [960_000, 1_280_000])
+    assert schedule.schedule(6, 2) == (4_320_000, [3_840_000, 4_160_000])
 
 
 def test_lr_warmup_and_steps():
-    lr = lambda it: train.lr_at(it, 0.02, steps=(100, 200), gamma=0.1, warmup_iters=50, warmup_factor=1 / 3)
+    lr = lambda it: schedule.lr_at(it, 0.02, steps=(100, 200), gamma=0.1, warmup_iters=50, warmup_factor=1 / 3)
     assert lr(0) == pytest.approx(0.02 / 3)
     assert lr(25) == pytest.approx(0.02 * (1 / 3 * 0.5 + 0.5))       # half-way along the linear ramp
     assert lr(50) == pytest.approx(0.02)
@@ -283,7 +284,7 @@ def test_torchvision_imagenet_checkpoint_loads_into_the_backbone(tmp_path, capsy
 def test_speed_flags_leave_the_losses_unchanged(shapes, tmp_path, monkeypatch, flag):
     """NHWC memory format and torch.compile (of the backbone and FPN) change how, not what, is computed.
     The compile test traces with TorchDynamo + AOTAutograd but skips Inductor's C++ code generation ("aot_eager"),
-    which took 9 minutes here on a 2-core CPU."""
+    which is slow to compile on a CPU."""
     compile_module, compiled = torch.nn.Module.compile, []
     monkeypatch.setattr(torch.nn.Module, "compile",
                         lambda self: compiled.append(type(self).__name__) or compile_module(self, backend="aot_eager"))
@@ -392,3 +393,20 @@ def test_infinite_loss_stops_too(shapes, tmp_path, monkeypatch):
     monkeypatch.setattr(model.MaskRCNN, "forward", inf_mask_loss)
     with pytest.raises(SystemExit, match=r"non-finite loss at iteration 0: loss_mask = inf"):
         train.main(run_args(shapes, tmp_path, "--max-iters", "2", "--no-eval"))
+
+
+def test_plain_ops_is_recorded_and_reaches_the_model(shapes, tmp_path, monkeypatch):
+    """--plain-ops sets plain_ops on every module that has the switch, in training and in the model evaluate.py
+    rebuilds from the run (unless its own --plain-ops says otherwise)."""
+    import model
+    switches = lambda detector: [m.plain_ops for m in detector.modules() if hasattr(m, "plain_ops")]
+    forward, trained = model.MaskRCNN.forward, []
+    monkeypatch.setattr(model.MaskRCNN, "forward",
+                        lambda self, *args, **kwargs: trained.append(switches(self)) or forward(self, *args, **kwargs))
+    train.main(run_args(shapes, tmp_path, "--max-iters", "1", "--no-eval", "--plain-ops"))
+    assert json.loads((tmp_path / "args.json").read_text())["plain_ops"] is True
+    assert trained and all(trained[0])
+    rebuilt, _ = evaluate.load_run(str(tmp_path / "model_0000001.pth"))
+    assert switches(rebuilt) and all(switches(rebuilt))
+    fast, _ = evaluate.load_run(str(tmp_path / "model_0000001.pth"), plain_ops=False)
+    assert not any(switches(fast))

@@ -10,9 +10,9 @@ from PIL import Image
 
 import evaluate
 import train
-from data import DataError, build_dataset
+from data import VOC_CLASSES, DataError, VOCDataset, build_dataset, read_voc_annotation
 from model import build_model
-from voc import VOC_CLASSES, VOCDataset, read_annotation, voc_ap, voc_eval, voc_metrics
+from voc import voc_ap, voc_eval, voc_metrics
 
 W, H = 64, 48  # every generated image
 
@@ -58,7 +58,7 @@ def devkit(tmp_path):
 
 
 def test_reader_classes_boxes_and_difficult(devkit):
-    width, height, objects = read_annotation(devkit / "VOC2007" / "Annotations" / "000001.xml")
+    width, height, objects = read_voc_annotation(devkit / "VOC2007" / "Annotations" / "000001.xml")
     assert (width, height) == (W, H)
     # 1-based inclusive -> continuous: (1, 1, W, H) covers the whole image, [0, 0, W, H] (Detectron2's rule).
     assert objects == [("dog", [0.0, 0.0, W, H], 0), ("person", [10.0, 20.0, 30.0, 40.0], 1)]
@@ -109,18 +109,18 @@ def test_reader_errors_name_the_culprit(devkit, tmp_path):
     xml = devkit / "VOC2007" / "Annotations" / "000002.xml"
     write_xml(xml, [("unicorn", 1, 1, 5, 5, 0)])
     with pytest.raises(DataError) as e:
-        read_annotation(xml)
+        read_voc_annotation(xml)
     assert str(e.value) == f"{xml}: unknown class 'unicorn' (not one of the 20 VOC classes)"  # not re-wrapped
     for value in ("nan", "inf", "-inf"):  # float() reads them; the loss would turn non-finite, naming no file
         write_xml(xml, [("dog", 1, 1, value, 5, 0)])
         with pytest.raises(DataError, match=rf"000002\.xml: dog bndbox \[1.0, 1.0, {value}, 5.0\] is not finite"):
-            read_annotation(xml)
+            read_voc_annotation(xml)
     xml.write_text("<annotation><size><width>64</width>")
     with pytest.raises(DataError, match=r"unreadable annotation file .*000002\.xml"):
-        read_annotation(xml)
+        read_voc_annotation(xml)
     xml.write_text("<annotation><size><width>64</width></size></annotation>")
     with pytest.raises(DataError, match=r"000002\.xml: missing or malformed size"):
-        read_annotation(xml)
+        read_voc_annotation(xml)
     with pytest.raises(DataError, match="VOC split must be one of train, val"):
         VOCDataset.paper_split(str(devkit), "test")
 
@@ -237,7 +237,7 @@ def test_a_missing_difficult_tag_means_not_difficult(tmp_path):
     path.write_text(f"<annotation><size><width>{W}</width><height>{H}</height></size><object><name>dog</name>"
                     f"<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>"
                     f"</annotation>")
-    assert read_annotation(path)[2] == [("dog", [0.0, 1.0, 30.0, 40.0], 0)]
+    assert read_voc_annotation(path)[2] == [("dog", [0.0, 1.0, 30.0, 40.0], 0)]
 
 
 def test_voc_metrics_names_the_area_and_11_point_numbers():
