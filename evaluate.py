@@ -192,10 +192,10 @@ def main(argv=None):
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
-    p.add_argument("--plain-ops", action="store_true", default=None,
+    p.add_argument("--plain-ops", action=argparse.BooleanOptionalAction, default=None,
                    help="run the paper's plain versions of GroupNorm, NMS, RoIAlign, mask targets and mask pasting "
-                        "instead of the fast equivalents of fast_ops.py (equal results, slower; default: the run's "
-                        "own choice)")
+                        "instead of the fast equivalents of fast_ops.py (equal results, slower), or not "
+                        "(--no-plain-ops); default: as the run was trained")
     p.add_argument("--workers", type=non_negative_int, default=2, help="data loader worker processes")
     p.add_argument("--results", type=output_file, help="write the COCO results json here")
     p.add_argument("--tta-scales", type=scale_list, default=(),
