@@ -8,6 +8,9 @@ The paper uses one of two remedies everywhere (backbone, FPN and heads, Sec. 4):
     channels of one image, independent of the batch size.
   - Synchronized BN (Peng et al. 2018, MegDet): BN whose statistics are computed over the images of all GPUs.
 FrozenBatchNorm2d is the pre-training baseline ("BN*"): BN turned into a fixed per-channel affine transform.
+The file opens with GroupNorm as the GN paper writes it (group_norm); the GroupNorm layer runs fast_ops.group_norm,
+its equal with a written-out backward, unless plain_ops is set. The box, mask and keypoint heads build their conv
+blocks with the norm switch here (conv_norm_relu, head_convs).
 
 Shapes: N images, C channels, G groups, H, W spatial size (any number of trailing spatial dims is allowed).
 """
