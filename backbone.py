@@ -1,8 +1,8 @@
 """Backbones: ResNet / ResNeXt (returning C2..C5) and VGG-16 (returning conv5_3).
 
-- ResNet: He et al. 2016, "Deep Residual Learning for Image Recognition" (arXiv:1512.03385), Sec. 3.3 and Table 1
-  (bottleneck blocks, Fig. 5 right). We follow torchvision's "V1.5": the stride-2 sits in the 3x3 conv of a block,
-  not in its first 1x1 conv (Detectron's RESNETS.STRIDE_1X1 False, the setting of the paper's scratch configs).
+- ResNet: He et al. 2016, "Deep Residual Learning for Image Recognition" (arXiv:1512.03385), Sec. 3.3 and Table 1;
+  bottleneck blocks: Sec. 4.1, Fig. 5 right. We follow torchvision's "V1.5": the stride-2 sits in the 3x3 conv of a
+  block, not in its first 1x1 conv (Detectron's RESNETS.STRIDE_1X1 False, the setting of the paper's scratch configs).
 - ResNeXt: Xie et al. 2017, "Aggregated Residual Transformations" (arXiv:1611.05431), Sec. 3.3 and Fig. 3(c): the
   3x3 conv of each bottleneck is a grouped conv with `groups` (cardinality C) groups of `width_per_group` (d)
   channels in the first stage, written "{C}x{d}d". torchvision's resnext101_32x8d is groups=32, width_per_group=8.

@@ -87,20 +87,11 @@ class BoxCoder:
         return boxes.reshape(shape)
 
 
-def image_limits(image_sizes, like):
-    """[(h, w)] per image -> (N, 4) upper bounds (w, h, w, h) with like's dtype and device, for clip_boxes.
-    Written entry by entry (fills): a tensor made from a Python list is a host-to-device copy, which waits for a GPU."""
-    limits = like.new_empty((len(image_sizes), 4))
-    for limit, (h, w) in zip(limits, image_sizes):
-        limit[0::2], limit[1::2] = w, h
-    return limits
-
-
 def clip_boxes(boxes, size):
-    """Clamp (..., 4) boxes into their image. size: (h, w), or limits (w, h, w, h) broadcasting against boxes, as
-    image_limits gives them (a batch of boxes from several images clipped at once)."""
-    limits = size if isinstance(size, torch.Tensor) else image_limits([size], boxes)[0]  # (..., 4) or (4,)
-    return torch.min(boxes.clamp(min=0), limits)
+    """Clamp (..., 4) boxes into their image. size: (h, w), or a tensor of upper bounds (w, h, w, h) broadcasting
+    against boxes (fast_ops clips the boxes of several images at once)."""
+    limits = size if isinstance(size, torch.Tensor) else boxes.new_tensor([size[1], size[0], size[1], size[0]])
+    return torch.min(boxes.clamp(min=0), limits)  # (..., 4) against (4,) or (..., 4)
 
 
 def big_enough(boxes, min_size):
@@ -125,7 +116,7 @@ def nms(boxes, scores, iou_threshold):
         best, rest = order[0], order[1:]
         keep.append(best)
         iou = box_iou(boxes[best, None], boxes[rest])[0]  # (len(rest),) overlap of each remaining box with the best
-        order = rest[iou <= iou_threshold]  # drop those it suppresses
+        order = rest[~(iou > iou_threshold)]  # drop those it suppresses (a NaN IoU of empty boxes suppresses none)
     return torch.stack(keep) if keep else order
 
 

@@ -97,41 +97,41 @@ def find_resume(args):
     return path, ckpt
 
 
-def write_args(args):
-    """args.json in --output-dir (created): the run's resolved flags. Written once nothing can refuse the run any
-    more, so that a dry run or a refused resume leaves a run's files as they were."""
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-    except OSError as e:
-        sys.exit(f"error: cannot write into --output-dir {args.output_dir}: {e}")
-
-
-def restore(path, ckpt, model, optimizer, scaler, max_iters, log=print):
-    """Load the checkpoint ckpt (read from path) into the model, the optimizer (momentum buffers) and the GradScaler;
-    returns the iteration to continue from, 0 without a checkpoint. The RNG states are set apart (set_rng_state),
-    once the data loader exists."""
+def start_run(args, path, ckpt, model, optimizer, scaler, evaluation_due, rank, device, log=print):
+    """All that a run does to its folder and its state before its first iteration, once nothing can refuse it any
+    more (find_resume, --dry-run), so that a refused run leaves a run's files as they were. Every process calls it.
+    - rank 0 writes args.json (the resolved flags) and opens metrics.jsonl for appending; a resumed run first cuts a
+      half-written last row (the run was killed while writing it);
+    - with a checkpoint ckpt (read from path): the model, the optimizer (momentum buffers), the GradScaler and this
+      process's RNG states continue from it. Call it after the data loader exists, whose workers draw their seeds
+      from the torch RNG, so that the RNG streams continue exactly where they stopped.
+    Returns (metrics.jsonl on rank 0, None on the others; whether the evaluation due at the checkpoint's iteration
+    (evaluation_due) is missing from metrics.jsonl, as after a run killed while evaluating: rank 0 decides for all).
+    """
+    metrics = None
+    if rank == 0:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=1)
+        except OSError as e:
+            sys.exit(f"error: cannot write into --output-dir {args.output_dir}: {e}")
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        if ckpt and os.path.exists(metrics_path):
+            with open(metrics_path, "rb+") as f:
+                f.truncate(f.read().rfind(b"\n") + 1)
+        metrics = open(metrics_path, "a")
     if ckpt is None:
-        return 0
+        return metrics, False
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"][rank])
     log(f"resumed from {path} at iteration {ckpt['iteration']}")
-    if ckpt["iteration"] >= max_iters:
+    if ckpt["iteration"] >= args.max_iters:
         log(f"the run has ended (metrics.jsonl holds its rows); evaluate.py --checkpoint {path} evaluates it")
-    return ckpt["iteration"]
-
-
-def open_metrics(output_dir, resumed):
-    """The run's metrics.jsonl, opened for appending. A run killed while writing a row left half of it: a resumed
-    run first cuts the file after its last complete line."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    if resumed and os.path.exists(path):
-        with open(path, "rb+") as f:
-            f.truncate(f.read().rfind(b"\n") + 1)
-    return open(path, "a")
+    return metrics, evaluation_due and _evaluation_missing(metrics, ckpt["iteration"], device, log)
 
 
 def write_row(metrics, row):
@@ -140,7 +140,7 @@ def write_row(metrics, row):
     metrics.flush()
 
 
-def evaluation_missing(metrics, iteration, device, log=print):
+def _evaluation_missing(metrics, iteration, device, log=print):
     """Whether the run's metrics.jsonl lacks the evaluation row (one without a "loss") of this iteration, as after a
     run killed while evaluating, resumed from the checkpoint of the iteration it was evaluating. metrics: the open
     metrics.jsonl on rank 0, None on the other processes; rank 0 reads it and decides for all of them (every process

@@ -193,8 +193,9 @@ def main(argv=None):
                    help="cpu or cuda")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision autocast")
     p.add_argument("--plain-ops", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the paper's plain versions of GroupNorm, NMS, RoIAlign, mask targets and mask pasting "
-                        "instead of the fast equivalents of fast_ops.py (equal results, slower), or not "
+                   help="run the paper's plain versions of GroupNorm, NMS, proposal selection, RoIAlign, mask targets "
+                        "and mask pasting instead of the fast equivalents of fast_ops.py (equal up to float rounding, "
+                        "slower), or not "
                         "(--no-plain-ops); default: as the run was trained")
     p.add_argument("--workers", type=non_negative_int, default=2, help="data loader worker processes")
     p.add_argument("--results", type=output_file, help="write the COCO results json here")

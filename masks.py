@@ -40,7 +40,7 @@ class MaskHead(nn.Module):
         channels = conv_dim if num_convs else in_channels
         self.deconv = nn.ConvTranspose2d(channels, conv_dim, kernel_size=2, stride=2)  # 14 -> 28
         self.mask_logits = nn.Conv2d(conv_dim, num_classes, kernel_size=1)  # one mask per class, no competition
-        msra_init_(self)  # all three kinds of conv, bias 0 (torchvision's MaskRCNNHeads)
+        msra_init_(self)  # all three kinds of conv, biases 0: Detectron's (torchvision's predictor keeps nn.Conv's)
         self.resolution, self.sampling_ratio, self.aligned = resolution, sampling_ratio, aligned
 
     def forward(self, x):
@@ -114,7 +114,7 @@ def paste_masks(mask_probs, boxes, image_size, padding=1):
         x0, x1, y0, y1 = (int(v) for v in (cx - half_w, cx + half_w, cy - half_h, cy + half_h))  # truncated
         box_h, box_w = max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)  # pixels y0..y1 and x0..x1, both ends included
         mask = F.interpolate(masks[d][None, None], size=(box_h, box_w), mode="bilinear", align_corners=False)[0, 0]
-        top, left, bottom, right = max(y0, 0), max(x0, 0), min(y0 + box_h, h), min(x0 + box_w, w)  # clipped
+        top, left, bottom, right = max(y0, 0), max(x0, 0), min(y1 + 1, h), min(x1 + 1, w)  # clipped to the image
         if top < bottom and left < right:
             pasted[d, 0, top:bottom, left:right] = mask[top - y0:bottom - y0, left - x0:right - x0]
     return pasted.to(mask_probs.dtype)

@@ -26,7 +26,7 @@ NORM_KINDS = ("gn", "syncbn", "bn", "frozen_bn", "none")
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """Group Normalization (Wu & He 2018, Sec. 3.1; their Fig. 3 in PyTorch): x (N, C, *) -> the same shape.
+    """Group Normalization (Wu & He 2018, Sec. 3.1; their Fig. 3, in PyTorch): x (N, C, *) -> the same shape.
 
     Each image's C channels form G groups of C/G channels; each group is normalized by the mean and the (biased)
     variance of its C/G * H * W values, then every channel gets its own scale gamma and shift beta. Statistics are

@@ -23,7 +23,7 @@ from torch import nn
 
 import fast_ops
 from backbone import msra_init_
-from boxes import BalancedSampler, BoxCoder, Matcher, batched_nms, big_enough, box_iou, clip_boxes, image_limits
+from boxes import BalancedSampler, BoxCoder, Matcher, batched_nms, big_enough, box_iou, clip_boxes
 from distributed import loss_denominator
 from norm import head_convs
 from roi_align import multilevel_roi_align
@@ -227,28 +227,15 @@ def positive_rois(rois, labels, matched):
 def select_detections(scores, boxes, per_image, image_sizes, score_thresh, nms_thresh, detections_per_img,
                       nms=batched_nms):
     """Class probabilities (R, K) and boxes (R, K, 4) of the RoIs of all images (per_image of them per image)
-    -> per image {"boxes" (D, 4), "labels" (D,), "scores" (D,)}: background dropped, scores > score_thresh, NMS per
-    class at nms_thresh (nms: boxes.batched_nms or fast_ops.batched_nms), the detections_per_img best.
-
-    All images at once: one NMS whose groups are (image, class) pairs. Host syncs: listing the candidates, the NMS,
-    and the number of detections per image."""
-    K, N = scores.shape[1], len(per_image)
-    image = torch.empty(boxes.shape[0], dtype=torch.int64, device=boxes.device)  # (R,) image of each RoI
-    for i, img in enumerate(image.split(per_image)):
-        img.fill_(i)  # fills, not a host-to-device copy
-    limits = image_limits(image_sizes, boxes)[image, None]  # (R, 1, 4) each RoI's image bounds
-    b = clip_boxes(boxes[:, 1:], limits)  # (R, K-1, 4): background dropped
-    s = scores[:, 1:]  # (R, K-1)
-    # scores > score_thresh, and boxes of at least 0.01 pixel (torchvision's remove_small_boxes)
-    candidate = (s > score_thresh) & big_enough(b, 1e-2)
-    roi, column = torch.where(candidate)  # (D0,) each: RoI-major, class-minor, as torchvision flattens them
-    b, s, labels, image = b[roi, column], s[roi, column], column + 1, image[roi]
-    keep = nms(b, s, image * K + labels, nms_thresh)  # NMS per image and class, by score
-    keep = keep[torch.sort(image[keep], stable=True).indices]  # grouped by image, still by score inside
-    counts = torch.bincount(image[keep], minlength=N).tolist()  # host sync: detections per image before the cap
-    detections, start = [], 0
-    for count in counts:
-        top = keep[start:start + min(count, detections_per_img)]
-        detections.append({"boxes": b[top], "labels": labels[top], "scores": s[top]})
-        start += count
+    -> per image {"boxes" (D, 4), "labels" (D,), "scores" (D,)}: boxes clipped to the image, background dropped,
+    scores > score_thresh, NMS per class at nms_thresh (nms: boxes.batched_nms or fast_ops.batched_nms), the
+    detections_per_img best (Mask R-CNN Sec. 3.1 "Inference"; torchvision's postprocess_detections)."""
+    detections = []
+    for s, b, size in zip(scores.split(per_image), boxes.split(per_image), image_sizes):  # one image at a time
+        b, s = clip_boxes(b[:, 1:], size), s[:, 1:]  # (R_i, K-1, 4), (R_i, K-1): background dropped
+        # scores > score_thresh, and boxes of at least 0.01 pixel (torchvision's remove_small_boxes)
+        roi, column = torch.where((s > score_thresh) & big_enough(b, 1e-2))  # RoI-major, class-minor as torchvision
+        b, s, labels = b[roi, column], s[roi, column], column + 1
+        keep = nms(b, s, labels, nms_thresh)[:detections_per_img]  # NMS per class, by decreasing score
+        detections.append({"boxes": b[keep], "labels": labels[keep], "scores": s[keep]})
     return detections

@@ -27,7 +27,7 @@ import schedule
 from flags import (amp_dtype, device_name, non_negative_float, non_negative_int, positive_float, positive_int,
                    scale_range, output_file, schedule_name)
 from model import PRESETS, build_for_data
-from norm import GroupNorm, SyncBatchNorm
+from norm import NORM_KINDS, GroupNorm, SyncBatchNorm
 
 
 def get_args(argv=None):
@@ -56,13 +56,14 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="architecture (paper: r50_fpn_gn; default: tiny on CPU, r50_fpn_gn on GPU)")
-    g.add_argument("--norm", choices=["gn", "syncbn", "bn", "frozen_bn", "none"],
+    g.add_argument("--norm", choices=NORM_KINDS,
                    help="normalization in backbone, FPN and heads, overriding the preset (paper: gn or syncbn)")
     g.add_argument("--cascade", action="store_true",
                    help="Cascade R-CNN box heads, 3 stages at IoU 0.5/0.6/0.7, mask head on the last (Sec. 5)")
     g.add_argument("--plain-ops", action="store_true",
-                   help="run the paper's plain versions of GroupNorm, NMS, RoIAlign, mask targets and mask pasting "
-                        "instead of the fast equivalents of fast_ops.py (equal results, slower)")
+                   help="run the paper's plain versions of GroupNorm, NMS, proposal selection, RoIAlign, mask targets "
+                        "and mask pasting instead of the fast equivalents of fast_ops.py (equal up to float rounding, "
+                        "slower)")
     g.add_argument("--weights", help="initialize the model from a train.py checkpoint or state dict (non-strict; a "
                                      "Mask R-CNN's box head becomes cascade stage 1); training starts at iteration 0")
     g.add_argument("--init", choices=["scratch", "imagenet"], default="scratch",
@@ -182,8 +183,6 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-
-
 def load_data(args):
     """The training set (augmented: flip, --train-scales) and the validation set of --data or --train-ann/--val-ann;
     a data set that cannot be read is a one-line error."""
@@ -282,21 +281,19 @@ def main(argv=None):
     if args.dry_run:
         distributed.cleanup()
         return
-    if main_process:  # only now: a dry run or a refused resume leaves the run's files as they were
-        checkpoint.write_args(args)
-    start_iter = checkpoint.restore(resume, ckpt, model, optimizer, scaler, args.max_iters, log)
-    # DDP averages the gradients over the processes during backward (after the identical init above)
-    net = model if world_size == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.index
-                                                                 is not None else None)
+    start_iter = ckpt["iteration"] if ckpt else 0
     # Rank r reads items r, r + W, ... of one global stream: the shards of iteration k form the joint batch k.
     batches = data.make_train_loader(train_set, args.batch_size, seed=args.seed, start_iter=start_iter,
                                      workers=args.workers, rank=rank, world_size=world_size)
-    if ckpt:  # restored after the loader exists, so the RNG streams continue exactly where they stopped
-        checkpoint.set_rng_state(ckpt["rng"][rank])
-    metrics = checkpoint.open_metrics(args.output_dir, resumed=ckpt is not None) if main_process else None
-    # A run killed while evaluating has the checkpoint of that iteration but not its evaluation: evaluate it first.
-    if ckpt and evaluation_due(args, start_iter) and checkpoint.evaluation_missing(metrics, start_iter, device, log):
+    # args.json, the checkpoint's model, optimizer and RNG states, metrics.jsonl (None on ranks > 0), and whether the
+    # evaluation at start_iter is missing (a run killed while evaluating): evaluate it first
+    metrics, catch_up = checkpoint.start_run(args, resume, ckpt, model, optimizer, scaler,
+                                             evaluation_due(args, start_iter), rank, device, log)
+    if catch_up:
         evaluate.evaluate_and_log(model, val_set, device, start_iter, metrics, amp=args.amp, workers=args.workers)
+    # DDP averages the gradients over the processes during backward (after the identical init above)
+    net = model if world_size == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.index
+                                                                 is not None else None)
 
     seen = dict(ckpt["seen"]) if ckpt else {"images": 0, "instances": 0, "pixels": 0}
     bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, dynamic_ncols=True,

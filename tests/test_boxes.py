@@ -122,7 +122,8 @@ def test_fast_batched_nms_in_blocks_and_padded_by_group(block):
         boxes = random_boxes(600, size=200.0, max_side=60.0, seed=groups)
         scores = torch.randint(0, 50, (600,), generator=g).float()
         idxs = torch.randint(0, groups, (600,), generator=g) * 7  # sparse group ids
-        assert torch.equal(fast_ops.batched_nms(boxes, scores, idxs, 0.5, block=block), reference_batched_nms(boxes, scores, idxs, 0.5))
+        assert torch.equal(fast_ops.batched_nms(boxes, scores, idxs, 0.5, block=block),
+                           reference_batched_nms(boxes, scores, idxs, 0.5))
         assert torch.equal(fast_ops.nms(boxes, scores, 0.5, block=block), tv.ops.nms(boxes, scores, 0.5))
 
 
