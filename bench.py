@@ -21,7 +21,7 @@ from data import IMAGE_MEAN, IMAGE_STD
 from model import PRESETS, build_model
 from flags import amp_dtype, device_name, positive_int
 
-TORCHVISION_TWINS = ("r50_fpn_gn", "r101_fpn_gn", "r50_fpn_frozenbn", "tv_maskrcnn_v1")
+TORCHVISION_TWINS = ("r50_fpn_gn", "r101_fpn_gn", "r50_fpn_syncbn", "r50_fpn_frozenbn", "tv_maskrcnn_v1")
 GIB = 2 ** 30
 PROFILE_ITERS = 3
 
@@ -59,7 +59,8 @@ def build_torchvision_twin(preset, num_classes, size):
     """torchvision's MaskRCNN built like our preset, or (None, why not). torchvision is imported here only.
 
     GN presets give the "GN-all" model, the paper's architecture from torchvision's parts: GroupNorm(32) in the ResNet
-    (all 5 stages trainable), in the FPN, in a 4conv1fc box head and in the 4-conv mask head. FrozenBN presets:
+    (all 5 stages trainable), in the FPN, in a 4conv1fc box head and in the 4-conv mask head; r50_fpn_syncbn the same
+    with nn.BatchNorm2d (our SyncBatchNorm in one process). FrozenBN presets:
     FrozenBatchNorm2d in the ResNet, stem and res2 frozen (trainable_layers=3), no norm elsewhere, the 2fc box head;
     tv_maskrcnn_v1 is exactly maskrcnn_resnet50_fpn.
     rpn_post_nms_top_n_train follows the preset: 1000 proposals per image, as Detectron2 (torchvision's default
@@ -82,12 +83,13 @@ def build_torchvision_twin(preset, num_classes, size):
     def group_norm(channels):
         return nn.GroupNorm(cfg["num_groups"], channels)
 
-    gn_backbone = cfg["norm"] == "gn"
+    norm_layers = {"gn": group_norm, "syncbn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d, "none": None}
+    trained_backbone = cfg["norm"] != "frozen_bn"
     resnet = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[cfg["depth"]]
-    body = resnet(weights=None, norm_layer=group_norm if gn_backbone else FrozenBatchNorm2d)
-    backbone = _resnet_fpn_extractor(body, trainable_layers=5 if gn_backbone else 3,
-                                     norm_layer=group_norm if cfg["fpn_norm"] == "gn" else None)
-    head_norm = group_norm if cfg["head_norm"] == "gn" else None
+    body = resnet(weights=None, norm_layer=norm_layers[cfg["norm"]])
+    backbone = _resnet_fpn_extractor(body, trainable_layers=5 if trained_backbone else 3,
+                                     norm_layer=norm_layers[cfg["fpn_norm"]])
+    head_norm = norm_layers[cfg["head_norm"]]
     channels = cfg["fpn_channels"]
     if cfg["box_num_convs"]:
         box_head = FastRCNNConvFCHead((channels, 7, 7), [cfg["box_conv_dim"]] * cfg["box_num_convs"],
@@ -232,8 +234,9 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone and FPN (both models; the warm-up iterations absorb compilation)")
     p.add_argument("--plain-ops", action="store_true",
-                   help="run the paper's plain versions of GroupNorm, NMS, RoIAlign, mask targets and mask pasting "
-                        "instead of the fast equivalents of fast_ops.py (equal results, slower; ours only)")
+                   help="run the paper's plain versions of GroupNorm, NMS, proposal selection, RoIAlign, mask targets "
+                        "and mask pasting instead of the fast equivalents of fast_ops.py (equal up to float rounding, "
+                        "slower; ours only)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's, one per core)")
     p.add_argument("--iters", type=positive_int, default=20, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing")

@@ -60,7 +60,8 @@ def _read_image(path, mode="RGB"):
 
 def resized_size(h, w, min_size=800, max_size=1333):
     """Mask R-CNN Sec. 3.1: shorter side -> min_size, unless the longer side would pass max_size (Detectron rule).
-    Sizes are rounded to the nearest pixel, as Detectron2 does (torchvision floors: 1066 instead of 1067 for 640 px)."""
+    Sizes are rounded to the nearest pixel, as Detectron2 does. Departure from torchvision, which floors: 1066 instead
+    of 1067 for 640 px; a 300x451 image at 256 becomes 256x385 here (padded to 416), 256x384 there."""
     scale = min(min_size / min(h, w), max_size / max(h, w))
     return int(round(h * scale)), int(round(w * scale))
 

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from boxes import big_enough, box_area, clip_boxes, image_limits
+from boxes import big_enough, box_area, clip_boxes
 from roi_align import as_rois, level_scales, map_levels
 
 # ============================================================================================ GroupNorm
@@ -278,6 +278,15 @@ def batched_nms(boxes, scores, idxs, iou_threshold, block=None):
     return _one_row_nms(boxes, scores, idxs, iou_threshold, block)
 
 
+def image_limits(image_sizes, like):
+    """[(h, w)] per image -> (N, 4) upper bounds (w, h, w, h) for boxes.clip_boxes, with like's dtype and device.
+    Written entry by entry (fills): a tensor made from a Python list is a host-to-device copy, which waits for a GPU."""
+    limits = like.new_empty((len(image_sizes), 4))
+    for limit, (h, w) in zip(limits, image_sizes):
+        limit[0::2], limit[1::2] = w, h
+    return limits
+
+
 def select_proposals(proposals, objectness, image_sizes, num_anchors_per_level, pre_nms_top_n, post_nms_top_n,
                      nms_thresh, min_size, score_thresh):
     """Equals rpn.RPN.select_proposals (its loop over images and levels): proposals (N, T, 4), objectness logits
@@ -484,15 +493,17 @@ def multilevel_roi_align(features, boxes, image_shape, output_size, sampling_rat
 
 def mask_targets(gt_masks, rois, gt_index, M):
     """Equals roi_align.mask_targets (each RoI's GT mask RoIAligned to M x M, torchvision's project_masks_on_boxes)
-    -> (P, M, M) float32, with a few matrix products instead of up to ~30 x 30 bilinear points per cell.
+    -> (P, M, M) in the RoIs' dtype (float32 at least), with a few matrix products instead of up to ~30 x 30 bilinear
+    points per cell.
 
     RoIAlign is separable: its points form a grid ys x xs and a bilinear weight is wy * wx, so a cell's average is
     (Ay @ mask @ Bx^T)[cell] with Ay (M, h), Bx (M, w) each axis's interpolation weights averaged over the cell's
     points. Ay is sparse and picks each RoI's own GT mask: it is one (P*M, G*h) sparse matrix.
     """
     P, (G, h, w) = rois.shape[0], gt_masks.shape
+    dtype = torch.promote_types(rois.dtype, torch.float32)  # float64 in a float64 model, as the plain version
     if P == 0:
-        return rois.new_zeros((0, M, M))
+        return rois.new_zeros((0, M, M), dtype=dtype)
     x1, y1, x2, y2 = rois[:, :, None, None].unbind(dim=1)  # (P, 1, 1) each
     roi_w, roi_h = (x2 - x1).clamp(min=1.0), (y2 - y1).clamp(min=1.0)  # aligned=False: at least one pixel
     grid_y, grid_x = torch.ceil(roi_h / M), torch.ceil(roi_w / M)  # (P, 1, 1) adaptive sampling, at least 1
@@ -504,11 +515,11 @@ def mask_targets(gt_masks, rois, gt_index, M):
     Bx = wx.new_zeros((P, M, w)).scatter_add_(2, ix, wx)  # (P, M, w)
     row = torch.arange(P * M, device=rois.device).repeat_interleave(iy.shape[-1])  # (P*M*2GY,) (RoI, cell) row
     col = (gt_index.to(torch.int64)[:, None, None] * h + iy).reshape(-1)  # (P*M*2GY,) row of the stacked GT masks
-    Ay = torch.sparse_coo_tensor(torch.stack([row, col]), wy.reshape(-1).float(), (P * M, G * h),
+    Ay = torch.sparse_coo_tensor(torch.stack([row, col]), wy.reshape(-1).to(dtype), (P * M, G * h),
                                  check_invariants=False)  # (P*M, G*h); rows and columns in range by construction
     with torch.autocast(rois.device.type, enabled=False):  # targets need no gradient; sparse mm has no bf16 kernel
-        rows_pooled = torch.sparse.mm(Ay, gt_masks.reshape(G * h, w).float())  # (P*M, w); duplicates add
-        return rows_pooled.reshape(P, M, w) @ Bx.float().transpose(1, 2)  # (P, M, w) @ (P, w, M) -> (P, M, M)
+        rows_pooled = torch.sparse.mm(Ay, gt_masks.reshape(G * h, w).to(dtype))  # (P*M, w); duplicates add
+        return rows_pooled.reshape(P, M, w) @ Bx.to(dtype).transpose(1, 2)  # (P, M, w) @ (P, w, M) -> (P, M, M)
 
 
 # ============================================================================================ mask pasting

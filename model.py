@@ -77,9 +77,9 @@ PRESETS = {
     # MSRA init, from scratch with scale augmentation (train.py --train-scales LO,HI; the paper gives no range).
     # One RPN level on conv5_3 (stride 16) with 3 sizes x 3 ratios (Faster R-CNN Sec. 3.1.1); RPN proposals as
     # py-faster-rcnn in training (12000 before NMS, 2000 after), 6000 / 1000 at test (py-faster-rcnn keeps 300);
-    # RoIAlign 7x7 on conv5_3 (Faster R-CNN: RoIPool) and the fc6/fc7 head (4096, Xavier init, no dropout: as
-    # Detectron's VGG16 head; py-faster-rcnn drops out 0.5 after each); no mask head; 512 sampled RoIs per image, as
-    # the FPN models (py-faster-rcnn: 128).
+    # RoIAlign 7x7 on conv5_3 (Faster R-CNN: RoIPool) and the fc6/fc7 head (4096, MSRA init with fan_in, see
+    # build_model; no dropout: as Detectron's VGG16 head; py-faster-rcnn drops out 0.5 after each); no mask head; 512
+    # sampled RoIs per image, as the FPN models (py-faster-rcnn: 128).
     "vgg16_faster": dict(_PAPER, backbone="vgg16", depth=None, norm="none", fpn_channels=None, fpn_norm="none",
                          anchor_sizes=((128, 256, 512),), rpn_pre_nms_top_n_train=12000,
                          rpn_post_nms_top_n_train=2000, rpn_pre_nms_top_n_test=6000,
@@ -161,8 +161,9 @@ class MaskRCNN(nn.Module):
 
 def build_model(preset, num_classes, plain_ops=False, **overrides):
     """Build a named preset (see PRESETS) for num_classes classes, background included (81 for COCO).
-    plain_ops: the paper's plain GroupNorm, NMS, RoIAlign, mask targets and mask pasting instead of the fast
-    equivalents of fast_ops.py (equal results, slower); how the model computes, not what, so not a preset option."""
+    plain_ops: the paper's plain GroupNorm, NMS, proposal selection, RoIAlign, mask targets and mask pasting instead
+    of the fast equivalents of fast_ops.py (equal up to float rounding, slower); how the model computes, not what, so
+    not a preset option."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     unknown = set(overrides) - set(PRESETS[preset]) - {"layers"}
@@ -190,6 +191,10 @@ def build_model(preset, num_classes, plain_ops=False, **overrides):
               batch_size_per_image=cfg["rpn_batch_size_per_image"],
               pre_nms_top_n_train=cfg["rpn_pre_nms_top_n_train"], post_nms_top_n_train=cfg["rpn_post_nms_top_n_train"],
               pre_nms_top_n_test=cfg["rpn_pre_nms_top_n_test"], post_nms_top_n_test=cfg["rpn_post_nms_top_n_test"])
+    # Init departures from torchvision (the paper states none): the box head's fcs (XavierFill) and predictor
+    # (N(0, 0.01) / N(0, 0.001)) and the mask deconv's and logits' biases (0) are Detectron's; torchvision keeps
+    # nn.Linear / nn.Conv defaults there. The mask logits' MSRA init is Detectron's and torchvision's (detectron2:
+    # N(0, 0.001)). tests/test_gn_twin.py checks the rest follows torchvision's rules.
     box_heads = [BoxHead(in_channels=channels, num_convs=cfg["box_num_convs"], conv_dim=cfg["box_conv_dim"],
                          num_fcs=cfg["box_num_fcs"], fc_dim=cfg["box_fc_dim"], norm=cfg["head_norm"],
                          num_groups=cfg["num_groups"]) for _ in range(3 if cfg["cascade"] else 1)]
@@ -224,15 +229,18 @@ def build_model(preset, num_classes, plain_ops=False, **overrides):
     return model
 
 
-# torchvision's maskrcnn_resnet50_fpn names -> ours (older torchvision names the mask convs mask_fcn1..4).
+# torchvision's Mask R-CNN names -> ours: maskrcnn_resnet50_fpn (older torchvision names the mask convs
+# mask_fcn1..4 and its FPN convs have no Sequential), and the GN-all / BN models built from its parts with a
+# norm_layer, whose FPN and head blocks are Conv2dNormActivation: .0 the conv, .1 the norm.
 _TORCHVISION_NAMES = [
     (r"^backbone\.body\.", "backbone."),
-    (r"^backbone\.fpn\.inner_blocks\.(\d)\.(0\.)?", r"fpn.lateral_convs.\1.0."),
-    (r"^backbone\.fpn\.layer_blocks\.(\d)\.(0\.)?", r"fpn.output_convs.\1.0."),
+    (r"^backbone\.fpn\.inner_blocks\.(\d)\.(?:(\d)\.)?", lambda m: f"fpn.lateral_convs.{m[1]}.{m[2] or 0}."),
+    (r"^backbone\.fpn\.layer_blocks\.(\d)\.(?:(\d)\.)?", lambda m: f"fpn.output_convs.{m[1]}.{m[2] or 0}."),
     (r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv."),
-    (r"^roi_heads\.box_head\.fc6\.", "roi_heads.box_head.fcs.0."),
+    (r"^roi_heads\.box_head\.fc6\.", "roi_heads.box_head.fcs.0."),  # TwoMLPHead (2fc)
     (r"^roi_heads\.box_head\.fc7\.", "roi_heads.box_head.fcs.1."),
-    (r"^roi_heads\.mask_head\.(\d)\.0\.", r"roi_heads.mask_head.convs.\1.0."),
+    (r"^roi_heads\.box_head\.(\d+)\.(\d)\.", r"roi_heads.box_head.convs.\1.\2."),  # FastRCNNConvFCHead's convs
+    (r"^roi_heads\.mask_head\.(\d)\.(\d)\.", r"roi_heads.mask_head.convs.\1.\2."),
     (r"^roi_heads\.mask_head\.mask_fcn(\d)\.", lambda m: f"roi_heads.mask_head.convs.{int(m[1]) - 1}.0."),
     (r"^roi_heads\.mask_predictor\.conv5_mask\.", "roi_heads.mask_head.deconv."),
     (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.", "roi_heads.mask_head.mask_logits."),
@@ -240,17 +248,23 @@ _TORCHVISION_NAMES = [
 
 
 def convert_torchvision_state_dict(state_dict):
-    """Map a torchvision maskrcnn_resnet50_fpn state dict onto build_model("tv_maskrcnn_v1", 91).
+    """Map a torchvision Mask R-CNN state dict onto our model of the same build: maskrcnn_resnet50_fpn onto
+    build_model("tv_maskrcnn_v1", 91), and torchvision's GN-all model (GroupNorm in the ResNet, the FPN, a 4conv1fc
+    FastRCNNConvFCHead and the mask head; bench.build_torchvision_twin) onto r50_fpn_gn, or the same built with
+    BatchNorm onto r50_fpn_syncbn. Every tensor is mapped: the result loads with strict=True.
 
     With torchvision's published COCO weights (37.9 box / 34.6 mask AP) this code gives the same detections.
-    BatchNorm's num_batches_tracked counters have no meaning for frozen BN and are dropped.
+    BatchNorm's num_batches_tracked counters are kept (SyncBatchNorm has them; FrozenBatchNorm2d drops them on load).
     """
+    # FastRCNNConvFCHead is one Sequential: num_convs conv blocks (box_head.i.0 conv, .1 norm), a Flatten, then
+    # Linear and ReLU in turn, so fc j is box_head.(num_convs + 1 + 2j)
+    num_convs = len({k.split(".")[2] for k in state_dict if re.match(r"^roi_heads\.box_head\.\d+\.\d\.", k)})
     converted = {}
     for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            continue
         for pattern, replacement in _TORCHVISION_NAMES:
             key = re.sub(pattern, replacement, key)
+        key = re.sub(r"^roi_heads\.box_head\.(\d+)\.(weight|bias)$",
+                     lambda m: f"roi_heads.box_head.fcs.{(int(m[1]) - num_convs - 1) // 2}.{m[2]}", key)
         converted[key] = value
     return converted
 

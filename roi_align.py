@@ -6,8 +6,8 @@ Eq. 1: the pyramid level an RoI is pooled from. Mask R-CNN Sec. 3: the mask targ
 the same way (mask_targets). Semantics follow torchvision.ops.roi_align / MultiScaleRoIAlign and
 roi_heads.project_masks_on_boxes, the references of tests/test_roi_align.py.
 
-These are the plain versions, one RoI (or one level) at a time; the model runs fast_ops.roi_align,
-multilevel_roi_align and mask_targets, which batch the loops and are proven equal to these.
+These are the plain versions, one RoI (or one level) at a time; the model runs fast_ops.multilevel_roi_align and
+fast_ops.mask_targets, which batch the loops and are proven equal to these (tests/test_fast_ops.py).
 
 Shapes: N images, C channels, H, W feature map, R RoIs, S, Q pooled height and width (7 box, 14 mask), gy, gx
 sampling points per bin along y and x, G ground-truth masks of size (h, w), P RoIs, M mask side.
@@ -66,8 +66,8 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     for n, x1, y1, x2, y2 in rois.tolist():  # one RoI at a time
         x1, y1, x2, y2 = (c * spatial_scale - (0.5 if aligned else 0.0) for c in (x1, y1, x2, y2))  # map pixels
         w, h = (x2 - x1, y2 - y1) if aligned else (max(x2 - x1, 1.0), max(y2 - y1, 1.0))
-        gy = sampling_ratio if sampling_ratio > 0 else math.ceil(h / S)  # sampling points per bin along y ...
-        gx = sampling_ratio if sampling_ratio > 0 else math.ceil(w / Q)  # ... and along x
+        gy = sampling_ratio if sampling_ratio > 0 else max(math.ceil(h / S), 0)  # sampling points per bin along y
+        gx = sampling_ratio if sampling_ratio > 0 else max(math.ceil(w / Q), 0)  # ... and along x
         ys = bin_points(y1, h, S, gy).to(input.device, dtype)  # (S, gy)
         xs = bin_points(x1, w, Q, gx).to(input.device, dtype)  # (Q, gx)
         values = bilinear(maps[int(n)], ys[:, None, :, None], xs[None, :, None, :])  # (C, S, Q, gy, gx)
@@ -114,9 +114,11 @@ def mask_targets(gt_masks, rois, gt_index, M):
     """Mask R-CNN Sec. 3: an RoI's mask target is its matched GT mask cut out by the RoI and resized to M x M, i.e.
     RoIAligned (adaptive sampling, aligned=False) as torchvision's project_masks_on_boxes does.
 
-    gt_masks (G, h, w), rois (P, 4), gt_index (P,) -> (P, M, M) float in [0, 1].
+    gt_masks (G, h, w), rois (P, 4), gt_index (P,) -> (P, M, M) in [0, 1], in the RoIs' dtype (float32 at least):
+    float64 in a float64 model, as torchvision's targets (its RoIs' dtype).
     Departure: Detectron rasterizes the GT polygons inside each RoI straight into a binary M x M target; these soft
     targets (edges in (0, 1)) go to the binary cross-entropy as they are, as in torchvision.
     """
+    dtype = torch.promote_types(rois.dtype, torch.float32)
     rois = torch.cat([gt_index[:, None].to(rois.dtype), rois], dim=1)  # (P, 5): the "image" is the RoI's GT mask
-    return roi_align(gt_masks[:, None].float(), rois, M, sampling_ratio=-1)[:, 0]  # (G, 1, h, w) -> (P, M, M)
+    return roi_align(gt_masks[:, None].to(dtype), rois, M, sampling_ratio=-1)[:, 0]  # (G, 1, h, w) -> (P, M, M)

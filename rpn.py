@@ -168,6 +168,8 @@ class RPN(nn.Module):
         of each level with the highest objectness, their boxes clipped to the image, boxes under min_size dropped,
         NMS at IoU 0.7 within each level, then the post_nms_top_n best of all levels. fast_ops.select_proposals does
         all images and levels at once; this loop runs with plain_ops.
+        Departure: exactly tied scores keep their level-then-top-k order (our sorts are stable); torchvision's sort is
+        not stable, so its tied proposals may come in another order (tests/test_gn_twin.py compares them as sets).
         """
         mode = "train" if self.training else "test"
         pre_nms_top_n, post_nms_top_n = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]

@@ -129,17 +129,23 @@ def test_multilevel_roi_align_needs_boxes_for_each_image(impl):
 
 
 # ---------------------------------------------------------------- mask targets and pasting
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])  # float rounding of each
 @pytest.mark.parametrize("mask_targets", [plain.mask_targets, fast_ops.mask_targets], ids=["plain", "fast"])
-def test_mask_targets_match_torchvision_project_masks_on_boxes(mask_targets):
+def test_mask_targets_match_torchvision_project_masks_on_boxes(mask_targets, dtype, atol):
+    # the targets follow the RoIs' dtype, as torchvision's: float64 in a float64 model (averages of up to ~30 x 30
+    # bilinear values, summed in another order: float32 ~1e-7 apart, float64 ~1e-16)
     from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
     g = torch.Generator().manual_seed(3)
     gt_masks = (torch.rand(3, 45, 60, generator=g) > 0.5).to(torch.uint8)
-    rois = random_boxes(20, (45, 60), min_side=0.3, max_side=70, generator=g).float()
+    rois = random_boxes(20, (45, 60), min_side=0.3, max_side=70, generator=g).to(dtype)
     gt_index = torch.randint(0, 3, (20,), generator=g)
     ref = project_masks_on_boxes(gt_masks, rois, gt_index, 28)
-    torch.testing.assert_close(mask_targets(gt_masks, rois, gt_index, 28), ref, rtol=0, atol=1e-5)
-    assert mask_targets(gt_masks, rois[:0], gt_index[:0], 28).shape == (0, 28, 28)
+    ours = mask_targets(gt_masks, rois, gt_index, 28)
+    assert ours.dtype == ref.dtype == dtype
+    torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
+    empty = mask_targets(gt_masks, rois[:0], gt_index[:0], 28)
+    assert empty.shape == (0, 28, 28) and empty.dtype == dtype
 
 
 @pytest.mark.parametrize("paste_masks", [masks.paste_masks, fast_ops.paste_masks], ids=["plain", "fast"])
