@@ -19,7 +19,7 @@ from torch import nn
 
 from data import IMAGE_MEAN, IMAGE_STD
 from model import PRESETS, build_model
-from flags import amp_dtype, device_name, positive_int
+from flags import amp_dtype, device_name, positive_int, run_script
 
 TORCHVISION_TWINS = ("r50_fpn_gn", "r101_fpn_gn", "r50_fpn_syncbn", "r50_fpn_frozenbn", "tv_maskrcnn_v1")
 GIB = 2 ** 30
@@ -315,4 +315,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

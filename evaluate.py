@@ -32,7 +32,7 @@ import data
 import distributed
 import tta
 import voc
-from flags import amp_dtype, device_name, non_negative_int, output_file, positive_int, scale_list
+from flags import amp_dtype, device_name, non_negative_int, output_file, positive_int, run_script, scale_list
 from model import build_for_data
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -228,4 +228,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -133,6 +133,23 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+def joint_statistics(counts, means, m2s):
+    """SyncBN's merge: each of W processes sends its count n_p (W,), per-channel means (W, C) and sums of squared
+    deviations from them (W, C) -> the joint count n (a scalar tensor), mean (C,) and biased variance (C,), exactly
+    those of BatchNorm over all n values of every channel.
+
+    BN (Ioffe & Szegedy 2015, Alg. 1): mu_B = 1/m sum x, sigma_B^2 = 1/m sum (x - mu_B)^2, here merged from the
+    processes' own means and squared deviations (Chan et al. 1979's parallel variance), as torch.nn.SyncBatchNorm
+    does: no E[x^2] - E[x]^2 cancellation. A joint batch with no values (no RoIs anywhere) gives zeros, not NaN.
+    """
+    counts = counts[:, None]  # (W, 1)
+    n = counts.sum()
+    n_safe = n.clamp(min=1)
+    mean = (counts * means).sum(0) / n_safe  # (C,) mu_B
+    var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / n_safe  # (C,) sigma_B^2: within + between
+    return n, mean, var
+
+
 class SyncBatchNorm(nn.Module):
     """Batch Normalization whose statistics cover the images of all processes (Rethinking Sec. 3.1, "SyncBN").
 
@@ -189,13 +206,7 @@ class SyncBatchNorm(nn.Module):
             # all-reduce completes the table everywhere
             rows = torch.arange(dist.get_world_size(), device=x.device) == dist.get_rank()  # (W,) one-hot
             stats = _AllReduceSum.apply(stats * rows[:, None])  # (W, 2C+1)
-        counts, means, m2s = stats[:, :1], stats[:, 1:C + 1], stats[:, C + 1:]  # (W, 1), (W, C), (W, C)
-        n = counts.sum()
-        n_safe = n.clamp(min=1)  # a joint batch with no values (e.g. no RoIs anywhere) must not produce NaN
-        mean = (counts * means).sum(0) / n_safe  # (C,) BN (Ioffe & Szegedy 2015, Alg. 1): mu_B = 1/m sum x
-        # BN Alg. 1: sigma_B^2 = 1/m sum (x - mu_B)^2, merged from the processes' own means and squared deviations
-        # (Chan et al. 1979's parallel variance), as torch.nn.SyncBatchNorm does: no E[x^2] - E[x]^2 cancellation.
-        var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / n_safe  # (C,)
+        n, mean, var = joint_statistics(stats[:, 0], stats[:, 1:C + 1], stats[:, C + 1:])  # (W,), (W, C), (W, C)
 
         with torch.no_grad():
             # nn.BatchNorm2d: running stats use the unbiased variance m / (m - 1) * sigma_B^2; skip an empty batch.

@@ -26,7 +26,7 @@ from PIL import Image
 
 import data
 import evaluate
-from flags import output_file, positive_float, positive_int
+from flags import output_file, positive_float, positive_int, run_script
 from schedule import BATCH_1X, ITERS_1X
 
 import matplotlib
@@ -339,4 +339,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

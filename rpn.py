@@ -23,6 +23,19 @@ from boxes import (IGNORE, NEGATIVE, POSITIVE, BalancedSampler, BoxCoder, Matche
 from distributed import loss_denominator
 
 
+def cell_anchors(sizes, aspect_ratios):
+    """The A = len(aspect_ratios) * len(sizes) anchors of one location, centred on (0, 0) -> (A, 4), ratio-major as
+    torchvision and py-faster-rcnn (all sizes of the first ratio, then the next ratio): area size**2, h / w = ratio,
+    corners rounded to integers as torchvision (Faster R-CNN Sec. 3.1.1)."""
+    ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
+    h_ratios = torch.sqrt(ratios)
+    w_ratios = 1 / h_ratios
+    scales = torch.as_tensor(sizes, dtype=torch.float32)
+    ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)  # (ratios, sizes) -> (A,)
+    hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
+    return (torch.stack((-ws, -hs, ws, hs), dim=1) / 2).round()  # (A, 4)
+
+
 class AnchorGenerator(nn.Module):
     """Anchors of several aspect ratios (h / w) at every location of every level.
 
@@ -35,19 +48,7 @@ class AnchorGenerator(nn.Module):
         self.sizes = [tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in sizes]  # L x (sizes of the level)
         assert len({len(s) for s in self.sizes}) == 1, f"every level needs as many anchor sizes; got {sizes}"
         self.aspect_ratios = aspect_ratios
-        self.cell_anchors = [self._cell_anchors(s, aspect_ratios) for s in self.sizes]  # L x (A, 4), no parameters
-
-    @staticmethod
-    def _cell_anchors(sizes, aspect_ratios):
-        """(A, 4) anchors centred on (0, 0), A = ratios x sizes, ratio-major as torchvision and py-faster-rcnn:
-        area size**2, h / w = ratio, corners rounded to integers as torchvision."""
-        ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
-        h_ratios = torch.sqrt(ratios)
-        w_ratios = 1 / h_ratios
-        scales = torch.as_tensor(sizes, dtype=torch.float32)
-        ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)  # (ratios, sizes) -> (A,)
-        hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
-        return (torch.stack((-ws, -hs, ws, hs), dim=1) / 2).round()  # (A, 4)
+        self.cell_anchors = [cell_anchors(s, aspect_ratios) for s in self.sizes]  # L x (A, 4), no parameters
 
     def num_anchors_per_location(self):
         return len(self.aspect_ratios) * len(self.sizes[0])
@@ -205,7 +206,8 @@ class RPN(nn.Module):
         return labels, gt_boxes[matched.clamp(min=0)]
 
     def losses(self, anchors, pred_objectness, pred_deltas, targets):
-        """Faster R-CNN Eq. (1) over sampled anchors, normalised as in Detectron/torchvision (see below)."""
+        """Per image: label the anchors (Sec. 3.1.2), sample 256 of them (Sec. 3.1.3), encode the positives' targets
+        (Eq. 2); then the loss of Eq. (1) over the batch (rpn_loss)."""
         num_anchors = anchors.shape[0]
         labels, pos_idx, neg_idx, gt_deltas = [], [], [], []
         for i, target in enumerate(targets):  # loop over images: match, sample, encode
@@ -215,17 +217,26 @@ class RPN(nn.Module):
             labels.append(labels_i)
             pos_idx.append(pos + i * num_anchors)  # indices into the (N*T) flattening
             neg_idx.append(neg + i * num_anchors)
-        labels = torch.cat(labels)  # (N*T,)
-        pos_idx = torch.cat(pos_idx)
-        sampled = torch.cat([pos_idx, torch.cat(neg_idx)])
-        # Departure from Eq. (1), as Detectron and torchvision: instead of 1/N_cls and lambda/N_reg (lambda = 10,
-        # N_reg ~ 2400 anchor locations), the classification loss is the mean over sampled anchors and the box loss is
-        # summed over positives and divided by the number of sampled anchors, with smooth-L1 beta = 1/9.
-        # (With several processes the count is that of the joint batch: see distributed.loss_denominator.)
-        n_sampled = loss_denominator(sampled.numel(), device=labels.device)
         # the images' anchors in one row: objectness (N, T) -> (N*T,), deltas (N, T, 4) -> (N*T, 4)
-        loss_rpn_cls = F.binary_cross_entropy_with_logits(pred_objectness.reshape(-1)[sampled], labels[sampled],
-                                                          reduction="sum") / n_sampled
-        loss_rpn_box = F.smooth_l1_loss(pred_deltas.reshape(-1, 4)[pos_idx], torch.cat(gt_deltas),
-                                        beta=1 / 9, reduction="sum") / n_sampled
+        loss_rpn_cls, loss_rpn_box = rpn_loss(pred_objectness.reshape(-1), pred_deltas.reshape(-1, 4),
+                                              torch.cat(labels), torch.cat(pos_idx), torch.cat(neg_idx),
+                                              torch.cat(gt_deltas))
         return {"loss_rpn_cls": loss_rpn_cls, "loss_rpn_box": loss_rpn_box}
+
+
+def rpn_loss(objectness, deltas, labels, pos_idx, neg_idx, gt_deltas, beta=1 / 9):
+    """Faster R-CNN Eq. (1) over the sampled anchors, normalised as in Detectron and torchvision (see below).
+
+    objectness (P,) logits and deltas (P, 4) of all anchors of the batch, labels (P,) in {1, 0, -1}, pos_idx and
+    neg_idx the sampled positive and negative anchors (indices into P), gt_deltas (len(pos_idx), 4) the Eq. (2)
+    targets t* of the positives -> (loss_rpn_cls, loss_rpn_box), two scalars.
+    """
+    sampled = torch.cat([pos_idx, neg_idx])
+    # Departure from Eq. (1), as Detectron and torchvision: instead of 1/N_cls and lambda/N_reg (lambda = 10,
+    # N_reg ~ 2400 anchor locations), the classification loss is the mean over sampled anchors and the box loss is
+    # summed over positives and divided by the number of sampled anchors, with smooth-L1 beta = 1/9.
+    # (With several processes the count is that of the joint batch: see distributed.loss_denominator.)
+    n_sampled = loss_denominator(sampled.numel(), device=objectness.device)
+    loss_cls = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled], reduction="sum") / n_sampled
+    loss_box = F.smooth_l1_loss(deltas[pos_idx], gt_deltas, beta=beta, reduction="sum") / n_sampled
+    return loss_cls, loss_box

@@ -25,7 +25,7 @@ import distributed
 import evaluate
 import schedule
 from flags import (amp_dtype, device_name, non_negative_float, non_negative_int, positive_float, positive_int,
-                   scale_range, output_file, schedule_name)
+                   run_script, scale_range, output_file, schedule_name)
 from model import PRESETS, build_for_data
 from norm import NORM_KINDS, GroupNorm, SyncBatchNorm
 
@@ -351,4 +351,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
