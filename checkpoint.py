@@ -90,11 +90,31 @@ def find_resume(args):
     if ckpt and len(ckpt["rng"]) != args.world_size:
         sys.exit(f"error: {path} was written by {len(ckpt['rng'])} process(es); resume it with as many")
     held = own or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
+    if held and not own and args.resume == "auto" and _started_here(args):
+        print(f"--output-dir {args.output_dir}: this run stopped before its first checkpoint; starting it anew")
+        return None, None
     if held and not args.dry_run and not (path and os.path.samefile(os.path.dirname(path) or ".", args.output_dir)):
         how = "continue it with --resume auto" if own else "it has no checkpoint to continue from"
         sys.exit(f"error: --output-dir {args.output_dir} already holds a run (checkpoints or metrics.jsonl); {how}, "
                  f"or give another --output-dir")
     return path, ckpt
+
+
+def _started_here(args):
+    """Whether --output-dir's args.json is this very run's (same preset, cascade and TRAJECTORY_FLAGS): a run that
+    stopped before its first checkpoint, which can only start anew (its metrics.jsonl begins again)."""
+    try:
+        with open(os.path.join(args.output_dir, "args.json")) as f:
+            run = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and not _changed_flags(run, args)
+
+
+def _changed_flags(run, args):
+    """The flags that make `args` another run than `run` (a dict of a run's flags), as '--flag old -> new'."""
+    return [f"--{k.replace('_', '-')} {run.get(k)} -> {getattr(args, k)}"
+            for k in ("preset", "cascade", *TRAJECTORY_FLAGS) if run.get(k) != getattr(args, k)]
 
 
 def start_run(args, path, ckpt, model, optimizer, scaler, evaluation_due, rank, device, log=print):
@@ -120,7 +140,7 @@ def start_run(args, path, ckpt, model, optimizer, scaler, evaluation_due, rank, 
         if ckpt and os.path.exists(metrics_path):
             with open(metrics_path, "rb+") as f:
                 f.truncate(f.read().rfind(b"\n") + 1)
-        metrics = open(metrics_path, "a")
+        metrics = open(metrics_path, "a" if ckpt else "w")  # no checkpoint: a new run, or one started anew
     if ckpt is None:
         return metrics, False
     model.load_state_dict(ckpt["model"])
@@ -205,8 +225,7 @@ def load_for_resume(path, args):
     if run.get("cascade", False) != args.cascade:
         hint = f"start a new run with --weights {path} to switch to the cascade" if args.cascade else "add --cascade"
         sys.exit(f"error: checkpoint {path} was trained {'without' if args.cascade else 'with'} --cascade; {hint}")
-    changed = [f"--{k.replace('_', '-')} {run.get(k)} -> {getattr(args, k)}" for k in TRAJECTORY_FLAGS
-               if run.get(k) != getattr(args, k)]
+    changed = _changed_flags(run, args)
     if changed:
         sys.exit(f"error: resuming {path} with other flags than its run's ({'; '.join(changed)}) would not continue "
                  f"it exactly; give the run's values (left of each arrow; a default may have changed since), or "

@@ -318,8 +318,17 @@ def test_an_output_dir_holding_a_run_is_not_overwritten(shapes, tmp_path):
     (tmp_path / "b" / "model_0000001.pth").unlink()
     del files[tmp_path / "b" / "model_0000001.pth"]
     with pytest.raises(SystemExit, match="already holds a run.*it has no checkpoint to continue from"):
-        train.main(run_args(shapes, tmp_path / "b", "--max-iters", "1", "--no-eval", "--resume", "auto"))
+        train.main(run_args(shapes, tmp_path / "b", "--max-iters", "1", "--no-eval", "--resume", "auto",
+                            "--seed", "3"))  # another run, in a folder whose run has no checkpoint
     assert {path: path.read_bytes() for path in (tmp_path / "b").iterdir()} == files  # args.json, metrics.jsonl
+    # The same run, stopped before its first checkpoint (here: the checkpoint removed), starts anew with --resume auto
+    # and writes the same rows again.
+    rows = read_rows(tmp_path / "b" / "metrics.jsonl")
+    train.main(run_args(shapes, tmp_path / "b", "--max-iters", "1", "--no-eval", "--resume", "auto"))
+    again = read_rows(tmp_path / "b" / "metrics.jsonl")
+    assert [{k: v for k, v in r.items() if k.startswith("loss")} for r in again] == \
+        [{k: v for k, v in r.items() if k.startswith("loss")} for r in rows]
+    assert (tmp_path / "b" / "model_0000001.pth").exists()
     # Another run's checkpoint continued in a new folder is fine.
     train.main(run_args(shapes, tmp_path / "c", "--max-iters", "2", "--no-eval",
                         "--resume", str(tmp_path / "a" / "model_0000001.pth")))
