@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test experiment clean
+.PHONY: demo test grade experiment clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+# Course assignments (assignments/README.md): points per part for the functions of this folder.
+grade: $(VENV)/.installed-test
+	$(BIN)/python assignment.py grade
 
 # A CPU-sized version of the paper's comparison (about 6 minutes on 2 cores): a "pre-trained" backbone (trained
 # briefly on the shapes set and saved in torchvision format), then scratch vs. fine-tuning from it, and the AP curves.
