@@ -14,7 +14,8 @@ call a function left to write (train.py and evaluate.py stop with that one line 
 found with `ast`: the reference code carries no markers. The edition's `make demo` runs with --plain-ops, so that
 the demo trains with the student's functions and not their fast equals in fast_ops.py.
 Grading: every grading test of a part weighs the same (a parametrized test counts once and passes when all its
-cases pass); part 6, the experiment, is checked from its runs, and its written answers are graded by hand.
+cases pass); a part whose functions call fast_ops or torchvision gets 0; part 6, the experiment, is checked from
+its runs, and its written answers are graded by hand.
 """
 import argparse
 import ast
@@ -73,6 +74,7 @@ PART6_AUTO, PART6_BY_HAND = 6, 4  # the experiment's points: checked from its ru
 EDITION_FILE = "assignment.json"  # written into a student edition: which parts it assigns
 NOT_IN_EDITION = ("tests/test_assignment.py",)  # tests of this tool itself, not of the code students write
 GRADING_TIMEOUT_S = 600  # per part: a student's loop that never ends must not hang the grader
+BORROWED = ("fast_ops", "torchvision")  # what a part's functions may not call: the answers are in there
 
 
 class AssignmentError(Exception):
@@ -234,6 +236,36 @@ def run_grading_tests(edition, part):
     return [(name, passed, message) for name, (passed, message) in results.items()]
 
 
+def _bound_to(tree, modules):
+    """The names a tree's import statements bind to the modules (or their members): `import fast_ops`,
+    `from fast_ops import nms as n`, `import torchvision.ops as ops`."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in modules:
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def borrowed(edition, part):
+    """[(function, name)]: the part's functions in the edition that use fast_ops or torchvision (an import in the
+    function, or a name the module imports from them), which hold the reference answers."""
+    found = []
+    for function in part.functions:
+        path, qualname = split_name(function)
+        with open(os.path.join(edition, path)) as f:
+            tree = ast.parse(f.read())
+        node = find_function(tree, qualname)
+        if node is None:
+            continue  # its tests fail
+        bound = _bound_to(tree, BORROWED) | set(BORROWED)
+        used = sorted({n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & bound | _bound_to(node, BORROWED))
+        if used:
+            found.append((function, used[0]))
+    return found
+
+
 def check_experiment(edition):
     """Part 6 from its runs -> [(what, points earned, points possible, note)]."""
     checks = []
@@ -278,6 +310,9 @@ def grade(edition, parts):
             earned = part.points * passed / len(results)
             for name, ok, message in results:
                 print(f"  {'pass' if ok else 'FAIL'}  {name}" + ("" if ok else f": {message[:160]}"))
+            for function, name in borrowed(edition, part):
+                print(f"  FAIL  {function} uses {name}, which holds the answer: write it in plain PyTorch")
+                earned = 0.0
             possible = part.points
         else:
             earned, possible = 0.0, 0.0

@@ -153,3 +153,23 @@ def test_reference_tests_grade_the_students_files_with_this_repositorys_tests(tm
     assert (fresh / PARTS[0].tests).read_text() == open(os.path.join(ROOT, PARTS[0].tests)).read()
     assert (fresh / "boxes.py").read_text() == (submission / "boxes.py").read_text()  # the student's file
     assert assignment.grade(str(fresh), [PARTS[0]])[1] == (0, 20)
+
+
+@pytest.mark.parametrize("borrow", [
+    ("    return fast_ops.group_norm(x, num_groups, weight, bias, eps)", ""),
+    ("    return gn(x, num_groups, weight, bias, eps)", "from fast_ops import group_norm as gn\n"),
+    ("    from torchvision.ops import misc\n    return misc.torch.nn.functional.group_norm(x, num_groups, weight, "
+     "bias, eps)", ""),
+], ids=["attribute", "module-import", "local-import"])
+def test_a_part_that_calls_the_fast_ops_or_torchvision_gets_no_points(borrow, tmp_path, capsys):
+    # fast_ops.py holds tested equals of the plain functions; torchvision their references
+    edition = make_edition(tmp_path, [PARTS[4]])
+    body, header = borrow
+    norm = (edition / "norm.py").read_text()
+    stub = '    raise NotImplementedError("Part 5: write norm.group_norm (see assignments/part5_norm.md)")'
+    (edition / "norm.py").write_text(header + norm.replace(stub, body))
+    assert assignment.borrowed(str(edition), PARTS[4])[0][0] == "norm.group_norm"
+    assert assignment.borrowed(ROOT, PARTS[4]) == []  # the reference's norm.py imports fast_ops for the layer only
+    if not header:  # graded: the tests pass (fast_ops.group_norm is right), the part still gets no points
+        assert assignment.grade(str(edition), [PARTS[4]])[5] == (0.0, PARTS[4].points)
+        assert re.search(r"FAIL  norm.group_norm uses \w+, which holds the answer", capsys.readouterr().out)

@@ -28,4 +28,15 @@ def expect_close(actual, expected, what, atol=1e-5, rtol=1e-5):
                                    check_dtype=False)
     except (AssertionError, TypeError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0]
-        raise AssertionError(f"{what}: expected {show(expected)}, got {show(actual)} ({reason})") from None
+        where = worst(actual, expected)
+        raise AssertionError(f"{what}: expected {show(expected)}, got {show(actual)} ({reason}{where})") from None
+
+
+def worst(actual, expected):
+    """', most different at index (i, j, ...): expected a, got b' for two tensors of one shape, else ''."""
+    if not (isinstance(actual, torch.Tensor) and actual.shape == expected.shape and actual.numel()):
+        return ""
+    a, b = actual.detach().double(), expected.double()
+    diff = torch.where(torch.isnan(a) != torch.isnan(b), torch.inf, (a - b).abs().nan_to_num(0.0))
+    index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    return f"; most different at index {index}: expected {b[index].item():.6g}, got {a[index].item():.6g}"

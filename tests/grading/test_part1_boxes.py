@@ -52,6 +52,9 @@ def test_decode_hand_worked_and_clamped():
     # t_w = 10 is clamped to log(1000 / 16) before exp(): the width is 10 * 1000 / 16 = 625 around x = 5
     expected = [[0, 0, 10, 20], [0, 0, 20, 40], [5 - 312.5, 0, 5 + 312.5, 20]]
     expect_close(BoxCoder().decode(deltas, ref), expected, "BoxCoder().decode(deltas, ref)")
+    # bf16 deltas (autocast) are decoded in float32: bf16's 8-bit mantissa would move the corners by pixels
+    boxes = BoxCoder().decode(deltas.bfloat16(), ref.bfloat16())
+    assert boxes.dtype == torch.float32, f"decode of bf16 deltas: expected float32 boxes, got {boxes.dtype}"
 
 
 def test_encode_decode_match_torchvision():
@@ -86,6 +89,13 @@ def test_nms_hand_worked():
     # an IoU equal to the threshold does not suppress (only IoU > threshold does): 50 / 100 = 0.5
     half = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 5]])
     expect_close(nms(half, torch.tensor([0.9, 0.8]), 0.5), [0, 1], "nms of two boxes with IoU exactly 0.5 at 0.5")
+
+
+def test_nms_keeps_tied_scores_in_input_order():
+    # 40 boxes that do not overlap, all of score 0.5: nothing is suppressed, and a stable sort keeps them in order
+    boxes = torch.tensor([[10.0 * i, 0, 10.0 * i + 5, 5] for i in range(40)])
+    expect_close(nms(boxes, torch.full((40,), 0.5), 0.5), torch.arange(40),
+                 "nms of 40 disjoint boxes of equal score: all kept, in input order (a stable sort)")
 
 
 def test_nms_matches_torchvision():

@@ -59,6 +59,9 @@ def test_matcher_hand_worked():
     # rule (i): gt 1's best anchor (column 1, IoU 0.60) is matched to it even below 0.7
     expect_close(Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou_example()), [0, 1, BELOW, BELOW, BETWEEN],
                  "Matcher(0.7, 0.3, allow_low_quality_matches=True)")
+    # anchor 0 is gt 0's best (0.5) but its own best gt is gt 1 (0.6): a low-quality match gives it gt 1
+    expect_close(Matcher(0.7, 0.3, allow_low_quality_matches=True)(torch.tensor([[0.5, 0.2], [0.6, 0.1]])),
+                 [1, BELOW], "a low-quality match goes to the anchor's own best gt")
     # thresholds are inclusive from below: IoU 0.7 matches, IoU 0.3 is between
     expect_close(Matcher(0.7, 0.3)(torch.tensor([[0.7, 0.3, 0.2999]])), [0, BETWEEN, BELOW], "IoU at the thresholds")
 

@@ -66,6 +66,15 @@ def test_roi_align_matches_torchvision_values_and_gradients():
         expect_close(ours_in.grad, theirs_in.grad, "the gradient of " + what)
 
 
+def test_roi_align_and_mask_targets_dtypes():
+    feature = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(8)).bfloat16()
+    pooled = roi_align(feature, torch.tensor([[0.0, 1.0, 1.0, 6.0, 5.0]]), 2, sampling_ratio=2)
+    assert pooled.dtype == torch.bfloat16, f"roi_align of a bf16 map: expected bf16 output, got {pooled.dtype}"
+    masks = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    targets = mask_targets(masks, torch.tensor([[0.0, 0.0, 4.0, 4.0]], dtype=torch.float64), torch.tensor([0]), 2)
+    assert targets.dtype == torch.float64, f"mask_targets of float64 RoIs: expected float64, got {targets.dtype}"
+
+
 def test_roi_align_takes_a_list_of_boxes_per_image():
     feature = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))
     boxes = [torch.tensor([[1.0, 1.0, 6.0, 5.0]]), torch.tensor([[0.0, 2.0, 7.0, 7.0], [2.0, 2.0, 3.0, 3.0]])]
@@ -79,6 +88,9 @@ def test_map_levels_hand_worked():
     # k = floor(4 + log2(side / 224)) within [2, 5]: 224 -> 4, 112 -> 3, 448 -> 5, 1000 -> 6 -> 5, 16 -> 0 -> 2,
     # 223 -> 3 (just under 224), 56 -> 2
     expect_close(map_levels(boxes), [4, 3, 5, 5, 2, 3, 2], "map_levels of squares of sides " + str(sides.tolist()))
+    # a float32 square whose side rounds to 223.99997: level 4 thanks to Eq. 1's + 1e-6, as torchvision
+    box = torch.tensor([[317.0393371582031, 317.0393371582031, 541.039306640625, 541.039306640625]])
+    expect_close(map_levels(box), [4], "map_levels of a float32 square of side 224 - 3e-5 (+ 1e-6 in the floor)")
 
 
 def test_multilevel_roi_align_matches_torchvision():

@@ -20,6 +20,12 @@ def test_group_norm_hand_worked():
     s5, s2 = math.sqrt(5 + 1e-5), math.sqrt(2 + 1e-5)
     expected = [[[[-3 / s5, -1 / s5]], [[1 / s5, 3 / s5]], [[0.0, 0.0]], [[10 + 2 / s2, 10 - 2 / s2]]]]
     expect_close(group_norm(x, 2, weight, bias, eps=1e-5), expected, "group_norm of a (1, 4, 1, 2) input, G = 2")
+    # eps goes inside the square root: a group {0, 1e-3} (variance 2.5e-7) gives +-5e-4 / sqrt(2.5e-7 + 1e-5)
+    tiny = torch.tensor([[[0.0]], [[1e-3]]])[None]  # (1, 2, 1, 1), one group
+    expect_close(group_norm(tiny, 1, eps=1e-5), torch.tensor([[[[-1.0]], [[1.0]]]]) * 5e-4 / math.sqrt(2.5e-7 + 1e-5),
+                 "group_norm of {0, 1e-3} with eps 1e-5 (eps inside the square root)", atol=1e-4)
+    y = group_norm(x.bfloat16(), 2, weight.bfloat16(), bias.bfloat16())
+    assert y.dtype == torch.bfloat16, f"group_norm of a bf16 input: expected a bf16 output, got {y.dtype}"
 
 
 def test_group_norm_matches_torch_values_and_gradients():
