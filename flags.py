@@ -30,6 +30,14 @@ def non_negative_int(text):
     return _number(text, int, positive=False)
 
 
+def seed_value(text):
+    """A seed numpy, torch and Python all take: an integer in [0, 2**32 - 1] (numpy's limit)."""
+    value = non_negative_int(text)
+    if value >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**32 = {2 ** 32}, got {text!r}")
+    return value
+
+
 def positive_float(text):
     return _number(text, float, positive=True)
 
@@ -39,11 +47,14 @@ def non_negative_float(text):
 
 
 def device_name(text):
-    """--device "cpu", "cuda" or "cuda:1": one torch reads and this machine has, else a one-line argparse error."""
+    """--device "cpu", "cuda" or "cuda:1": one torch reads and this machine has, else a one-line argparse error.
+    Other kinds torch knows (mps, xpu, meta, ...) are refused: this code is written and tested for CPU and CUDA."""
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: torch finds no CUDA GPU on this machine; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

@@ -25,7 +25,7 @@ import distributed
 import evaluate
 import schedule
 from flags import (amp_dtype, device_name, non_negative_float, non_negative_int, positive_float, positive_int,
-                   run_script, scale_range, output_file, schedule_name)
+                   run_script, scale_range, seed_value, output_file, schedule_name)
 from model import PRESETS, build_for_data
 from norm import NORM_KINDS, GroupNorm, SyncBatchNorm
 
@@ -48,7 +48,7 @@ def get_args(argv=None):
                    help="LO,HI: training shorter side drawn from [LO, HI] (Sec. 5: 640,800 enhanced baselines; "
                         "512,800 for 35k images); default: --min-size only")
     g.add_argument("--train-subset", type=positive_int, help="train on a random subset of N images (Sec. 5.2: 1k..35k)")
-    g.add_argument("--subset-seed", type=non_negative_int, default=0, help="seed that picks the subset")
+    g.add_argument("--subset-seed", type=seed_value, default=0, help="seed that picks the subset")
     g.add_argument("--keypoint-sigmas", type=lambda text: [positive_float(x) for x in text.split(",")],
                    help="comma-separated OKS sigma per keypoint, for a keypoints json that is not COCO's 17 person "
                         "keypoints (default: COCO's)")
@@ -108,7 +108,7 @@ def get_args(argv=None):
                    help="where checkpoints, metrics.jsonl and args.json go; a folder holding another run is refused "
                         "(default: runs/demo for the shapes demo, else runs/PRESET-DATA)")
     g.add_argument("--resume", help="checkpoint path, or 'auto' for the latest one in --output-dir")
-    g.add_argument("--seed", type=non_negative_int, default=0, help="seed for init, sampling and augmentation")
+    g.add_argument("--seed", type=seed_value, default=0, help="seed for init, sampling and augmentation")
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
@@ -198,8 +198,10 @@ def load_data(args):
                                          keypoint_sigmas=args.keypoint_sigmas)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    if PRESETS[args.preset]["num_keypoints"] and not train_set.num_keypoints:
-        sys.exit(f"error: preset {args.preset} predicts keypoints; train it on a COCO person-keypoints json")
+    for split, dataset in (("train", train_set), ("val", val_set)):  # COCOeval's keypoint AP needs them in val too
+        if PRESETS[args.preset]["num_keypoints"] and not dataset.num_keypoints:
+            sys.exit(f"error: preset {args.preset} predicts keypoints, but the {split} json {dataset.source} names "
+                     f"none; train it on COCO person-keypoints jsons")
     return train_set, val_set
 
 
@@ -251,11 +253,13 @@ def next_batch(batches, device, channels_last=False):
 
 def stop_if_not_finite(total, terms, it, output_dir):
     """A non-finite loss (total, the sum of the named terms) ends the run with a message naming the iteration, the
-    loss term and the last checkpoint."""
+    loss term and the last good checkpoint: the newest written before iteration `it` (model_<it> holds the weights
+    that gave this loss; every earlier one gave a finite loss)."""
     if not torch.isfinite(total):
         bad = ", ".join(f"{k} = {v.item():.4g}" for k, v in terms.items() if not torch.isfinite(v))
-        sys.exit(f"error: non-finite loss at iteration {it}: {bad}; the last good checkpoint is "
-                 f"{checkpoint.latest(output_dir)}")
+        good = [path for iteration, path in checkpoint.checkpoints(output_dir) if iteration < it]
+        sys.exit(f"error: non-finite loss at iteration {it}: {bad}; " +
+                 (f"the last good checkpoint is {good[0]}" if good else "no checkpoint was written before it"))
 
 
 def evaluation_due(args, done):
@@ -346,7 +350,7 @@ def main(argv=None):
     if main_process:
         metrics.close()
         if args.save_backbone:  # torchvision key names: conv1, bn1, layer1..4
-            torch.save(model.backbone.state_dict(), args.save_backbone)
+            checkpoint.atomic_save(model.backbone.state_dict(), args.save_backbone, "--save-backbone")
     distributed.cleanup()
 
 

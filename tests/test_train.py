@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -115,9 +116,13 @@ def test_resuming_an_ended_run_writes_only_its_missing_final_evaluation(shapes, 
 
 
 def test_non_finite_loss_stops_with_the_iteration_and_term(shapes, tmp_path):
-    with pytest.raises(SystemExit, match=r"non-finite loss at iteration \d+: loss_"):
+    with pytest.raises(SystemExit, match=r"non-finite loss at iteration \d+: loss_") as stop:
         train.main(run_args(shapes, tmp_path, "--max-iters", "30", "--lr", "1e6", "--warmup-iters", "0",
                             "--ckpt-period", "1", "--no-eval"))
+    # The last good checkpoint is the one before the iteration whose weights gave the non-finite loss.
+    it = int(re.search(r"iteration (\d+)", str(stop.value)).group(1))
+    assert it >= 1 and (tmp_path / f"model_{it:07d}.pth").exists()
+    assert str(stop.value).endswith(f"the last good checkpoint is {tmp_path / f'model_{it - 1:07d}.pth'}")
     # Every checkpoint on disk is complete and loadable (written atomically); no temp file is left over.
     names = os.listdir(tmp_path)
     assert not [n for n in names if n.endswith(".tmp")]
@@ -357,6 +362,10 @@ def test_resume_drops_a_half_written_metrics_row(shapes, tmp_path):
     ("--workers", "-1", "expected a non-negative integer, got '-1'"),
     ("--keypoint-sigmas", "0.1,0", "expected a positive number, got '0'"),
     ("--schedule", "inf", "expected Nx with N > 0"),
+    ("--seed", str(2 ** 32), "expected a seed below 2**32"),  # numpy's limit
+    ("--subset-seed", "9" * 300, "expected a seed below 2**32"),
+    ("--device", "mps", "expected cpu, cuda or cuda:N, got 'mps'"),  # a device torch knows, this code does not run on
+    ("--device", "meta", "expected cpu, cuda or cuda:N, got 'meta'"),
 ])
 def test_bad_flag_values_are_usage_errors(flag, value, message, capsys):
     with pytest.raises(SystemExit):
@@ -400,7 +409,8 @@ def test_infinite_loss_stops_too(shapes, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(model.MaskRCNN, "forward", inf_mask_loss)
-    with pytest.raises(SystemExit, match=r"non-finite loss at iteration 0: loss_mask = inf"):
+    with pytest.raises(SystemExit, match=r"non-finite loss at iteration 0: loss_mask = inf; no checkpoint was written "
+                                         r"before it"):
         train.main(run_args(shapes, tmp_path, "--max-iters", "2", "--no-eval"))
 
 
@@ -419,3 +429,26 @@ def test_plain_ops_is_recorded_and_reaches_the_model(shapes, tmp_path, monkeypat
     assert switches(rebuilt) and all(switches(rebuilt))
     fast, _ = evaluate.load_run(str(tmp_path / "model_0000001.pth"), plain_ops=False)
     assert not any(switches(fast))
+
+
+def test_resume_auto_falls_back_from_a_damaged_checkpoint(shapes, tmp_path, capsys):
+    train.main(run_args(shapes, tmp_path, "--max-iters", "2", "--no-eval", "--ckpt-period", "1"))
+    (tmp_path / "model_0000002.pth").write_bytes(b"damaged")
+    train.main(run_args(shapes, tmp_path, "--max-iters", "3", "--no-eval", "--ckpt-period", "1", "--resume", "auto"))
+    out = capsys.readouterr().out
+    assert f"warning: checkpoint {tmp_path / 'model_0000002.pth'} is not a PyTorch checkpoint" in out
+    assert f"resumed from {tmp_path / 'model_0000001.pth'} at iteration 1" in out
+    assert torch.load(tmp_path / "model_0000003.pth", weights_only=False)["iteration"] == 3
+    for name in ("model_0000001.pth", "model_0000002.pth", "model_0000003.pth"):
+        (tmp_path / name).write_bytes(b"damaged")
+    with pytest.raises(SystemExit, match="none of its checkpoints can be read"):
+        train.main(run_args(shapes, tmp_path, "--max-iters", "4", "--no-eval", "--resume", "auto"))
+
+
+def test_resume_takes_a_path_flag_given_relative_or_absolute(shapes, tmp_path, monkeypatch):
+    train.main(run_args(shapes, tmp_path / "run", "--max-iters", "1", "--no-eval"))
+    monkeypatch.chdir(shapes)
+    args = run_args(shapes, tmp_path / "run", "--max-iters", "2", "--no-eval", "--resume", "auto")
+    args[args.index(str(shapes / "train"))] = "train"  # the same folder, relative to the working directory now
+    train.main(args)
+    assert (tmp_path / "run" / "model_0000002.pth").exists()
