@@ -8,10 +8,14 @@ A run's folder (--output-dir) holds its checkpoints, args.json (the resolved fla
 per line: training rows with a "loss", evaluation rows without); the functions below keep it whole across resumes.
 ImageNet weights (--init imagenet) are torchvision ResNet/VGG state dicts, whose key names backbone.py keeps.
 """
+import contextlib
+import errno
 import json
 import os
 import pickle
 import random
+import re
+import shutil
 import sys
 
 import numpy as np
@@ -27,22 +31,34 @@ TRAJECTORY_FLAGS = ("data", "train_ann", "train_images", "train_subset", "subset
                     "warmup_iters", "warmup_factor", "seed", "norm", "init", "amp")
 
 
+class Unreadable(Exception):
+    """Why a file is not a checkpoint this code can read, in one line that names it."""
+
+
 def read(path, what="checkpoint", keys=(), weights_only=False):
     """torch.load(path) on the CPU, or a one-line error naming `what` and the path: missing, not written by
     torch.save, or (keys) not a dict with these entries; "args.preset" is the "preset" entry of the "args" dict.
     weights_only for third-party files (--pretrained): tensors and plain containers only, no code is unpickled."""
+    try:
+        return _load(path, what, keys, weights_only)
+    except Unreadable as e:
+        sys.exit(f"error: {e}")
+
+
+def _load(path, what, keys, weights_only=False):
+    """read() that raises Unreadable instead of exiting."""
     if not os.path.isfile(path):
-        sys.exit(f"error: {what} {path} does not exist")
+        raise Unreadable(f"{what} {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # unpickling fails in many ways; all mean "not a checkpoint this code can read"
         if weights_only and isinstance(e, pickle.UnpicklingError):  # e.g. a train.py checkpoint's numpy RNG state
-            sys.exit(f"error: {what} {path} is not a plain state dict of tensors "
-                     f"(a train.py checkpoint? use --weights for those)")
-        sys.exit(f"error: {what} {path} is not a PyTorch checkpoint ({type(e).__name__})")
+            raise Unreadable(f"{what} {path} is not a plain state dict of tensors "
+                             f"(a train.py checkpoint? use --weights for those)") from None
+        raise Unreadable(f"{what} {path} is not a PyTorch checkpoint ({type(e).__name__})") from None
     missing = [k for k in keys if not _has(state, k)]
     if missing:
-        sys.exit(f"error: {what} {path} has no {', '.join(missing)}: not a model_*.pth written by train.py")
+        raise Unreadable(f"{what} {path} has no {', '.join(missing)}: not a model_*.pth written by train.py")
     return state
 
 
@@ -64,11 +80,21 @@ def _state_dict(state, path, what):
     return state
 
 
+CHECKPOINT_NAME = re.compile(r"model_(\d{7,})\.pth")  # save()'s names: the iteration, 7 digits at least
+
+
+def checkpoints(output_dir):
+    """train.py's checkpoints in output_dir as [(iteration, path)], newest first. Other files, model_best.pth or
+    Detectron2's model_final.pth say, are not this run's checkpoints."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    found = [(int(m.group(1)), os.path.join(output_dir, f)) for f in names if (m := CHECKPOINT_NAME.fullmatch(f))]
+    return sorted(found, reverse=True)  # by iteration: model_10000000.pth after model_9999999.pth
+
+
 def latest(output_dir):
-    """The newest model_*.pth in output_dir (names carry the iteration with leading zeros), or None."""
-    names = [f for f in os.listdir(output_dir) if f.startswith("model_") and f.endswith(".pth")] \
-        if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, max(names)) if names else None
+    """The newest of train.py's checkpoints in output_dir, or None."""
+    found = checkpoints(output_dir)
+    return found[0][1] if found else None
 
 
 def seed(value):
@@ -85,11 +111,14 @@ def find_resume(args):
     is written to only to continue that run from its own checkpoint there, so nothing written is lost; anything else
     is refused, except a --dry-run, which writes nothing."""
     own = latest(args.output_dir)
-    path = own if args.resume == "auto" else args.resume
-    ckpt = load_for_resume(path, args) if path else None  # refuses another run's flags, first
+    path, ckpt = (_newest_readable(args) if args.resume == "auto" else
+                  (args.resume, load_for_resume(args.resume, args) if args.resume else None))  # refuses another run
     if ckpt and len(ckpt["rng"]) != args.world_size:
         sys.exit(f"error: {path} was written by {len(ckpt['rng'])} process(es); resume it with as many")
     held = own or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
+    if args.resume == "auto" and own and not path and not args.dry_run:
+        sys.exit(f"error: --output-dir {args.output_dir}: none of its checkpoints can be read (see above); move them "
+                 f"aside to start the run anew, or give another --output-dir")
     if held and not own and args.resume == "auto" and _started_here(args):
         print(f"--output-dir {args.output_dir}: this run stopped before its first checkpoint; starting it anew")
         return None, None
@@ -98,6 +127,19 @@ def find_resume(args):
         sys.exit(f"error: --output-dir {args.output_dir} already holds a run (checkpoints or metrics.jsonl); {how}, "
                  f"or give another --output-dir")
     return path, ckpt
+
+
+def _newest_readable(args):
+    """--resume auto: (path, checkpoint) of the newest checkpoint in --output-dir that can be read, warning about
+    each newer one that cannot (a file damaged after it was written); (None, None) when there is none."""
+    for _, path in checkpoints(args.output_dir):
+        try:
+            ckpt = _load(path, "checkpoint", keys=("model", "optimizer", "args.preset", "rng"))
+        except Unreadable as e:
+            print(f"warning: {e}; trying the previous checkpoint")
+            continue
+        return path, load_for_resume(path, args, ckpt)
+    return None, None
 
 
 def _started_here(args):
@@ -114,7 +156,15 @@ def _started_here(args):
 def _changed_flags(run, args):
     """The flags that make `args` another run than `run` (a dict of a run's flags), as '--flag old -> new'."""
     return [f"--{k.replace('_', '-')} {run.get(k)} -> {getattr(args, k)}"
-            for k in ("preset", "cascade", *TRAJECTORY_FLAGS) if run.get(k) != getattr(args, k)]
+            for k in ("preset", "cascade", *TRAJECTORY_FLAGS) if not _same_value(run.get(k), getattr(args, k))]
+
+
+def _same_value(a, b):
+    """Two values of a flag alike; paths (--data, --train-ann, --train-images) once relative and once absolute are the
+    same path after resolving them; a tuple is its list in args.json."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b))
 
 
 def start_run(args, path, ckpt, model, optimizer, scaler, evaluation_due, rank, device, log=print):
@@ -210,15 +260,31 @@ def save(output_dir, iteration, model, optimizer, scaler, args, seen):
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
              "args": vars(args), "scaler": scaler.state_dict() if scaler else None, "seen": seen, "rng": rng}
-    path = os.path.join(output_dir, f"model_{iteration:07d}.pth")
+    atomic_save(state, os.path.join(output_dir, f"model_{iteration:07d}.pth"), "checkpoint")
+
+
+def atomic_save(obj, path, what):
+    """torch.save(obj) to path through path.tmp, so that a crash mid-write leaves the previous file intact. A failed
+    write (a full disk: torch reports it as "file write failed") leaves no partial file and stops the run with one
+    line naming the path."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        full = getattr(e, "errno", None) == errno.ENOSPC or free < 2 ** 24  # under 16 MiB left with the partial file
+        reason = "no space left on device" if full else str(e).strip().splitlines()[0]
+        sys.exit(f"error: cannot write {what} {path}: {reason}; nothing partial is left behind")
 
 
-def load_for_resume(path, args):
-    """--resume: the checkpoint of this very run, i.e. the same preset and the same TRAJECTORY_FLAGS."""
-    ckpt = read(path, "checkpoint", keys=("model", "optimizer", "args.preset", "rng"))
+def load_for_resume(path, args, ckpt=None):
+    """--resume: the checkpoint of this very run, i.e. the same preset and the same TRAJECTORY_FLAGS (ckpt: path's
+    content, when it was read already)."""
+    if ckpt is None:
+        ckpt = read(path, "checkpoint", keys=("model", "optimizer", "args.preset", "rng"))
     run = ckpt["args"]
     if run["preset"] != args.preset:
         sys.exit(f"error: checkpoint {path} is from preset {run['preset']!r}, not {args.preset!r}")

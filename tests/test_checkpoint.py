@@ -1,5 +1,7 @@
 """checkpoint.py: a file that cannot serve as --weights, --pretrained or --resume is a one-line error naming it."""
 import argparse
+import os
+import shutil
 
 import pytest
 import torch
@@ -98,3 +100,35 @@ def test_find_resume_refuses_another_process_count_and_a_held_folder_but_not_a_d
         checkpoint.find_resume(args)
     args.dry_run = True                                                       # writes nothing: not refused
     assert checkpoint.find_resume(args) == (None, None)
+
+
+def test_latest_is_the_highest_iteration_among_train_pys_own_names(tmp_path):
+    for name in ("model_9999999.pth", "model_10000000.pth", "model_0000005.pth", "model_best.pth",
+                 "model_final.pth", "model_0000007.pth.tmp", "model_12.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert checkpoint.latest(str(tmp_path)) == str(tmp_path / "model_10000000.pth")  # not the string-wise largest
+    assert [i for i, _ in checkpoint.checkpoints(str(tmp_path))] == [10000000, 9999999, 5]
+    assert checkpoint.latest(str(tmp_path / "missing")) is None
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch):
+    path = tmp_path / "model_0000002.pth"
+    torch.save({"iteration": 1}, path)  # what a previous save left at this path
+
+    def full_disk(obj, f):  # torch's zip writer reports a full disk as a RuntimeError, after writing part of it
+        with open(f, "wb") as partial:
+            partial.write(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
+    with pytest.raises(SystemExit, match=f"cannot write checkpoint {path}: no space left on device"):
+        checkpoint.atomic_save({"iteration": 2}, str(path), "checkpoint")
+    assert sorted(os.listdir(tmp_path)) == ["model_0000002.pth"]
+    assert torch.load(path)["iteration"] == 1
+    # with space left, the write error itself is named
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(2 ** 40, 0, 2 ** 40))
+    with pytest.raises(SystemExit, match="cannot write --save-backbone .*: .*file write failed; nothing partial"):
+        checkpoint.atomic_save({}, str(tmp_path / "backbone.pth"), "--save-backbone")
+    assert sorted(os.listdir(tmp_path)) == ["model_0000002.pth"]
