@@ -17,7 +17,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python train.py --device cpu --output-dir runs/demo --resume auto
+	$(BIN)/python train.py --device cpu --output-dir runs/demo --resume auto --ckpt-period 100
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

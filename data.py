@@ -47,13 +47,17 @@ def _read_image(path, mode="RGB"):
     """(H0, W0, 3) uint8 array for mode "RGB"; mode None keeps the stored values; PIL errors become DataError."""
     try:
         with Image.open(path) as image:
-            if mode and image.mode.startswith("I"):  # convert("RGB") would clip 16/32-bit values to 255: all white
-                raise DataError(f"{path}: a {image.mode} (16/32-bit integer) image; convert it to 8-bit RGB")
+            # convert("RGB") would clip 16/32-bit integers to 255 (all white) and floats in [0, 1] to 0 (all black)
+            if mode and (image.mode.startswith("I") or image.mode == "F"):
+                kind = "32-bit float" if image.mode == "F" else "16/32-bit integer"
+                raise DataError(f"{path}: a {image.mode} ({kind}) image; convert it to 8-bit RGB")
             return np.array(image.convert(mode) if mode else image)
     except FileNotFoundError:
         raise DataError(f"missing image file {path}") from None
     except DataError:
         raise
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for truncated or garbage files
         raise DataError(f"unreadable or corrupt image {path}: {e}") from None
 
@@ -164,10 +168,20 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
             after = f" after subset={subset}" if subset is not None else ""
             raise DataError(f"{source}: empty dataset, 0 images{after}")
         self.image_ids = image_ids
+        lo = min(min_size) if isinstance(min_size, (tuple, list)) else min_size
         for image_id in image_ids:
-            path = os.path.join(image_dir, self.coco.imgs[image_id]["file_name"])
+            info = self.coco.imgs[image_id]
+            path = os.path.normpath(os.path.join(image_dir, info["file_name"]))
+            inside = os.path.relpath(path, image_dir)
+            if inside == os.pardir or inside.startswith(os.pardir + os.sep):  # absolute, or ../ out of the folder
+                raise DataError(f"{source}: image id {image_id} has file_name {info['file_name']!r}, outside the image "
+                                f"folder {image_dir}; give names relative to it")
             if not os.path.isfile(path):  # fail before training starts, not at iteration 40k
                 raise DataError(f"missing image file {path} (image id {image_id} in {source})")
+            if min(resized_size(info["height"], info["width"], lo, max_size)) < 1:
+                raise DataError(f"{source}: image id {image_id} ({info['file_name']}) is {info['width']}x"
+                                f"{info['height']}: resized to a shorter side of {lo} with the longer at most "
+                                f"{max_size}, a side rounds to 0 pixels")
         self.source, self.image_dir, self.train, self.flip_prob = source, image_dir, train, flip_prob
         self.min_size, self.max_size = min_size, max_size
 
@@ -267,6 +281,8 @@ class CocoDataset(_CocoStyleDataset):
                 data = json.load(f)
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read annotation file {ann_file}: {e}") from None
+        except RecursionError:  # json nests deeper than Python's recursion limit
+            raise DataError(f"cannot read annotation file {ann_file}: nested too deeply") from None
         self._setup(data, ann_file, image_dir, train, min_size, max_size, flip_prob, subset, subset_seed,
                     keypoint_sigmas)
 

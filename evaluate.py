@@ -33,7 +33,7 @@ import distributed
 import tta
 import voc
 from flags import amp_dtype, device_name, non_negative_int, output_file, positive_int, run_script, scale_list
-from model import build_for_data
+from model import PRESETS, build_for_data
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 KEYPOINT_METRICS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]  # COCOeval's order
@@ -170,6 +170,9 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
                                          keypoint_sigmas=run.get("keypoint_sigmas"))
     except data.DataError as e:
         sys.exit(f"error: {e}")
+    if PRESETS[run["preset"]]["num_keypoints"] and not dataset.num_keypoints:  # found before inference, not by COCOeval
+        sys.exit(f"error: preset {run['preset']} predicts keypoints, but {dataset.source} names none; evaluate it on a "
+                 f"COCO person-keypoints json")
     model = build_for_data(run["preset"], dataset, norm=run["norm"], cascade=run.get("cascade", False),
                            plain_ops=run.get("plain_ops", False) if plain_ops is None else plain_ops)
     try:

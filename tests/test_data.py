@@ -342,7 +342,26 @@ DROP = object()  # as a parameter value below: delete the field
     ("annotations", "segmentation", {"counts": "abc", "size": 8}, "annotation id 7 has a bad segmentation"),
     ("annotations", "bbox", [1, 1, float("nan"), 4], "annotation id 7 has bbox [1, 1, nan, 4], not [x, y, w, h]"),
     ("annotations", "bbox", [1, 1, True, 4], "annotation id 7 has bbox [1, 1, True, 4], not [x, y, w, h]"),
-    ("annotations", "iscrowd", "0", "annotation id 7 has iscrowd '0' and area 16"),
+    ("annotations", "iscrowd", "0", "annotation id 7 has iscrowd '0', expected 0 or 1"),
+    ("annotations", "area", -3, "annotation id 7 has area -3, expected a number >= 0"),  # COCOeval: every AP -1
+    ("annotations", "category_id", True, "annotation id 7 has category_id True, expected an integer"),  # not 1
+    ("annotations", "image_id", [1], "annotation id 7 has image_id [1], expected an integer"),
+    ("annotations", "category_id", {"id": 5}, "annotation id 7 has category_id {'id': 5}, expected an integer"),
+    ("images", "id", 10 ** 300, "images[0] has id 1000000000"),  # beyond int64; the message is cut at 60 characters
+    ("categories", "keypoints", 17, "category id 5 has keypoints 17, expected a list of keypoint names"),
+    ("annotations", "segmentation", {"counts": [10, 20], "size": [8, 8]},  # uncompressed RLE, too short
+     "annotation id 7 has a bad segmentation: its RLE counts cover 30 pixels, not height x width = 64"),
+    ("annotations", "segmentation", {"counts": "2", "size": [8, 8]},  # compressed RLE, too short (pycocotools hangs)
+     "annotation id 7 has a bad segmentation: its RLE counts cover 2 pixels, not height x width = 64"),
+    ("annotations", "segmentation", {"counts": [64.0], "size": [8, 8]}, "annotation id 7 has a bad segmentation: its "
+     "RLE counts are neither"),
+    ("annotations", "segmentation", {"counts": "\x7f", "size": [8, 8]}, "annotation id 7 has a bad segmentation: its RLE "
+     "counts are neither"),
+    ("images", "width", 30_000_000, "image id 1 (1.png) is 30000000x8, more than 178956970 pixels"),
+    ("images", "width", 30_000, "image id 1 (1.png) is 30000x8: resized to a shorter side of 800 with the longer at most "
+     "1333, a side rounds to 0 pixels"),
+    ("images", "file_name", "/etc/passwd", "image id 1 has file_name '/etc/passwd', outside the image folder"),
+    ("images", "file_name", "../1.png", "image id 1 has file_name '../1.png', outside the image folder"),
     ("images", "id", "1", "image id 1 has id '1', expected an integer"),
     ("images", "height", "8", "image id 1 has height '8', expected a positive integer"),
     ("categories", "id", 5.0, "category id 5.0 has id 5.0, expected an integer"),
@@ -446,3 +465,31 @@ def test_coco_subset_loads():
         assert 256 <= min(image.shape[1:]) <= 320 and max(image.shape[1:]) <= 512
         cat_ids = sorted(ds.cat_ids[label - 1] for label in target["labels"].tolist())
         assert cat_ids == sorted(a["category_id"] for a in gt)
+
+
+def test_a_crowd_rle_that_does_not_cover_its_image_is_refused_in_the_validation_json(tmp_path):
+    # COCOeval never returns on such an RLE: it must be refused when the validation set is built, before training
+    write_image(tmp_path / "1.png", 8, 8)
+    crowd = {"id": 8, "image_id": 1, "category_id": 5, "bbox": [0, 0, 8, 8], "iscrowd": 1, "area": 30,
+             "segmentation": {"counts": [10, 20], "size": [8, 8]}}
+    path = write_json(tmp_path / "val.json", [{"id": 1, "file_name": "1.png", "height": 8, "width": 8}], [crowd],
+                      categories=[{"id": 5, "name": "b"}])
+    one_line_error(r"val\.json: annotation id 8 has a bad segmentation: its RLE counts cover 30 pixels",
+                   CocoDataset, path, str(tmp_path), train=False)
+
+
+def test_json_nested_too_deeply_is_a_one_line_error(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_line_error(r"deep\.json: nested too deeply", CocoDataset, str(tmp_path / "deep.json"), str(tmp_path))
+
+
+def test_float_image_and_decompression_bomb_are_refused(tmp_path, monkeypatch):
+    # mode F (32-bit float, e.g. a TIFF of values in [0, 1]): convert("RGB") would give an all-black picture
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "float.tif")
+    write_image(tmp_path / "1.png", 8, 8)
+    images = [{"id": 1, "file_name": "float.tif", "height": 4, "width": 4},
+              {"id": 2, "file_name": "1.png", "height": 8, "width": 8}]
+    ds = CocoDataset(write_json(tmp_path / "a.json", images, []), str(tmp_path))
+    one_line_error(r"float\.tif: a F \(32-bit float\) image; convert it to 8-bit RGB", ds.__getitem__, 0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 pixels: more than twice PIL's limit, as a bomb
+    one_line_error(r"1\.png: Image size \(64 pixels\) exceeds limit", ds.__getitem__, 1)

@@ -75,3 +75,16 @@ def test_wrong_category_scores_zero():
 def test_no_detections_scores_zero():
     metrics = evaluate.coco_eval(make_coco_gt(), [])
     assert metrics["bbox/AP"] == 0.0 and metrics["segm/AR100"] == 0.0
+
+
+def test_a_keypoint_model_on_a_json_without_keypoints_is_refused_before_inference(tmp_path):
+    # COCOeval would fail after the whole inference (KeyError 'num_keypoints'); the check comes first
+    from shapes import make_shapes
+    make_shapes(str(tmp_path), num_train=2, num_val=2, seed=0)
+    ann, images = str(tmp_path / "annotations" / "instances_val.json"), str(tmp_path / "val")
+    args = {"preset": "tiny_kp", "norm": None, "data": "custom", "min_size": 96, "max_size": 1333, "val_ann": ann,
+            "val_images": images}
+    torch.save({"model": {}, "args": args}, tmp_path / "model_0000001.pth")
+    with pytest.raises(SystemExit, match=r"error: preset tiny_kp predicts keypoints, but .*instances_val\.json "
+                                         r"names none; evaluate it on a COCO person-keypoints json"):
+        evaluate.main(["--checkpoint", str(tmp_path / "model_0000001.pth"), "--device", "cpu"])
