@@ -48,7 +48,7 @@ def read(path, what="checkpoint", keys=(), weights_only=False):
 def _load(path, what, keys, weights_only=False):
     """read() that raises Unreadable instead of exiting."""
     if not os.path.isfile(path):
-        raise Unreadable(f"{what} {path} does not exist")
+        raise Unreadable(f"{what} {path} " + ("is a folder, not a file" if os.path.isdir(path) else "does not exist"))
     try:
         state = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # unpickling fails in many ways; all mean "not a checkpoint this code can read"
@@ -59,6 +59,8 @@ def _load(path, what, keys, weights_only=False):
     missing = [k for k in keys if not _has(state, k)]
     if missing:
         raise Unreadable(f"{what} {path} has no {', '.join(missing)}: not a model_*.pth written by train.py")
+    if "iteration" in keys and not (isinstance(state["iteration"], int) and state["iteration"] >= 0):
+        raise Unreadable(f"{what} {path} has iteration {state['iteration']!r}: not a model_*.pth written by train.py")
     return state
 
 
@@ -80,6 +82,7 @@ def _state_dict(state, path, what):
     return state
 
 
+RESUME_KEYS = ("model", "optimizer", "args.preset", "rng", "iteration", "seen")  # what --resume reads
 CHECKPOINT_NAME = re.compile(r"model_(\d{7,})\.pth")  # save()'s names: the iteration, 7 digits at least
 
 
@@ -134,7 +137,7 @@ def _newest_readable(args):
     each newer one that cannot (a file damaged after it was written); (None, None) when there is none."""
     for _, path in checkpoints(args.output_dir):
         try:
-            ckpt = _load(path, "checkpoint", keys=("model", "optimizer", "args.preset", "rng"))
+            ckpt = _load(path, "checkpoint", keys=RESUME_KEYS)
         except Unreadable as e:
             print(f"warning: {e}; trying the previous checkpoint")
             continue
@@ -193,8 +196,12 @@ def start_run(args, path, ckpt, model, optimizer, scaler, evaluation_due, rank, 
         metrics = open(metrics_path, "a" if ckpt else "w")  # no checkpoint: a new run, or one started anew
     if ckpt is None:
         return metrics, False
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # e.g. the json gained a class: the predictors' shapes differ
+        sys.exit(f"error: checkpoint {path} does not fit this run's model (did the data's classes change?): "
+                 f"{_last_line(e)}")
     if scaler and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"][rank])
@@ -202,6 +209,12 @@ def start_run(args, path, ckpt, model, optimizer, scaler, evaluation_due, rank, 
     if ckpt["iteration"] >= args.max_iters:
         log(f"the run has ended (metrics.jsonl holds its rows); evaluate.py --checkpoint {path} evaluates it")
     return metrics, evaluation_due and _evaluation_missing(metrics, ckpt["iteration"], device, log)
+
+
+def _last_line(error):
+    """The informative line of a load_state_dict error (its first says only 'Error(s) in loading state_dict')."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
 
 
 def write_row(metrics, row):
@@ -284,7 +297,7 @@ def load_for_resume(path, args, ckpt=None):
     """--resume: the checkpoint of this very run, i.e. the same preset and the same TRAJECTORY_FLAGS (ckpt: path's
     content, when it was read already)."""
     if ckpt is None:
-        ckpt = read(path, "checkpoint", keys=("model", "optimizer", "args.preset", "rng"))
+        ckpt = read(path, "checkpoint", keys=RESUME_KEYS)
     run = ckpt["args"]
     if run["preset"] != args.preset:
         sys.exit(f"error: checkpoint {path} is from preset {run['preset']!r}, not {args.preset!r}")

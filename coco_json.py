@@ -23,9 +23,10 @@ class DataError(ValueError):
 
 
 def is_numbers(value, length=None):
-    """A list of finite numbers (of `length` numbers, if given), as a json bbox, polygon or keypoint list must be."""
+    """A list of finite numbers (of `length` numbers, if given), as a json bbox, polygon or keypoint list must be;
+    an integer of more digits than a float holds is not one."""
     return (isinstance(value, list) and (length is None or len(value) == length)
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+            and all(_is_id(v) or isinstance(v, float) and math.isfinite(v) for v in value))
 
 
 def _is_id(value):
@@ -130,6 +131,11 @@ def _segmentation_problem(segm, image):
             and all(is_numbers(p) and len(p) >= 6 and len(p) % 2 == 0 for p in segm)):
         return (f"expected polygons [[x1, y1, x2, y2, x3, y3, ...], ...] (an even count >= 6 of numbers each) or RLE "
                 f"{{counts, size}} of size [height, width] = [{h}, {w}]")
+    # pycocotools rasterizes in int32 steps: coordinates near 1e8 crash it, near 1e9 give an empty mask. Ten image
+    # sizes around the image leave room for objects outside it (dropped as targets) and stay far from that.
+    far = [v for p in segm for v, side in zip(p, [w, h] * (len(p) // 2)) if not -10 * side <= v <= 11 * side]
+    if far:
+        return f"a polygon coordinate {_short(far[0])} lies far outside the {w}x{h} image (beyond 10 image sizes)"
     return None
 
 
@@ -137,7 +143,7 @@ def check_annotation(ann, image, culprit, needs_segmentation):
     """One annotation of `image` (its record): bbox, segmentation, iscrowd and area. COCOeval needs the last two, so
     a json without them (common for exported custom sets) gets COCO's meaning: iscrowd 0 and, as area, the box's."""
     if not is_numbers(ann.get("bbox"), length=4):
-        raise DataError(f"{culprit} has bbox {ann.get('bbox')!r}, not [x, y, w, h] (4 finite numbers)")
+        raise DataError(f"{culprit} has bbox {_short(ann.get('bbox'))}, not [x, y, w, h] (4 finite numbers)")
     problem = needs_segmentation and _segmentation_problem(ann.get("segmentation"), image)
     if problem:
         raise DataError(f"{culprit} has a bad segmentation: {problem}")

@@ -221,7 +221,10 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         keypoints = ann.get("keypoints")
         if not is_numbers(keypoints, length=3 * J) or not set(keypoints[2::3]) <= {0, 1, 2}:
             raise DataError(f"{culprit} has bad keypoints: expected {3 * J} finite numbers x, y, v with v in 0, 1, 2")
-        ann.setdefault("num_keypoints", sum(v > 0 for v in keypoints[2::3]))  # COCOeval reads it; COCO's meaning
+        labelled = sum(v > 0 for v in keypoints[2::3])
+        if ann.setdefault("num_keypoints", labelled) != labelled:  # COCOeval ignores a gt whose num_keypoints is 0
+            raise DataError(f"{culprit} has num_keypoints {ann['num_keypoints']!r}, but {labelled} of its keypoints "
+                            f"are labelled (v > 0)")
         return np.asarray(keypoints, dtype=np.float32).reshape(J, 3)
 
     def __len__(self):

@@ -32,8 +32,10 @@ import data
 import distributed
 import tta
 import voc
-from flags import amp_dtype, device_name, non_negative_int, output_file, positive_int, run_script, scale_list
+from flags import (MAX_SIDE, amp_dtype, at_most, device_name, non_negative_int, output_file, positive_int, run_script,
+                   scale_list)
 from model import PRESETS, build_for_data
+from norm import NORM_KINDS
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 KEYPOINT_METRICS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]  # COCOeval's order
@@ -161,6 +163,9 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
     ckpt = checkpoint.read(path, keys=("model", "args.preset", "args.norm", "args.data", "args.min_size",
                                        "args.max_size", "args.val_ann", "args.val_images"))
     run = ckpt["args"]
+    if run["preset"] not in PRESETS or run["norm"] not in (None, *NORM_KINDS):
+        sys.exit(f"error: checkpoint {path} names preset {run['preset']!r} and norm {run['norm']!r}; this code knows "
+                 f"the presets {', '.join(PRESETS)} and the norms {', '.join(NORM_KINDS)}")
     try:
         with distributed.rank_zero_first():  # under torchrun, rank 0 writes the synthetic set if it is missing
             dataset = data.build_dataset(data_root or run["data"], "val", train=False,
@@ -189,8 +194,9 @@ def main(argv=None):
     p.add_argument("--data", help="as in train.py (default: the checkpoint's own --data)")
     p.add_argument("--val-ann", help="COCO json to evaluate on (overrides --data)")
     p.add_argument("--val-images", help="image folder for --val-ann")
-    p.add_argument("--min-size", type=positive_int, help="shorter side at test (default: the checkpoint's; paper: 800)")
-    p.add_argument("--max-size", type=positive_int,
+    p.add_argument("--min-size", type=at_most(MAX_SIDE),
+                   help="shorter side at test (default: the checkpoint's; paper: 800)")
+    p.add_argument("--max-size", type=at_most(MAX_SIDE),
                    help="cap on the longer side (default: the checkpoint's; paper: 1333)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda")

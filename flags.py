@@ -38,6 +38,37 @@ def seed_value(text):
     return value
 
 
+def at_most(limit, kind=int):
+    """An argparse type: a positive int (or float) up to `limit`, e.g. an image side beyond which memory runs out."""
+    def check(text):
+        value = _number(text, kind, positive=True)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"expected at most {limit}, got {text!r}")
+        return value
+    check.__name__ = f"at_most_{limit}"
+    return check
+
+
+MAX_SIDE = 10_000  # image sides (--min-size, --max-size): no detector here needs more, and memory would run out
+
+
+def fraction(text):
+    """A number in [0, 1], e.g. a score threshold."""
+    value = _number(text, float, positive=False)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def folder(text):
+    """A folder to write into: a non-empty path that is not an existing file (made when the run starts)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return text
+
+
 def positive_float(text):
     return _number(text, float, positive=True)
 

@@ -17,6 +17,7 @@ Every subcommand is one function that returns the numbers it drew, so the tests 
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 
@@ -26,7 +27,7 @@ from PIL import Image
 
 import data
 import evaluate
-from flags import output_file, positive_float, positive_int, run_script
+from flags import at_most, device_name, folder, fraction, output_file, positive_int, run_script
 from schedule import BATCH_1X, ITERS_1X
 
 import matplotlib
@@ -50,15 +51,21 @@ def _read_run(run_dir):
         sys.exit(f"error: {run_dir} has no metrics.jsonl; expected a train.py --output-dir")
     args = {}
     if os.path.isfile(args_file):
-        with open(args_file) as f:
+        with open(args_file, encoding="utf-8") as f:
             try:
                 args = json.load(f)
-            except json.JSONDecodeError as e:
-                sys.exit(f"error: {args_file} is not valid JSON ({e})")
+            except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested deeper than Python recurses
+                sys.exit(f"error: {args_file} is not valid JSON ({type(e).__name__})")
         if not isinstance(args, dict):
             sys.exit(f"error: {args_file} holds a {type(args).__name__}, not train.py's flags")
-    with open(metrics) as f:
-        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        steps = args.get("lr_steps") or []
+        if not (isinstance(steps, list) and all(_is_number(s) for s in steps)):
+            sys.exit(f"error: {args_file} has lr_steps {steps!r}, not a list of iterations")
+    try:
+        with open(metrics, encoding="utf-8") as f:
+            lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: {metrics} is not UTF-8 text (byte {e.start}); expected train.py's metrics.jsonl")
     rows = []
     for number, line in lines:
         try:
@@ -68,10 +75,17 @@ def _read_run(run_dir):
                 print(f"note: skipped the incomplete last line {number} of {metrics} (a run killed while writing it)")
                 break
             sys.exit(f"error: {metrics} line {number} is not valid JSON")
-        if not isinstance(row, dict) or "iter" not in row:
-            sys.exit(f"error: {metrics} line {number} is not a metrics row with an \"iter\"")
+        if not isinstance(row, dict) or not (_is_number(row.get("iter")) and isinstance(row["iter"], int)):
+            sys.exit(f"error: {metrics} line {number} is not a metrics row with an integer \"iter\"")
+        bad = next((k for k, v in row.items() if not _is_number(v)), None)  # train.py writes numbers only
+        if bad:
+            sys.exit(f"error: {metrics} line {number} has {bad} {row[bad]!r}, not a finite number")
         rows.append(row)
     return args, rows
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def figure_path(text):
@@ -108,6 +122,9 @@ def plot_curves(run_dirs, out, labels=None):
     for run_dir, label in zip(run_dirs, labels):
         args, rows = _read_run(run_dir)
         evals = _last_per_iter([row for row in rows if "bbox/AP" in row])
+        for key in PANELS:  # train.py's evaluation rows of one run all have the same metrics
+            if 0 < sum(key in row for row in evals) < len(evals):
+                sys.exit(f"error: {run_dir}/metrics.jsonl: some evaluation rows have {key} and others do not")
         label = label or _run_label(run_dir, args)
         if label in curves:  # two runs of the same recipe, e.g. two seeds: tell them apart by folder
             label = f"{label} ({os.path.basename(os.path.normpath(run_dir))})"
@@ -301,22 +318,22 @@ def main(argv=None):
     s.add_argument("--instances-per-image", type=positive_int, default=7, help="COCO instances per image (caption: ~7)")
     s.add_argument("--coco-pixels", type=positive_int, default=800 * 1333,
                    help="COCO pixels per image (caption: 800x1333)")
-    s.add_argument("--finetune-schedule", type=positive_float, default=2,
+    s.add_argument("--finetune-schedule", type=at_most(1000, float), default=2,
                    help="fine-tuning schedule, N x 90k at batch 16 (2)")
-    s.add_argument("--scratch-schedule", type=positive_float, default=6,
+    s.add_argument("--scratch-schedule", type=at_most(1000, float), default=6,
                    help="from-scratch schedule (paper: 6, 3x longer)")
 
     r = sub.add_parser("predictions", help="ground truth vs. a checkpoint's detections on validation images")
     r.add_argument("--checkpoint", required=True, help="a model_*.pth written by train.py")
-    r.add_argument("--out-dir", required=True, help="folder for one PNG per image")
+    r.add_argument("--out-dir", type=folder, required=True, help="folder for one PNG per image")
     r.add_argument("--data", help="as in train.py (default: the checkpoint's own --data)")
     r.add_argument("--val-ann", help="COCO json of the images to draw (overrides --data)")
     r.add_argument("--val-images", help="image folder for --val-ann")
     r.add_argument("--num", type=positive_int, default=8, help="how many validation images, from the first")
-    r.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
-    r.add_argument("--mask-thresh", type=float, default=0.5, help="mask probability threshold (Mask R-CNN: 0.5)")
-    r.add_argument("--zoom", type=positive_int, default=1, help="enlarge small images, e.g. 4 for the 128x160 shapes")
-    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--score-thresh", type=fraction, default=0.5, help="draw detections scoring at least this")
+    r.add_argument("--mask-thresh", type=fraction, default=0.5, help="mask probability threshold (Mask R-CNN: 0.5)")
+    r.add_argument("--zoom", type=at_most(16), default=1, help="enlarge small images, e.g. 4 for the 128x160 shapes")
+    r.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
 
     if args.command == "curves":

@@ -24,8 +24,8 @@ import data
 import distributed
 import evaluate
 import schedule
-from flags import (amp_dtype, device_name, non_negative_float, non_negative_int, positive_float, positive_int,
-                   run_script, scale_range, seed_value, output_file, schedule_name)
+from flags import (MAX_SIDE, amp_dtype, at_most, device_name, folder, non_negative_float, non_negative_int,
+                   positive_float, positive_int, run_script, scale_range, seed_value, output_file, schedule_name)
 from model import PRESETS, build_for_data
 from norm import NORM_KINDS, GroupNorm, SyncBatchNorm
 
@@ -41,9 +41,9 @@ def get_args(argv=None):
     g.add_argument("--train-images", help="image folder for --train-ann")
     g.add_argument("--val-ann", help="COCO json for evaluation (overrides --data)")
     g.add_argument("--val-images", help="image folder for --val-ann")
-    g.add_argument("--min-size", type=positive_int,
+    g.add_argument("--min-size", type=at_most(MAX_SIDE),
                    help="shorter image side (paper: 800; default 800, or the native size of the synthetic shapes)")
-    g.add_argument("--max-size", type=positive_int, default=1333, help="cap on the longer side (Detectron: 1333)")
+    g.add_argument("--max-size", type=at_most(MAX_SIDE), default=1333, help="cap on the longer side (Detectron: 1333)")
     g.add_argument("--train-scales", type=scale_range,
                    help="LO,HI: training shorter side drawn from [LO, HI] (Sec. 5: 640,800 enhanced baselines; "
                         "512,800 for 35k images); default: --min-size only")
@@ -104,7 +104,7 @@ def get_args(argv=None):
                    help="evaluate every N iterations (0: only at the end)")
     g.add_argument("--ckpt-period", type=positive_int, default=500, help="checkpoint every N iterations")
     g.add_argument("--log-period", type=positive_int, default=20, help="write a metrics row every N iterations")
-    g.add_argument("--output-dir",
+    g.add_argument("--output-dir", type=folder,
                    help="where checkpoints, metrics.jsonl and args.json go; a folder holding another run is refused "
                         "(default: runs/demo for the shapes demo, else runs/PRESET-DATA)")
     g.add_argument("--resume", help="checkpoint path, or 'auto' for the latest one in --output-dir")
@@ -198,6 +198,10 @@ def load_data(args):
                                          keypoint_sigmas=args.keypoint_sigmas)
     except data.DataError as e:
         sys.exit(f"error: {e}")
+    if train_set.cat_ids != val_set.cat_ids or train_set.class_names != val_set.class_names:  # labels would mix up
+        sys.exit(f"error: the validation json {val_set.source} has other categories than the training json "
+                 f"{train_set.source}: {list(zip(val_set.cat_ids, val_set.class_names))} against "
+                 f"{list(zip(train_set.cat_ids, train_set.class_names))}")
     for split, dataset in (("train", train_set), ("val", val_set)):  # COCOeval's keypoint AP needs them in val too
         if PRESETS[args.preset]["num_keypoints"] and not dataset.num_keypoints:
             sys.exit(f"error: preset {args.preset} predicts keypoints, but the {split} json {dataset.source} names "

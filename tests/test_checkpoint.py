@@ -60,7 +60,8 @@ def test_pretrained_refuses_a_train_py_checkpoint_and_foreign_backbones(tiny, tm
 @pytest.mark.parametrize("run_args", [{"init": "scratch"}, "tiny"])
 def test_resume_refuses_a_checkpoint_without_its_preset(tmp_path, run_args):
     """An old or foreign file: its "args" lacks "preset" or is not a dict of flags at all."""
-    torch.save({"model": {}, "optimizer": {}, "args": run_args, "rng": []}, tmp_path / "old.pth")
+    torch.save({"model": {}, "optimizer": {}, "args": run_args, "rng": [], "iteration": 1, "seen": {}},
+               tmp_path / "old.pth")
     with pytest.raises(SystemExit, match=r"old\.pth has no args\.preset: not a model_\*\.pth written by train\.py"):
         checkpoint.load_for_resume(str(tmp_path / "old.pth"), argparse.Namespace(preset="tiny"))
 
@@ -80,7 +81,7 @@ def test_resume_refuses_a_changed_trajectory_flag(tmp_path, flag, value):
     import train
     args = train.resolve(train.get_args(["--device", "cpu"]))
     path = tmp_path / "model_0000001.pth"
-    torch.save({"model": {}, "optimizer": {}, "rng": [], "args": dict(vars(args))}, path)
+    torch.save({"model": {}, "optimizer": {}, "rng": [], "iteration": 1, "seen": {}, "args": dict(vars(args))}, path)
     assert checkpoint.load_for_resume(str(path), args)["args"]["lr"] == args.lr  # the run's own flags: accepted
     setattr(args, flag, value)
     with pytest.raises(SystemExit, match=f"--{flag.replace('_', '-')} "):
@@ -90,7 +91,7 @@ def test_resume_refuses_a_changed_trajectory_flag(tmp_path, flag, value):
 def test_find_resume_refuses_another_process_count_and_a_held_folder_but_not_a_dry_run(tmp_path):
     import train
     args = train.resolve(train.get_args(["--device", "cpu", "--output-dir", str(tmp_path)]))
-    torch.save({"model": {}, "optimizer": {}, "rng": [{}, {}], "args": dict(vars(args))},
+    torch.save({"model": {}, "optimizer": {}, "rng": [{}, {}], "iteration": 1, "seen": {}, "args": dict(vars(args))},
                tmp_path / "model_0000001.pth")                                # written by 2 processes
     args.resume = "auto"
     with pytest.raises(SystemExit, match=r"model_0000001\.pth was written by 2 process\(es\); resume it with as many"):

@@ -355,13 +355,18 @@ DROP = object()  # as a parameter value below: delete the field
      "annotation id 7 has a bad segmentation: its RLE counts cover 2 pixels, not height x width = 64"),
     ("annotations", "segmentation", {"counts": [64.0], "size": [8, 8]}, "annotation id 7 has a bad segmentation: its "
      "RLE counts are neither"),
-    ("annotations", "segmentation", {"counts": "\x7f", "size": [8, 8]}, "annotation id 7 has a bad segmentation: its RLE "
-     "counts are neither"),
+    ("annotations", "segmentation", {"counts": "\x7f", "size": [8, 8]},
+     "annotation id 7 has a bad segmentation: its RLE counts are neither"),
     ("images", "width", 30_000_000, "image id 1 (1.png) is 30000000x8, more than 178956970 pixels"),
-    ("images", "width", 30_000, "image id 1 (1.png) is 30000x8: resized to a shorter side of 800 with the longer at most "
-     "1333, a side rounds to 0 pixels"),
+    ("images", "width", 30_000, "image id 1 (1.png) is 30000x8: resized to a shorter side of 800 with the longer at "
+     "most 1333, a side rounds to 0 pixels"),
     ("images", "file_name", "/etc/passwd", "image id 1 has file_name '/etc/passwd', outside the image folder"),
     ("images", "file_name", "../1.png", "image id 1 has file_name '../1.png', outside the image folder"),
+    ("annotations", "segmentation", [[1, 1, 5, 1, 1e12, 5]], "annotation id 7 has a bad segmentation: a polygon "
+     "coordinate 1000000000000.0 lies far outside the 8x8 image"),  # pycocotools segfaults on it
+    ("annotations", "segmentation", [[-1e9, -1e9, 1e9, -1e9, 0, 1e9]],  # pycocotools: an empty mask
+     "annotation id 7 has a bad segmentation: a polygon coordinate -1000000000.0 lies far"),
+    ("annotations", "bbox", [1, 1, 10 ** 400, 4], "annotation id 7 has bbox [1, 1, 1000"),  # no OverflowError
     ("images", "id", "1", "image id 1 has id '1', expected an integer"),
     ("images", "height", "8", "image id 1 has height '8', expected a positive integer"),
     ("categories", "id", 5.0, "category id 5.0 has id 5.0, expected an integer"),
@@ -493,3 +498,14 @@ def test_float_image_and_decompression_bomb_are_refused(tmp_path, monkeypatch):
     one_line_error(r"float\.tif: a F \(32-bit float\) image; convert it to 8-bit RGB", ds.__getitem__, 0)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 pixels: more than twice PIL's limit, as a bomb
     one_line_error(r"1\.png: Image size \(64 pixels\) exceeds limit", ds.__getitem__, 1)
+
+
+def test_num_keypoints_must_count_the_labelled_keypoints(tmp_path):
+    # COCOeval ignores a ground truth whose num_keypoints is 0: keypoint AP would read -1 instead of scoring it
+    write_image(tmp_path / "1.png", 8, 8)
+    ann = {"id": 7, "image_id": 1, "category_id": 5, "bbox": [1, 1, 4, 4], "iscrowd": 0,
+           "segmentation": [[1, 1, 5, 1, 5, 5]], "keypoints": [2, 2, 2, 3, 3, 1], "num_keypoints": 0}
+    path = write_json(tmp_path / "kp.json", [{"id": 1, "file_name": "1.png", "height": 8, "width": 8}], [ann],
+                      categories=[{"id": 5, "name": "b", "keypoints": ["left_a", "right_a"]}])
+    one_line_error(r"annotation id 7 has num_keypoints 0, but 2 of its keypoints are labelled", CocoDataset, path,
+                   str(tmp_path), keypoint_sigmas=[0.1, 0.1])

@@ -88,3 +88,12 @@ def test_a_keypoint_model_on_a_json_without_keypoints_is_refused_before_inferenc
     with pytest.raises(SystemExit, match=r"error: preset tiny_kp predicts keypoints, but .*instances_val\.json "
                                          r"names none; evaluate it on a COCO person-keypoints json"):
         evaluate.main(["--checkpoint", str(tmp_path / "model_0000001.pth"), "--device", "cpu"])
+
+
+def test_a_checkpoint_naming_an_unknown_preset_or_norm_is_a_one_line_error(tmp_path):
+    args = {"preset": "no_such_preset", "norm": "weird", "data": "shapes", "min_size": 96, "max_size": 1333,
+            "val_ann": None, "val_images": None}
+    torch.save({"model": {}, "args": args}, tmp_path / "model_0000001.pth")
+    with pytest.raises(SystemExit, match=r"names preset 'no_such_preset' and norm 'weird'; this code knows the "
+                                         r"presets r50_fpn_gn, .* and the norms gn, syncbn"):
+        evaluate.main(["--checkpoint", str(tmp_path / "model_0000001.pth"), "--device", "cpu"])

@@ -105,11 +105,24 @@ def test_an_incomplete_last_line_is_skipped(runs, tmp_path, capsys):
     ('[1, 2]\n{"iter": 1}\n', None, r"run/metrics\.jsonl line 1 is not a metrics row"),
     ('{"iter": 1, "bbox/AP": 0.1}\n', '{"init": ', r"run/args\.json is not valid JSON"),
     ('{"iter": 1, "bbox/AP": 0.1}\n', '["scratch"]', r"run/args\.json holds a list, not train.py's flags"),
+    ('{"iter": 1, "bbox/AP": null}\n', None, r"run/metrics\.jsonl line 1 has bbox/AP None, not a finite number"),
+    ('{"iter": 1, "bbox/AP": "0.5"}\n', None, r"line 1 has bbox/AP '0\.5', not a finite number"),
+    ('{"iter": "5", "bbox/AP": 0.5}\n', None, r"line 1 is not a metrics row with an integer \"iter\""),
+    ('{"iter": [2], "bbox/AP": 0.5}\n', None, r"line 1 is not a metrics row with an integer \"iter\""),
+    ('{"iter": 1, "seen_images": true}\n', None, r"line 1 has seen_images True, not a finite number"),
+    ('{"iter": 1, "bbox/AP": 0.1}\n', '{"lr_steps": 5}', r"run/args\.json has lr_steps 5, not a list of iterations"),
+    ('{"iter": 1, "bbox/AP": 0.1}\n', "[" * 100_000, r"run/args\.json is not valid JSON \(RecursionError\)"),
+    ('{"iter": 1, "bbox/AP": 0.1, "segm/AP": 0.2}\n{"iter": 2, "bbox/AP": 0.3}\n', None,
+     r"some evaluation rows have segm/AP and others do not"),
+    (b'{"iter": 1, "bbox/AP": 0.1}\n\xff\n', None, r"run/metrics\.jsonl is not UTF-8 text"),
 ])
 def test_bad_run_files_are_one_line_errors(tmp_path, metrics, args, error):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text(metrics)
+    if isinstance(metrics, bytes):
+        (run / "metrics.jsonl").write_bytes(metrics)
+    else:
+        (run / "metrics.jsonl").write_text(metrics)
     if args is not None:
         (run / "args.json").write_text(args)
     with pytest.raises(SystemExit, match=error):
@@ -212,3 +225,18 @@ def test_draw_predictions_side_by_side(tmp_path):
                                          (a["bbox"] for a in gt if a["image_id"] == image_id)]
         assert len(image["predictions"]) > 0
         assert all(0 <= x1 <= x2 <= 160 and 0 <= y1 <= y2 <= 128 for x1, y1, x2, y2 in image["predictions"])
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--device", "mps"], "argument --device: expected cpu, cuda or cuda:N, got 'mps'"),
+    (["--zoom", "1000"], "argument --zoom: expected at most 16, got '1000'"),
+    (["--score-thresh", "nan"], "argument --score-thresh: expected a non-negative number, got 'nan'"),
+    (["--score-thresh", "2"], "argument --score-thresh: expected a number in [0, 1], got '2'"),
+    (["--out-dir", "FILE"], "argument --out-dir: FILE is a file, not a folder"),
+])
+def test_predictions_flags_are_checked(tmp_path, capsys, flags, error):
+    (tmp_path / "FILE").write_text("")
+    flags = [str(tmp_path / "FILE") if f == "FILE" else f for f in flags]
+    with pytest.raises(SystemExit):
+        plot.main(["predictions", "--checkpoint", "x.pth", "--out-dir", str(tmp_path / "out"), *flags])
+    assert error.replace("FILE", str(tmp_path / "FILE")) in capsys.readouterr().err

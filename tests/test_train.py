@@ -366,6 +366,8 @@ def test_resume_drops_a_half_written_metrics_row(shapes, tmp_path):
     ("--subset-seed", "9" * 300, "expected a seed below 2**32"),
     ("--device", "mps", "expected cpu, cuda or cuda:N, got 'mps'"),  # a device torch knows, this code does not run on
     ("--device", "meta", "expected cpu, cuda or cuda:N, got 'meta'"),
+    ("--min-size", "100000000", "expected at most 10000, got '100000000'"),  # memory would run out, not a message
+    ("--output-dir", "", "expected a folder, got an empty path"),
 ])
 def test_bad_flag_values_are_usage_errors(flag, value, message, capsys):
     with pytest.raises(SystemExit):
@@ -439,10 +441,17 @@ def test_resume_auto_falls_back_from_a_damaged_checkpoint(shapes, tmp_path, caps
     assert f"warning: checkpoint {tmp_path / 'model_0000002.pth'} is not a PyTorch checkpoint" in out
     assert f"resumed from {tmp_path / 'model_0000001.pth'} at iteration 1" in out
     assert torch.load(tmp_path / "model_0000003.pth", weights_only=False)["iteration"] == 3
-    for name in ("model_0000001.pth", "model_0000002.pth", "model_0000003.pth"):
+    edited = torch.load(tmp_path / "model_0000003.pth", weights_only=False)  # a hand-edited file: no count of seen
+    del edited["seen"]
+    torch.save(dict(edited, iteration="4"), tmp_path / "model_0000004.pth")
+    train.main(run_args(shapes, tmp_path, "--max-iters", "4", "--no-eval", "--ckpt-period", "1", "--resume", "auto"))
+    out = capsys.readouterr().out
+    assert f"warning: checkpoint {tmp_path / 'model_0000004.pth'} has no seen: not a model_*.pth" in out
+    assert f"resumed from {tmp_path / 'model_0000003.pth'} at iteration 3" in out
+    for name in ("model_0000001.pth", "model_0000002.pth", "model_0000003.pth", "model_0000004.pth"):
         (tmp_path / name).write_bytes(b"damaged")
     with pytest.raises(SystemExit, match="none of its checkpoints can be read"):
-        train.main(run_args(shapes, tmp_path, "--max-iters", "4", "--no-eval", "--resume", "auto"))
+        train.main(run_args(shapes, tmp_path, "--max-iters", "5", "--no-eval", "--resume", "auto"))
 
 
 def test_resume_takes_a_path_flag_given_relative_or_absolute(shapes, tmp_path, monkeypatch):
@@ -452,3 +461,33 @@ def test_resume_takes_a_path_flag_given_relative_or_absolute(shapes, tmp_path, m
     args[args.index(str(shapes / "train"))] = "train"  # the same folder, relative to the working directory now
     train.main(args)
     assert (tmp_path / "run" / "model_0000002.pth").exists()
+
+
+def test_train_and_val_jsons_with_other_categories_are_refused(shapes, tmp_path):
+    val = json.loads((shapes / "annotations" / "instances_val.json").read_text())
+    val["categories"] = [dict(c, name=c["name"] + "-x") for c in val["categories"]]  # the labels would not match
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    args = run_args(shapes, tmp_path / "run", "--max-iters", "1")
+    args[args.index(str(shapes / "annotations" / "instances_val.json"))] = str(tmp_path / "val.json")
+    with pytest.raises(SystemExit, match=r"error: the validation json .*val\.json has other categories than the "
+                                         r"training json"):
+        train.main(args)
+
+
+def test_resume_with_a_checkpoint_that_does_not_fit_is_a_one_line_error(shapes, tmp_path):
+    jsons = {split: json.loads((shapes / "annotations" / f"instances_{split}.json").read_text())
+             for split in ("train", "val")}
+
+    def args(*extra):  # the run on copies of the shapes jsons
+        a = run_args(shapes, tmp_path / "run", "--max-iters", "1", "--no-eval", *extra)
+        for split in jsons:
+            (tmp_path / f"{split}.json").write_text(json.dumps(jsons[split]))
+            a[a.index(str(shapes / "annotations" / f"instances_{split}.json"))] = str(tmp_path / f"{split}.json")
+        return a
+
+    train.main(args())
+    for split in jsons:  # both jsons gain a class: the box and mask predictors get another shape
+        jsons[split]["categories"].append({"id": 99, "name": "new"})
+    with pytest.raises(SystemExit, match=r"does not fit this run's model \(did the data's classes change\?\): "
+                                         r"size mismatch for"):
+        train.main(args("--resume", "auto"))
