@@ -181,6 +181,8 @@ def repository_files():
 
 def make(out, parts):
     """Write the student edition of `parts` into the new folder `out`."""
+    if not out or (os.path.exists(out) and not os.path.isdir(out)):
+        raise AssignmentError(f"--out {out!r}: give a new folder")
     if os.path.exists(out) and os.listdir(out):
         raise AssignmentError(f"{out} exists and is not empty; give a new folder to --out")
     for f in repository_files():
@@ -254,8 +256,11 @@ def borrowed(edition, part):
     found = []
     for function in part.functions:
         path, qualname = split_name(function)
-        with open(os.path.join(edition, path)) as f:
-            tree = ast.parse(f.read())
+        try:
+            with open(os.path.join(edition, path)) as f:
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError, ValueError):
+            continue  # no such file, or one that does not parse: its tests fail
         node = find_function(tree, qualname)
         if node is None:
             continue  # its tests fail
@@ -355,10 +360,16 @@ def edition_parts(edition, text):
     if text:
         return parse_parts(text)
     path = os.path.join(edition, EDITION_FILE)
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return PARTS
+    try:
         with open(path) as f:
-            return parse_parts(",".join(str(n) for n in json.load(f)["parts"]))
-    return PARTS
+            numbers = json.load(f)["parts"]
+        return parse_parts(",".join(str(n) for n in numbers if isinstance(n, int)) if isinstance(numbers, list)
+                           else "?")
+    except (ValueError, KeyError, TypeError, AssignmentError):
+        raise AssignmentError(f"{path} is not what assignment.py make writes ({{\"parts\": [1, 2, ...]}}); give "
+                              f"--parts") from None
 
 
 def main(argv=None):
@@ -398,6 +409,8 @@ def main(argv=None):
             print(f"pasted the reference functions of parts {args.parts or 'all'} into {args.edition}")
     except AssignmentError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a folder that cannot be written, a file missing from an edition
+        sys.exit(f"error: {e.filename or ''}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

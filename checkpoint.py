@@ -10,6 +10,7 @@ ImageNet weights (--init imagenet) are torchvision ResNet/VGG state dicts, whose
 """
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -61,6 +62,10 @@ def _load(path, what, keys, weights_only=False):
         raise Unreadable(f"{what} {path} has no {', '.join(missing)}: not a model_*.pth written by train.py")
     if "iteration" in keys and not (isinstance(state["iteration"], int) and state["iteration"] >= 0):
         raise Unreadable(f"{what} {path} has iteration {state['iteration']!r}: not a model_*.pth written by train.py")
+    if "rng" in keys and not (isinstance(state["rng"], list) and all(
+            isinstance(r, dict) and {"torch", "numpy", "python"} <= r.keys() and torch.is_tensor(r["torch"])
+            for r in state["rng"])):
+        raise Unreadable(f"{what} {path} has RNG states that are not train.py's: not a model_*.pth it wrote")
     return state
 
 
@@ -264,15 +269,35 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(output_dir, iteration, model, optimizer, scaler, args, seen):
+def data_identity(dataset):
+    """What a checkpoint records of its training set: the classes [(category id, name)] its labels stand for, and a
+    digest of the image and annotation ids it trains on (the same json path may hold other data by now)."""
+    ids = repr((dataset.image_ids, sorted(dataset.coco.anns)))
+    return {"classes": [[i, n] for i, n in zip(dataset.cat_ids, dataset.class_names)],
+            "digest": hashlib.sha256(ids.encode()).hexdigest()}
+
+
+def refuse_other_data(path, ckpt, identity):
+    """--resume: the training set must be the checkpoint's (a checkpoint written before data_identity passes)."""
+    recorded = ckpt.get("data")
+    if recorded and recorded["classes"] != identity["classes"]:
+        sys.exit(f"error: checkpoint {path} was trained on the classes {recorded['classes']}, the data now has "
+                 f"{identity['classes']}; start a new run (--weights {path} to start from its weights)")
+    if recorded and recorded["digest"] != identity["digest"]:
+        sys.exit(f"error: the training data changed since checkpoint {path} was written (other images or "
+                 f"annotations): resuming would not continue it exactly; start a new run with --weights {path}")
+
+
+def save(output_dir, iteration, model, optimizer, scaler, args, seen, data=None):
     """output_dir/model_<iteration>.pth with every process's RNG state, so that resume is exact for each: called by
     every process, which send theirs to rank 0; rank 0 writes, atomically (a crash mid-write leaves the previous
-    checkpoint intact)."""
+    checkpoint intact). data: data_identity of the training set."""
     rng = distributed.gather(rng_state())
     if rng is None:  # not rank 0
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-             "args": vars(args), "scaler": scaler.state_dict() if scaler else None, "seen": seen, "rng": rng}
+             "args": vars(args), "scaler": scaler.state_dict() if scaler else None, "seen": seen, "rng": rng,
+             "data": data}
     atomic_save(state, os.path.join(output_dir, f"model_{iteration:07d}.pth"), "checkpoint")
 
 

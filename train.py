@@ -282,6 +282,9 @@ def main(argv=None):
     resume, ckpt = checkpoint.find_resume(args)  # refuses another run's flags, and a folder holding another run
     log("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
     train_set, val_set = load_data(args)  # resizing, flipping and normalization happen in data.py, in plain view
+    data_identity = checkpoint.data_identity(train_set)  # its classes and images, kept in every checkpoint
+    if ckpt:
+        checkpoint.refuse_other_data(resume, ckpt, data_identity)
     model = make_model(args, train_set, device, log)
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
@@ -347,7 +350,7 @@ def main(argv=None):
             checkpoint.write_row(metrics, row)
             tic, tic_iter = time.perf_counter(), done
         if done % args.ckpt_period == 0 or done == args.max_iters:  # every process: each one's RNG state is saved
-            checkpoint.save(args.output_dir, done, model, optimizer, scaler, args, seen)
+            checkpoint.save(args.output_dir, done, model, optimizer, scaler, args, seen, data_identity)
         if evaluation_due(args, done):
             evaluate.evaluate_and_log(model, val_set, device, done, metrics, amp=args.amp, workers=args.workers)
             tic, tic_iter = time.perf_counter(), done  # the evaluation is not training time

@@ -133,10 +133,15 @@ def test_command_line_errors_are_one_line(tmp_path):
                               text=True, timeout=60)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "assignment.json").write_text('{"parts": 5}')
     for args, message in [(("make", "--out", str(tmp_path / "full")), "exists and is not empty"),
                           (("make", "--out", str(tmp_path / "new"), "--parts", "1,9"), "no part 9; the parts are 1..6"),
                           (("make", "--out", str(tmp_path / "new"), "--parts", "one"), "give part numbers"),
-                          (("grade", str(tmp_path / "missing")), "no such folder")]:
+                          (("grade", str(tmp_path / "missing")), "no such folder"),
+                          (("make", "--out", str(tmp_path / "full" / "x")), "give a new folder"),  # a file
+                          (("grade", str(tmp_path / "bad")), "is not what assignment.py make writes"),
+                          (("solve", str(tmp_path / "full")), "boxes.py: No such file or directory")]:
         result = run(*args)
         assert result.returncode == 1 and result.stderr.startswith("error: ") and message in result.stderr, result
         assert len(result.stderr.strip().splitlines()) == 1

@@ -103,6 +103,14 @@ def test_find_resume_refuses_another_process_count_and_a_held_folder_but_not_a_d
     assert checkpoint.find_resume(args) == (None, None)
 
 
+def test_resume_refuses_rng_states_train_py_did_not_write(tmp_path):
+    args = argparse.Namespace(preset="tiny")
+    torch.save({"model": {}, "optimizer": {}, "args": {"preset": "tiny"}, "rng": 5, "iteration": 1, "seen": {}},
+               tmp_path / "edited.pth")
+    with pytest.raises(SystemExit, match=r"edited\.pth has RNG states that are not train.py's"):
+        checkpoint.load_for_resume(str(tmp_path / "edited.pth"), args)
+
+
 def test_latest_is_the_highest_iteration_among_train_pys_own_names(tmp_path):
     for name in ("model_9999999.pth", "model_10000000.pth", "model_0000005.pth", "model_best.pth",
                  "model_final.pth", "model_0000007.pth.tmp", "model_12.pth"):

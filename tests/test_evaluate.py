@@ -97,3 +97,25 @@ def test_a_checkpoint_naming_an_unknown_preset_or_norm_is_a_one_line_error(tmp_p
     with pytest.raises(SystemExit, match=r"names preset 'no_such_preset' and norm 'weird'; this code knows the "
                                          r"presets r50_fpn_gn, .* and the norms gn, syncbn"):
         evaluate.main(["--checkpoint", str(tmp_path / "model_0000001.pth"), "--device", "cpu"])
+
+
+def test_a_json_of_other_classes_than_the_checkpoints_is_refused(tmp_path):
+    # the model's labels stand for the training json's categories; another json would report them as other classes
+    import json
+    import train
+    from shapes import make_shapes
+    make_shapes(str(tmp_path), num_train=2, num_val=2, seed=0)
+    ann = tmp_path / "annotations"
+    train.main(["--train-ann", str(ann / "instances_train.json"), "--train-images", str(tmp_path / "train"),
+                "--val-ann", str(ann / "instances_val.json"), "--val-images", str(tmp_path / "val"), "--data", "custom",
+                "--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--min-size", "64", "--workers", "0",
+                "--max-iters", "1", "--no-eval", "--output-dir", str(tmp_path / "run")])
+    val = json.loads((ann / "instances_val.json").read_text())
+    permute = {1: 7, 3: 1, 7: 3}  # the same three ids, standing for other names
+    val["categories"] = [dict(c, id=permute[c["id"]]) for c in val["categories"]]
+    val["annotations"] = [dict(a, category_id=permute[a["category_id"]]) for a in val["annotations"]]
+    (tmp_path / "permuted.json").write_text(json.dumps(val))
+    with pytest.raises(SystemExit, match=r"model_0000001\.pth was trained on the classes \[\[1, 'circle'\], \[3, "
+                                         r"'square'\], \[7, 'triangle'\]\], but .*permuted\.json has"):
+        evaluate.main(["--checkpoint", str(tmp_path / "run" / "model_0000001.pth"), "--device", "cpu",
+                       "--val-ann", str(tmp_path / "permuted.json"), "--val-images", str(tmp_path / "val")])

@@ -488,6 +488,25 @@ def test_resume_with_a_checkpoint_that_does_not_fit_is_a_one_line_error(shapes, 
     train.main(args())
     for split in jsons:  # both jsons gain a class: the box and mask predictors get another shape
         jsons[split]["categories"].append({"id": 99, "name": "new"})
+    with pytest.raises(SystemExit, match=r"model_0000001\.pth was trained on the classes \[\[1, 'circle'\], .*\], "
+                                         r"the data now has .*\[99, 'new'\]\]"):
+        train.main(args("--resume", "auto"))
+    ckpt = torch.load(tmp_path / "run" / "model_0000001.pth", weights_only=False)
+    del ckpt["data"]  # a checkpoint written before train.py recorded its data
+    torch.save(ckpt, tmp_path / "run" / "model_0000001.pth")
     with pytest.raises(SystemExit, match=r"does not fit this run's model \(did the data's classes change\?\): "
                                          r"size mismatch for"):
         train.main(args("--resume", "auto"))
+    def keep_images(n):
+        images = jsons["train"]["images"] = jsons["train"]["images"][:n]
+        jsons["train"]["annotations"] = [a for a in jsons["train"]["annotations"]
+                                         if a["image_id"] in {i["id"] for i in images}]
+
+    for split in jsons:  # the same classes, fewer images under the same path: not the run's data any more
+        jsons[split]["categories"].pop()
+    keep_images(4)
+    train.main(args("--output-dir", str(tmp_path / "run2")))
+    keep_images(3)
+    with pytest.raises(SystemExit, match=r"the training data changed since checkpoint .*model_0000001\.pth was "
+                                         r"written"):
+        train.main(args("--output-dir", str(tmp_path / "run2"), "--resume", "auto"))
