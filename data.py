@@ -177,7 +177,8 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
                 raise DataError(f"{source}: image id {image_id} has file_name {info['file_name']!r}, outside the image "
                                 f"folder {image_dir}; give names relative to it")
             if not os.path.isfile(path):  # fail before training starts, not at iteration 40k
-                raise DataError(f"missing image file {path} (image id {image_id} in {source})")
+                what = "not a regular file" if os.path.exists(path) else "missing image file"
+                raise DataError(f"{what} {path} (image id {image_id} in {source})")
             if min(resized_size(info["height"], info["width"], lo, max_size)) < 1:
                 raise DataError(f"{source}: image id {image_id} ({info['file_name']}) is {info['width']}x"
                                 f"{info['height']}: resized to a shorter side of {lo} with the longer at most "

@@ -163,6 +163,10 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
     ckpt = checkpoint.read(path, keys=("model", "args.preset", "args.norm", "args.data", "args.min_size",
                                        "args.max_size", "args.val_ann", "args.val_images"))
     run = ckpt["args"]
+    sizes = (run["min_size"], run["max_size"])
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SIDE for s in sizes):
+        sys.exit(f"error: checkpoint {path} has min_size {sizes[0]!r} and max_size {sizes[1]!r}: not train.py's "
+                 f"(positive integers up to {MAX_SIDE})")
     if run["preset"] not in PRESETS or run["norm"] not in (None, *NORM_KINDS):
         sys.exit(f"error: checkpoint {path} names preset {run['preset']!r} and norm {run['norm']!r}; this code knows "
                  f"the presets {', '.join(PRESETS)} and the norms {', '.join(NORM_KINDS)}")

@@ -62,7 +62,7 @@ def _read_run(run_dir):
         if not (isinstance(steps, list) and all(_is_number(s) for s in steps)):
             sys.exit(f"error: {args_file} has lr_steps {steps!r}, not a list of iterations")
     try:
-        with open(metrics, encoding="utf-8") as f:
+        with open(metrics, encoding="utf-8-sig") as f:  # a byte-order mark, from an editor, is no row
             lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
     except UnicodeDecodeError as e:
         sys.exit(f"error: {metrics} is not UTF-8 text (byte {e.start}); expected train.py's metrics.jsonl")

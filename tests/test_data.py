@@ -302,6 +302,12 @@ def test_missing_image_file(tmp_path):
     one_line_error(os.path.join(str(tmp_path), "nope.png"), CocoDataset, ann, str(tmp_path))
 
 
+def test_an_image_path_that_is_not_a_file(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    ann = write_json(tmp_path / "a.json", [{"id": 9, "file_name": "folder.png", "height": 4, "width": 4}], [])
+    one_line_error(r"not a regular file .*folder\.png \(image id 9", CocoDataset, ann, str(tmp_path))
+
+
 def test_corrupt_image(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"this is not a png at all")
     ds = CocoDataset(write_json(tmp_path / "a.json", [{"id": 1, "file_name": "bad.png", "height": 4, "width": 4}],

@@ -119,3 +119,12 @@ def test_a_json_of_other_classes_than_the_checkpoints_is_refused(tmp_path):
                                          r"'square'\], \[7, 'triangle'\]\], but .*permuted\.json has"):
         evaluate.main(["--checkpoint", str(tmp_path / "run" / "model_0000001.pth"), "--device", "cpu",
                        "--val-ann", str(tmp_path / "permuted.json"), "--val-images", str(tmp_path / "val")])
+
+
+@pytest.mark.parametrize("sizes", [(-5, 1333), ("96", 1333), (96, float("nan"))])
+def test_a_checkpoint_with_sizes_train_py_does_not_write_is_refused(tmp_path, sizes):
+    args = {"preset": "tiny", "norm": None, "data": "shapes", "min_size": sizes[0], "max_size": sizes[1],
+            "val_ann": None, "val_images": None}
+    torch.save({"model": {}, "args": args}, tmp_path / "model_0000001.pth")
+    with pytest.raises(SystemExit, match=r"model_0000001\.pth has min_size .* not train.py's"):
+        evaluate.main(["--checkpoint", str(tmp_path / "model_0000001.pth"), "--device", "cpu"])

@@ -115,6 +115,8 @@ def test_an_incomplete_last_line_is_skipped(runs, tmp_path, capsys):
     ('{"iter": 1, "bbox/AP": 0.1, "segm/AP": 0.2}\n{"iter": 2, "bbox/AP": 0.3}\n', None,
      r"some evaluation rows have segm/AP and others do not"),
     (b'{"iter": 1, "bbox/AP": 0.1}\n\xff\n', None, r"run/metrics\.jsonl is not UTF-8 text"),
+    (b'\xef\xbb\xbf{"iter": 1, "bbox/AP": 0.1}\n{"iter": 2, "loss": "x"}\n', None,  # a BOM is read past
+     r"run/metrics\.jsonl line 2 has loss 'x', not a finite number"),
 ])
 def test_bad_run_files_are_one_line_errors(tmp_path, metrics, args, error):
     run = tmp_path / "run"
