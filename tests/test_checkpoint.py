@@ -91,8 +91,9 @@ def test_resume_refuses_a_changed_trajectory_flag(tmp_path, flag, value):
 def test_find_resume_refuses_another_process_count_and_a_held_folder_but_not_a_dry_run(tmp_path):
     import train
     args = train.resolve(train.get_args(["--device", "cpu", "--output-dir", str(tmp_path)]))
-    torch.save({"model": {}, "optimizer": {}, "rng": [{}, {}], "iteration": 1, "seen": {}, "args": dict(vars(args))},
-               tmp_path / "model_0000001.pth")                                # written by 2 processes
+    state = {"model": {}, "optimizer": {}, "rng": [checkpoint.rng_state()] * 2, "iteration": 1, "seen": {},
+             "args": dict(vars(args))}
+    torch.save(state, tmp_path / "model_0000001.pth")                         # written by 2 processes
     args.resume = "auto"
     with pytest.raises(SystemExit, match=r"model_0000001\.pth was written by 2 process\(es\); resume it with as many"):
         checkpoint.find_resume(args)
