@@ -365,8 +365,9 @@ def edition_parts(edition, text):
     try:
         with open(path) as f:
             numbers = json.load(f)["parts"]
-        return parse_parts(",".join(str(n) for n in numbers if isinstance(n, int)) if isinstance(numbers, list)
-                           else "?")
+        if not (isinstance(numbers, list) and numbers and all(isinstance(n, int) for n in numbers)):
+            raise TypeError
+        return parse_parts(",".join(map(str, numbers)))
     except (ValueError, KeyError, TypeError, AssignmentError):
         raise AssignmentError(f"{path} is not what assignment.py make writes ({{\"parts\": [1, 2, ...]}}); give "
                               f"--parts") from None

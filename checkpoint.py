@@ -273,8 +273,7 @@ def data_identity(dataset):
     """What a checkpoint records of its training set: the classes [(category id, name)] its labels stand for, and a
     digest of the image and annotation ids it trains on (the same json path may hold other data by now)."""
     ids = repr((dataset.image_ids, sorted(dataset.coco.anns)))
-    return {"classes": [[i, n] for i, n in zip(dataset.cat_ids, dataset.class_names)],
-            "digest": hashlib.sha256(ids.encode()).hexdigest()}
+    return {"classes": dataset.classes, "digest": hashlib.sha256(ids.encode()).hexdigest()}
 
 
 def refuse_other_data(path, ckpt, identity):

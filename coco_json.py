@@ -91,7 +91,7 @@ def rle_counts(counts):
     """COCO RLE counts -> the list of run lengths, or None if they are not RLE: a list of non-negative integers
     (uncompressed RLE), or a string in the compressed form of pycocotools' maskApi.c rleFrString, decoded here: 6 bits
     a character (ASCII 48..111), 5 of them value and one "more follows"; a value's last character carries its sign;
-    from the third run on, a value is the difference to the run two before."""
+    from the fourth run on, a value is the difference to the run two before."""
     if isinstance(counts, list):
         return counts if all(_is_id(c) and c >= 0 for c in counts) else None
     if not isinstance(counts, str):

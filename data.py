@@ -127,6 +127,7 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         self.cat_ids = sorted(c["id"] for c in data["categories"])
         names = {c["id"]: c["name"] for c in data["categories"]}
         self.class_names = [names[c] for c in self.cat_ids]
+        self.classes = [[c, names[c]] for c in self.cat_ids]  # what a checkpoint's labels stand for (checkpoint.py)
         self.num_classes = len(self.cat_ids) + 1  # + background
         self._label = {cat_id: i + 1 for i, cat_id in enumerate(self.cat_ids)}
         images = {image["id"]: image for image in data["images"]}

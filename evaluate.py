@@ -179,10 +179,10 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
                                          keypoint_sigmas=run.get("keypoint_sigmas"))
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    classes = [[i, n] for i, n in zip(dataset.cat_ids, dataset.class_names)]
     trained = (ckpt.get("data") or {}).get("classes")  # checkpoints written since train.py records them
-    if trained and trained != classes:  # the labels would be reported as other categories
-        sys.exit(f"error: checkpoint {path} was trained on the classes {trained}, but {dataset.source} has {classes}")
+    if trained and trained != dataset.classes:  # the labels would be reported as other categories
+        sys.exit(f"error: checkpoint {path} was trained on the classes {trained}, but {dataset.source} has "
+                 f"{dataset.classes}")
     if PRESETS[run["preset"]]["num_keypoints"] and not dataset.num_keypoints:  # found before inference, not by COCOeval
         sys.exit(f"error: preset {run['preset']} predicts keypoints, but {dataset.source} names none; evaluate it on a "
                  f"COCO person-keypoints json")

@@ -17,7 +17,6 @@ Every subcommand is one function that returns the numbers it drew, so the tests 
 import argparse
 import itertools
 import json
-import math
 import os
 import sys
 
@@ -27,6 +26,7 @@ from PIL import Image
 
 import data
 import evaluate
+from coco_json import is_numbers
 from flags import at_most, device_name, folder, fraction, output_file, positive_int, run_script
 from schedule import BATCH_1X, ITERS_1X
 
@@ -59,7 +59,7 @@ def _read_run(run_dir):
         if not isinstance(args, dict):
             sys.exit(f"error: {args_file} holds a {type(args).__name__}, not train.py's flags")
         steps = args.get("lr_steps") or []
-        if not (isinstance(steps, list) and all(_is_number(s) for s in steps)):
+        if not (isinstance(steps, list) and is_numbers(steps)):
             sys.exit(f"error: {args_file} has lr_steps {steps!r}, not a list of iterations")
     try:
         with open(metrics, encoding="utf-8-sig") as f:  # a byte-order mark, from an editor, is no row
@@ -75,17 +75,13 @@ def _read_run(run_dir):
                 print(f"note: skipped the incomplete last line {number} of {metrics} (a run killed while writing it)")
                 break
             sys.exit(f"error: {metrics} line {number} is not valid JSON")
-        if not isinstance(row, dict) or not (_is_number(row.get("iter")) and isinstance(row["iter"], int)):
+        if not isinstance(row, dict) or not (is_numbers([row.get("iter")]) and isinstance(row["iter"], int)):
             sys.exit(f"error: {metrics} line {number} is not a metrics row with an integer \"iter\"")
-        bad = next((k for k, v in row.items() if not _is_number(v)), None)  # train.py writes numbers only
+        bad = next((k for k, v in row.items() if not is_numbers([v])), None)  # train.py writes numbers only
         if bad:
             sys.exit(f"error: {metrics} line {number} has {bad} {row[bad]!r}, not a finite number")
         rows.append(row)
     return args, rows
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def figure_path(text):

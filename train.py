@@ -198,10 +198,9 @@ def load_data(args):
                                          keypoint_sigmas=args.keypoint_sigmas)
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    if train_set.cat_ids != val_set.cat_ids or train_set.class_names != val_set.class_names:  # labels would mix up
+    if train_set.classes != val_set.classes:  # the labels would mix up
         sys.exit(f"error: the validation json {val_set.source} has other categories than the training json "
-                 f"{train_set.source}: {list(zip(val_set.cat_ids, val_set.class_names))} against "
-                 f"{list(zip(train_set.cat_ids, train_set.class_names))}")
+                 f"{train_set.source}: {val_set.classes} against {train_set.classes}")
     for split, dataset in (("train", train_set), ("val", val_set)):  # COCOeval's keypoint AP needs them in val too
         if PRESETS[args.preset]["num_keypoints"] and not dataset.num_keypoints:
             sys.exit(f"error: preset {args.preset} predicts keypoints, but the {split} json {dataset.source} names "
