@@ -27,7 +27,8 @@ Shapes: N images, H, W input size; C2..C5 are (N, c_k, H/2^k, W/2^k), k = 2..5.
 """
 import torch.nn as nn
 
-from norm import GroupNorm, SyncBatchNorm, make_norm
+from norm import GroupNorm, SyncBatchNorm, conv2d, make_norm
+from related_work import CBAM
 
 RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}  # blocks per stage, ResNet Table 1
 VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)  # VGG Table 1 D
@@ -35,8 +36,7 @@ VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 
 def _conv(in_channels, out_channels, kernel_size, stride=1, groups=1, norm="gn"):
     """A conv without bias when a normalization layer follows it (its shift makes a bias redundant)."""
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                     groups=groups, bias=norm == "none")
+    return conv2d(in_channels, out_channels, kernel_size, norm, stride=stride, padding=kernel_size // 2, groups=groups)
 
 
 def msra_init_(module):
@@ -54,11 +54,13 @@ def msra_init_(module):
 
 class Bottleneck(nn.Module):
     """ResNet Fig. 5 (right) / ResNeXt Fig. 3(c): 1x1 reduce, 3x3 (grouped, carries the stride), 1x1 expand (x4),
-    each followed by a norm, plus the identity or a projection shortcut (ResNet Eq. 2: 1x1 conv + norm)."""
+    each followed by a norm, plus the identity or a projection shortcut (ResNet Eq. 2: 1x1 conv + norm).
+    attention "cbam" (related work, off by default): related_work.CBAM after the last norm, before the addition."""
 
     expansion = 4
 
-    def __init__(self, in_channels, planes, stride=1, groups=1, width_per_group=64, norm="gn", num_groups=32):
+    def __init__(self, in_channels, planes, stride=1, groups=1, width_per_group=64, norm="gn", num_groups=32,
+                 attention=None):
         super().__init__()
         width = int(planes * (width_per_group / 64.0)) * groups  # ResNeXt Table 1: C x d channels in the 3x3 conv
         out_channels = planes * self.expansion
@@ -69,6 +71,7 @@ class Bottleneck(nn.Module):
         self.conv3 = _conv(width, out_channels, 1, norm=norm)
         self.bn3 = make_norm(norm, out_channels, num_groups)
         self.relu = nn.ReLU(inplace=True)
+        self.cbam = CBAM(out_channels) if attention == "cbam" else None  # CBAM Fig. 3
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
             # ResNet Eq. 2 / option (B): projection shortcut W_s x when the shape changes; normalized as well
@@ -81,6 +84,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        if self.cbam is not None:
+            out = self.cbam(out)  # CBAM Fig. 3: F'' = M_s(F') F', F' = M_c(F) F, on the residual branch
         return self.relu(out + identity)  # ResNet Eq. 1: y = F(x) + x, then ReLU
 
 
@@ -93,13 +98,14 @@ class ResNet(nn.Module):
     everything (the paper's scratch setting, Sec. 4); 1 freezes the stem (conv1, bn1); k >= 2 also freezes
     layer1..layer{k-1}. Freezing sets requires_grad=False; a "bn" layer in a frozen stage still updates its running
     statistics in training mode, which is why the fine-tuning baseline pairs freeze_at with norm="frozen_bn".
+    attention: None, or "cbam" in every bottleneck (related work, off by default).
     """
 
     def __init__(self, layers=(3, 4, 6, 3), groups=1, width_per_group=64, stem_channels=64, norm="gn",
-                 num_groups=32, freeze_at=0, base_planes=64):
+                 num_groups=32, freeze_at=0, base_planes=64, attention=None):
         super().__init__()
         # Stem, ResNet Table 1 "conv1": 7x7/2 conv + norm + ReLU, then 3x3/2 max pool -> stride 4.
-        self.conv1 = nn.Conv2d(3, stem_channels, 7, stride=2, padding=3, bias=norm == "none")
+        self.conv1 = conv2d(3, stem_channels, 7, norm, stride=2, padding=3)
         self.bn1 = make_norm(norm, stem_channels, num_groups)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -111,7 +117,7 @@ class ResNet(nn.Module):
             stage = []
             for b in range(blocks):
                 stage.append(Bottleneck(in_channels, planes, stride if b == 0 else 1, groups, width_per_group,
-                                        norm, num_groups))
+                                        norm, num_groups, attention))
                 in_channels = planes * Bottleneck.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
             self.out_channels.append(in_channels)  # e.g. [256, 512, 1024, 2048]

@@ -11,12 +11,12 @@ Shapes: N images, d = out_channels; P_k is (N, d, H/2^k, W/2^k) for k = 2..6 (H,
 import torch.nn as nn
 import torch.nn.functional as F
 
-from norm import make_norm
+from norm import conv2d, make_norm
 
 
 def _conv_norm(in_channels, out_channels, kernel_size, norm, num_groups):
     """conv (bias only without a norm) [+ norm], as Sequential so the conv is always `.0` (torchvision's keys)."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none")
+    conv = conv2d(in_channels, out_channels, kernel_size, norm, padding=kernel_size // 2)
     # Caffe2's XavierFill (Detectron), Detectron2's c2_xavier_fill, torchvision's FPN: kaiming_uniform_(a=1), i.e.
     # U(+-sqrt(3 / fan_in)).
     nn.init.kaiming_uniform_(conv.weight, a=1)

@@ -159,11 +159,12 @@ class MaskRCNN(nn.Module):
         return results
 
 
-def build_model(preset, num_classes, plain_ops=False, **overrides):
+def build_model(preset, num_classes, plain_ops=False, attention=None, **overrides):
     """Build a named preset (see PRESETS) for num_classes classes, background included (81 for COCO).
     plain_ops: the paper's plain GroupNorm, NMS, proposal selection, RoIAlign, mask targets and mask pasting instead
     of the fast equivalents of fast_ops.py (equal up to float rounding, slower); how the model computes, not what, so
-    not a preset option."""
+    not a preset option. attention: None (the paper), or "cbam" in every ResNet bottleneck (related_work.CBAM;
+    related work, not a preset option either)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     unknown = set(overrides) - set(PRESETS[preset]) - {"layers"}
@@ -174,6 +175,8 @@ def build_model(preset, num_classes, plain_ops=False, **overrides):
     if vgg and cfg["norm"] != "none":
         raise ValueError(f"preset {preset!r}: VGG-16 has no normalization layers (Rethinking Sec. 5), so norm must "
                          f"be 'none', not {cfg['norm']!r}")
+    if vgg and attention:
+        raise ValueError(f"preset {preset!r}: attention {attention!r} sits in ResNet bottlenecks; VGG-16 has none")
 
     if vgg:
         backbone = VGG16()
@@ -181,7 +184,7 @@ def build_model(preset, num_classes, plain_ops=False, **overrides):
         backbone = ResNet(layers=cfg.get("layers") or RESNET_LAYERS[cfg["depth"]], groups=cfg["groups"],
                           width_per_group=cfg["width_per_group"], stem_channels=cfg["stem_channels"],
                           base_planes=cfg["base_planes"], norm=cfg["norm"], num_groups=cfg["num_groups"],
-                          freeze_at=cfg["freeze_at"])
+                          freeze_at=cfg["freeze_at"], attention=attention)
     fpn = None
     if cfg["fpn_channels"]:
         fpn = FPN(in_channels=backbone.out_channels, out_channels=cfg["fpn_channels"], norm=cfg["fpn_norm"],
@@ -269,12 +272,12 @@ def convert_torchvision_state_dict(state_dict):
     return converted
 
 
-def build_for_data(preset, dataset, norm=None, cascade=False, plain_ops=False):
+def build_for_data(preset, dataset, norm=None, cascade=False, plain_ops=False, attention=None):
     """A run's model, as train.py builds it and evaluate.py rebuilds it from the run's flags: build_model for the
     dataset's classes (background included), with norm (--norm) in the backbone, the FPN and the heads when given,
     the Cascade R-CNN heads with cascade (--cascade), and plain_ops (--plain-ops). The data decides the heads: box-only
     data (PASCAL VOC) gets no mask head, i.e. Faster R-CNN as in Rethinking Sec. 5.2; a keypoint preset predicts the
-    dataset's keypoints (Fig. 6)."""
-    return build_model(preset, num_classes=dataset.num_classes, plain_ops=plain_ops, norm=norm, fpn_norm=norm,
-                       head_norm=norm, cascade=cascade, mask_head=None if dataset.has_masks else False,
+    dataset's keypoints (Fig. 6). attention: --attention (related work: "cbam", or None)."""
+    return build_model(preset, num_classes=dataset.num_classes, plain_ops=plain_ops, attention=attention, norm=norm,
+                       fpn_norm=norm, head_norm=norm, cascade=cascade, mask_head=None if dataset.has_masks else False,
                        num_keypoints=dataset.num_keypoints or None)

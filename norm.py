@@ -21,8 +21,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import fast_ops
+from related_work import WSConv2d
 
-NORM_KINDS = ("gn", "syncbn", "bn", "frozen_bn", "none")
+# gn_ws: GroupNorm after weight-standardized convs (related_work.py; related work, not the paper's recipe)
+NORM_KINDS = ("gn", "syncbn", "bn", "frozen_bn", "none", "gn_ws")
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
@@ -228,9 +230,10 @@ def make_norm(kind, channels, num_groups=32):
     """The normalization switch of the paper (Sec. 3.1): one flag picks the layer used everywhere.
 
     kind: "gn" (GroupNorm, 32 groups as in Detectron's GN baselines), "syncbn", "bn" (torch.nn.BatchNorm2d, per-GPU
-    statistics), "frozen_bn" (the pre-training baseline) or "none" (identity).
+    statistics), "frozen_bn" (the pre-training baseline) or "none" (identity); "gn_ws" is GroupNorm too, its convs
+    standardize their weights (conv2d below).
     """
-    if kind == "gn":
+    if kind in ("gn", "gn_ws"):
         return GroupNorm(num_groups, channels)  # raises a ValueError naming both numbers if they do not divide
     if kind == "syncbn":
         return SyncBatchNorm(channels)
@@ -243,10 +246,17 @@ def make_norm(kind, channels, num_groups=32):
     raise ValueError(f"unknown norm kind {kind!r}; expected one of {', '.join(NORM_KINDS)}")
 
 
+def conv2d(in_channels, out_channels, kernel_size, norm="gn", **kwargs):
+    """The conv in front of a norm of kind `norm`: nn.Conv2d with a bias only without a norm (a norm's shift
+    replaces it); for "gn_ws" related_work.WSConv2d, whose weight is standardized (same parameter names)."""
+    conv = WSConv2d if norm == "gn_ws" else nn.Conv2d
+    return conv(in_channels, out_channels, kernel_size, bias=norm == "none", **kwargs)
+
+
 def conv_norm_relu(in_channels, out_channels, norm="gn", num_groups=32):
     """3x3 conv + norm + ReLU, the block of the box, mask and keypoint heads: (R, C, S, S) -> (R, out_channels, S, S).
     The conv has a bias only without a norm (a norm's shift replaces it). Names 0 (conv), 1 (norm), as torchvision."""
-    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none")
+    conv = conv2d(in_channels, out_channels, 3, norm, padding=1)
     return nn.Sequential(conv, make_norm(norm, out_channels, num_groups), nn.ReLU(inplace=True))
 
 
