@@ -30,6 +30,9 @@ from norm import GroupNorm
 TRAJECTORY_FLAGS = ("data", "train_ann", "train_images", "train_subset", "subset_seed", "min_size", "max_size",
                     "train_scales", "batch_size", "lr", "momentum", "weight_decay", "lr_steps", "lr_gamma",
                     "warmup_iters", "warmup_factor", "seed", "norm", "init", "amp")
+# train.py's related-work flags shape the trajectory too; a run recorded before they existed had them off: these
+# values stand in for a missing key of its args.
+RELATED_WORK_FLAGS = {"random_erasing": None, "cutmix": False, "yoco": False, "attention": None, "slim": 0.0}
 
 
 class Unreadable(Exception):
@@ -163,8 +166,9 @@ def _started_here(args):
 
 def _changed_flags(run, args):
     """The flags that make `args` another run than `run` (a dict of a run's flags), as '--flag old -> new'."""
-    return [f"--{k.replace('_', '-')} {run.get(k)} -> {getattr(args, k)}"
-            for k in ("preset", "cascade", *TRAJECTORY_FLAGS) if not _same_value(run.get(k), getattr(args, k))]
+    return [f"--{k.replace('_', '-')} {run.get(k, RELATED_WORK_FLAGS.get(k))} -> {getattr(args, k)}"
+            for k in ("preset", "cascade", *TRAJECTORY_FLAGS, *RELATED_WORK_FLAGS)
+            if not _same_value(run.get(k, RELATED_WORK_FLAGS.get(k)), getattr(args, k))]
 
 
 def _same_value(a, b):
@@ -348,6 +352,7 @@ def load_pretrained(backbone, path, log=print):
     unexpected = [k for k in result.unexpected_keys if not k.startswith(("fc.", "classifier."))]
     log(f"loaded {path}: {len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
         f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+    _note_attention(result.missing_keys, path, log)
     gn = any(isinstance(m, GroupNorm) for m in backbone.modules())
     if gn and any(k.endswith("running_mean") for k in unexpected):
         log(f"note: {path} is a BatchNorm network; its BN scales and shifts went into this model's GroupNorm layers "
@@ -379,3 +384,12 @@ def load_weights(model, path, log=print):
                  f"a checkpoint of another preset?")
     log(f"loaded {path}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
         f"{unexpected[:3]}, {len(skipped)} skipped for their shape {skipped[:3]}")
+    _note_attention(missing, path, log)
+
+
+def _note_attention(missing, path, log=print):
+    """--attention cbam (related work) from weights without it: say so, the CBAM layers keep their random init."""
+    cbam = [k for k in missing if ".cbam." in k]
+    if cbam:
+        log(f"note: {path} has no CBAM weights (--attention cbam): its {len(cbam)} CBAM tensors keep their random "
+            f"init")

@@ -30,10 +30,11 @@ from tqdm import tqdm
 import checkpoint
 import data
 import distributed
+import related_work
 import tta
 import voc
-from flags import (MAX_SIDE, amp_dtype, at_most, device_name, non_negative_int, output_file, positive_int, run_script,
-                   scale_list)
+from flags import (MAX_SIDE, amp_dtype, at_most, device_name, non_negative_float, non_negative_int, output_file,
+                   positive_int, run_script, scale_list)
 from model import PRESETS, build_for_data
 from norm import NORM_KINDS
 
@@ -187,13 +188,25 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
         sys.exit(f"error: preset {run['preset']} predicts keypoints, but {dataset.source} names none; evaluate it on a "
                  f"COCO person-keypoints json")
     model = build_for_data(run["preset"], dataset, norm=run["norm"], cascade=run.get("cascade", False),
-                           plain_ops=run.get("plain_ops", False) if plain_ops is None else plain_ops)
+                           plain_ops=run.get("plain_ops", False) if plain_ops is None else plain_ops,
+                           attention=run.get("attention"))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         sys.exit(f"error: checkpoint {path} does not fit preset {run['preset']} with "
                  f"{dataset.num_classes} classes: {str(e).splitlines()[0]}")
     return model, dataset
+
+
+def print_slimming_report(model, threshold):
+    """Network slimming (Liu et al. 2017, related work; train.py --slim): per norm layer, the channels whose |gamma| is
+    below threshold, and the parameters a pruned model would save (related_work.slimming_report: a lower bound)."""
+    report = related_work.slimming_report(model, threshold)
+    for name, channels, pruned, saved in report["layers"]:
+        print(f"{name}: {pruned} of {channels} channels with |gamma| < {threshold:g}, {saved} parameters")
+    print(f"all norm layers: {report['pruned']} of {report['channels']} channels; pruning them saves at least "
+          f"{report['saved']} of {report['total']} parameters ({100 * report['saved'] / report['total']:.2f}%)")
+    return report
 
 
 def main(argv=None):
@@ -224,11 +237,22 @@ def main(argv=None):
                    help="cap on the longer side of the --tta-scales views (Detectron's example: 2000)")
     p.add_argument("--tta-flip", action="store_true",
                    help="test-time augmentation: add the mirror image of every view")
+    p.add_argument("--slim-report", action="store_true",
+                   help="related work, network slimming (Liu et al. 2017; train.py --slim): instead of evaluating, "
+                        "count the channels whose norm scale |gamma| is below --slim-threshold and the parameters "
+                        "pruning them would save")
+    p.add_argument("--slim-threshold", type=non_negative_float, default=1e-2,
+                   help="|gamma| below which --slim-report counts a channel as prunable (default 1e-2; Liu et al. "
+                        "Sec. 3.2 prune with a global threshold, a percentile of all the scales)")
     args = p.parse_args(argv)
 
     _, _, device = distributed.init(args.device)  # under torchrun, each process evaluates a shard of the images
     model, dataset = load_run(args.checkpoint, args.data, args.val_ann, args.val_images, args.min_size,
                               args.max_size, plain_ops=args.plain_ops)
+    if args.slim_report:
+        report = print_slimming_report(model, args.slim_threshold)
+        distributed.cleanup()
+        return report
     if (args.tta_scales or args.tta_flip) and model.roi_heads.keypoint_head is not None:
         sys.exit("error: --tta-scales/--tta-flip merge boxes and masks; evaluate keypoint models without them")
     if dataset.min_size in args.tta_scales:

@@ -19,10 +19,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import augment
 import checkpoint
 import data
 import distributed
 import evaluate
+import related_work
 import schedule
 from flags import (MAX_SIDE, amp_dtype, at_most, device_name, folder, non_negative_float, non_negative_int,
                    positive_float, positive_int, run_script, scale_range, seed_value, output_file, schedule_name)
@@ -57,7 +59,8 @@ def get_args(argv=None):
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="architecture (paper: r50_fpn_gn; default: tiny on CPU, r50_fpn_gn on GPU)")
     g.add_argument("--norm", choices=NORM_KINDS,
-                   help="normalization in backbone, FPN and heads, overriding the preset (paper: gn or syncbn)")
+                   help="normalization in backbone, FPN and heads, overriding the preset (paper: gn or syncbn; "
+                        "gn_ws: related work, see below)")
     g.add_argument("--cascade", action="store_true",
                    help="Cascade R-CNN box heads, 3 stages at IoU 0.5/0.6/0.7, mask head on the last (Sec. 5)")
     g.add_argument("--plain-ops", action="store_true",
@@ -120,6 +123,29 @@ def get_args(argv=None):
     g.add_argument("--workers", type=non_negative_int, default=2, help="data loader worker processes")
     g.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+
+    g = p.add_argument_group("related work (off by default; not the paper's recipe)",
+                             "--norm gn_ws: Weight Standardization (Qiao et al. 2019) in every conv before a "
+                             "GroupNorm, eps 1e-5 (related_work.py)")
+    g.add_argument("--random-erasing", choices=["image", "object", "both"],
+                   help="Random Erasing (Zhong et al. 2017, Sec. 3.3): erase a random rectangle with random values in "
+                        "the image, inside each object's box, or both; the paper's p 0.5, area 0.02..0.4 of the "
+                        "region, aspect ratio 0.3..1/0.3 (augment.py)")
+    g.add_argument("--cutmix", action="store_true",
+                   help="CutMix for detection (Yun et al. 2019): paste a rectangle of another training image with "
+                        "the instances it shows, area 1 - lambda, lambda ~ U(0, 1) (the paper's alpha 1); an instance "
+                        "more than 70%% hidden is dropped (augment.py; needs masks)")
+    g.add_argument("--yoco", action="store_true",
+                   help="YOCO (Han et al. 2022): cut each image into two halves (left/right or top/bottom), flip and "
+                        "jitter brightness and contrast (0.4) each on its own; objects on the seam are split in two "
+                        "(augment.py; needs masks)")
+    g.add_argument("--attention", choices=["cbam"],
+                   help="CBAM (Woo et al. 2018) in every ResNet bottleneck before the residual addition: channel "
+                        "attention (reduction 16), then spatial attention (7x7 conv), the paper's (related_work.py)")
+    g.add_argument("--slim", type=non_negative_float, default=0.0, metavar="L",
+                   help="network slimming (Liu et al. 2017, Eq. 1): add L x sum |gamma| over the norm layers to the "
+                        "loss as loss_slim (the paper: 1e-4 for VGGNet, 1e-5 for ResNet; default 0, off); "
+                        "evaluate.py --slim-report counts the prunable channels")
     return p.parse_args(argv)
 
 
@@ -166,6 +192,11 @@ def resolve(args, world_size=1):
         sys.exit("error: --pretrained is read only with --init imagenet")
     if args.cascade and PRESETS[args.preset]["num_keypoints"]:
         sys.exit(f"error: --cascade with preset {args.preset}: the cascade has box and mask heads only, no keypoints")
+    if norm == "gn_ws" and args.init == "imagenet":
+        sys.exit("error: --norm gn_ws with --init imagenet: torchvision's ImageNet weights were trained without Weight "
+                 "Standardization, and standardizing them changes the function they compute; use --norm gn")
+    if args.attention and PRESETS[args.preset]["backbone"] == "vgg16":
+        sys.exit(f"error: --attention {args.attention} sits in ResNet bottlenecks; preset {args.preset} has none")
     if cpu and args.amp == "fp16":
         sys.exit("error: --amp fp16 needs --device cuda; use --amp bf16 on CPU")
     return args
@@ -205,14 +236,26 @@ def load_data(args):
         if PRESETS[args.preset]["num_keypoints"] and not dataset.num_keypoints:
             sys.exit(f"error: preset {args.preset} predicts keypoints, but the {split} json {dataset.source} names "
                      f"none; train it on COCO person-keypoints jsons")
+    if (args.cutmix or args.yoco) and (not train_set.has_masks or train_set.num_keypoints):
+        sys.exit(f"error: --cutmix and --yoco recompute boxes from instance masks and do not move keypoints; "
+                 f"{train_set.source} has {'keypoints' if train_set.num_keypoints else 'no masks'}")
     return train_set, val_set
+
+
+def augmented(args, train_set):
+    """The training set as the loader reads it: wrapped by augment.py for --random-erasing, --cutmix and --yoco
+    (related work), else train_set itself, so that a default run reads data.py's items as they are."""
+    if not (args.random_erasing or args.cutmix or args.yoco):
+        return train_set
+    return augment.RelatedWorkAugment(train_set, random_erasing=args.random_erasing, cutmix=args.cutmix,
+                                      yoco=args.yoco)
 
 
 def make_model(args, train_set, device, log=print):
     """The run's model on the device: random (MSRA) init, or ImageNet weights in the backbone (--init imagenet), or
     --weights; then the speed flags, which change how it computes, not what."""
-    model = build_for_data(args.preset, train_set, norm=args.norm, cascade=args.cascade,
-                           plain_ops=args.plain_ops).to(device)
+    model = build_for_data(args.preset, train_set, norm=args.norm, cascade=args.cascade, plain_ops=args.plain_ops,
+                           attention=args.attention).to(device)
     if args.init == "imagenet":
         checkpoint.load_pretrained(model.backbone, args.pretrained, log)
     if args.weights:
@@ -293,8 +336,8 @@ def main(argv=None):
         return
     start_iter = ckpt["iteration"] if ckpt else 0
     # Rank r reads items r, r + W, ... of one global stream: the shards of iteration k form the joint batch k.
-    batches = data.make_train_loader(train_set, args.batch_size, seed=args.seed, start_iter=start_iter,
-                                     workers=args.workers, rank=rank, world_size=world_size)
+    batches = data.make_train_loader(augmented(args, train_set), args.batch_size, seed=args.seed,
+                                     start_iter=start_iter, workers=args.workers, rank=rank, world_size=world_size)
     # args.json, the checkpoint's model, optimizer and RNG states, metrics.jsonl (None on ranks > 0), and whether the
     # evaluation at start_iter is missing (a run killed while evaluating): evaluate it first
     metrics, catch_up = checkpoint.start_run(args, resume, ckpt, model, optimizer, scaler,
@@ -317,6 +360,8 @@ def main(argv=None):
         images, image_sizes, targets = next_batch(batches, device, channels_last=args.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype(args.amp), enabled=args.amp != "none"):
             losses = net(images, image_sizes, targets)
+        if args.slim:  # network slimming (related work): Liu et al. Eq. 1, lambda sum |gamma|
+            losses["loss_slim"] = related_work.slimming_penalty(model, args.slim)
         loss = sum(losses.values())
         # the joint batch's losses (their mean over processes), so every process takes the same decisions below
         terms = distributed.mean_over_processes(losses)
