@@ -196,6 +196,7 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
             raise DataError(f"{source}: categories name different keypoint lists; one list is supported")
         self.keypoint_names = list(names.pop()) if names else []
         self.num_keypoints = len(self.keypoint_names)  # 0: no keypoints, targets as before
+        self.keypoint_skeleton = self._read_skeleton(data, source)  # [[j1, j2]] 0-based, for drawing (draw.py)
         self._keypoints = {}  # annotation id -> (J, 3) float32
         if not self.num_keypoints:
             if keypoint_sigmas:
@@ -214,6 +215,19 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
             raise DataError(f"{source}: keypoint OKS sigmas {sigmas} for {self.num_keypoints} keypoints: expected one "
                             f"positive sigma per keypoint")
         self.keypoint_sigmas = sigmas
+
+    def _read_skeleton(self, data, source):
+        """The limbs a keypoint category's "skeleton" lists as 1-based pairs [j1, j2] (COCO person: 19 of them), as
+        0-based pairs; [] when no category gives one."""
+        category = next((c for c in data["categories"] if c.get("keypoints") and "skeleton" in c), None)
+        if category is None:
+            return []
+        skeleton, J = category["skeleton"], self.num_keypoints
+        if not (isinstance(skeleton, list) and all(isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(j, int) and not isinstance(j, bool) and 1 <= j <= J for j in pair) for pair in skeleton)):
+            raise DataError(f"{source}: category id {category['id']} has skeleton {str(skeleton)[:60]}: expected "
+                            f"pairs [j1, j2] of keypoint numbers 1..{J}")
+        return [[j1 - 1, j2 - 1] for j1, j2 in skeleton]
 
     def _read_keypoints(self, ann, culprit):
         """COCO "keypoints": [x1, y1, v1, x2, ...], 3J numbers, v in {0, 1, 2} -> (J, 3) float32."""
