@@ -62,6 +62,12 @@ def _read_image(path, mode="RGB"):
         raise DataError(f"unreadable or corrupt image {path}: {e}") from None
 
 
+def load_image(path):
+    """The image file at path as (3, H0, W0) float32 RGB in [0, 1], as the model's input starts (then transform);
+    DataError names a file that cannot be read."""
+    return torch.from_numpy(_read_image(path)).permute(2, 0, 1).float() / 255  # (H0, W0, 3) -> (3, H0, W0)
+
+
 def resized_size(h, w, min_size=800, max_size=1333):
     """Mask R-CNN Sec. 3.1: shorter side -> min_size, unless the longer side would pass max_size (Detectron rule).
     Sizes are rounded to the nearest pixel, as Detectron2 does. Departure from torchvision, which floors: 1066 instead
@@ -258,11 +264,10 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         path = os.path.join(self.image_dir, info["file_name"])
-        pixels = _read_image(path)
-        h0, w0 = pixels.shape[:2]
+        image = load_image(path)  # (3, H0, W0) in [0, 1]
+        h0, w0 = image.shape[-2:]
         if (h0, w0) != (info["height"], info["width"]):
             raise DataError(f"{path} is {w0}x{h0} but image id {image_id} says {info['width']}x{info['height']}")
-        image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255  # (H0, W0, 3) -> (3, H0, W0) in [0, 1]
         anns = self._anns[image_id]
         boxes = torch.tensor([ann["bbox"] for ann in anns], dtype=torch.float32).reshape(-1, 4)  # (G, 4) xywh
         boxes[:, 2:] += boxes[:, :2]  # [x, y, w, h] -> [x1, y1, x2, y2]
