@@ -49,9 +49,9 @@ def find_images(path):
 
 def picture_names(paths):
     """NAME.png for each NAME.ext; NAME.ext.png where two inputs share their NAME (a.jpg and a.png)."""
-    stems = collections.Counter(os.path.splitext(os.path.basename(p))[0] for p in paths)
-    return [(stem if stems[stem] == 1 else os.path.basename(p)) + ".png"
-            for p, stem in ((p, os.path.splitext(os.path.basename(p))[0]) for p in paths)]
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    shared = collections.Counter(stems)
+    return [(stem if shared[stem] == 1 else os.path.basename(p)) + ".png" for p, stem in zip(paths, stems)]
 
 
 def describe_data(path, ckpt):
