@@ -271,9 +271,11 @@ def set_rng_state(state):
 
 def data_identity(dataset):
     """What a checkpoint records of its training set: the classes [(category id, name)] its labels stand for, and a
-    digest of the image and annotation ids it trains on (the same json path may hold other data by now)."""
+    digest of the image and annotation ids it trains on (the same json path may hold other data by now); and, so that
+    predict.py can name and draw what the model finds without the data, its keypoint names and skeleton."""
     ids = repr((dataset.image_ids, sorted(dataset.coco.anns)))
-    return {"classes": dataset.classes, "digest": hashlib.sha256(ids.encode()).hexdigest()}
+    return {"classes": dataset.classes, "digest": hashlib.sha256(ids.encode()).hexdigest(),
+            "keypoint_names": dataset.keypoint_names, "keypoint_skeleton": dataset.keypoint_skeleton}
 
 
 def refuse_other_data(path, ckpt, identity):

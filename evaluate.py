@@ -157,11 +157,13 @@ def evaluate_and_log(model, dataset, device, iteration, metrics, amp="none", wor
     model.train()
 
 
-def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None, plain_ops=None):
-    """The model of a train.py checkpoint (path) and its validation set; data flags and plain_ops (--plain-ops)
-    default to the run's own. Problems end the program with a one-line error naming the checkpoint or the data."""
-    ckpt = checkpoint.read(path, keys=("model", "args.preset", "args.norm", "args.data", "args.min_size",
-                                       "args.max_size", "args.val_ann", "args.val_images"))
+RUN_KEYS = ("model", "args.preset", "args.norm", "args.data", "args.min_size", "args.max_size", "args.val_ann",
+            "args.val_images")  # what load_run and predict.py read of a train.py checkpoint
+
+
+def read_run(path):
+    """A train.py checkpoint whose flags this code can rebuild the model from, or a one-line error naming it."""
+    ckpt = checkpoint.read(path, keys=RUN_KEYS)
     run = ckpt["args"]
     sizes = (run["min_size"], run["max_size"])
     if not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SIDE for s in sizes):
@@ -170,6 +172,29 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
     if run["preset"] not in PRESETS or run["norm"] not in (None, *NORM_KINDS):
         sys.exit(f"error: checkpoint {path} names preset {run['preset']!r} and norm {run['norm']!r}; this code knows "
                  f"the presets {', '.join(PRESETS)} and the norms {', '.join(NORM_KINDS)}")
+    return ckpt
+
+
+def run_model(path, ckpt, heads, plain_ops=None):
+    """The model of checkpoint ckpt (read from path by read_run) as train.py built it, with its weights:
+    build_for_data for heads (what the data decides: num_classes, has_masks, num_keypoints; a dataset, or predict.py's
+    record of one) with the run's norm, cascade and plain_ops (unless given). A one-line error when they do not fit."""
+    run = ckpt["args"]
+    model = build_for_data(run["preset"], heads, norm=run["norm"], cascade=run.get("cascade", False),
+                           plain_ops=run.get("plain_ops", False) if plain_ops is None else plain_ops)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        sys.exit(f"error: checkpoint {path} does not fit preset {run['preset']} with "
+                 f"{heads.num_classes} classes: {str(e).splitlines()[0]}")
+    return model
+
+
+def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None, plain_ops=None):
+    """The model of a train.py checkpoint (path) and its validation set; data flags and plain_ops (--plain-ops)
+    default to the run's own. Problems end the program with a one-line error naming the checkpoint or the data."""
+    ckpt = read_run(path)
+    run = ckpt["args"]
     try:
         with distributed.rank_zero_first():  # under torchrun, rank 0 writes the synthetic set if it is missing
             dataset = data.build_dataset(data_root or run["data"], "val", train=False,
@@ -186,14 +211,7 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
     if PRESETS[run["preset"]]["num_keypoints"] and not dataset.num_keypoints:  # found before inference, not by COCOeval
         sys.exit(f"error: preset {run['preset']} predicts keypoints, but {dataset.source} names none; evaluate it on a "
                  f"COCO person-keypoints json")
-    model = build_for_data(run["preset"], dataset, norm=run["norm"], cascade=run.get("cascade", False),
-                           plain_ops=run.get("plain_ops", False) if plain_ops is None else plain_ops)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        sys.exit(f"error: checkpoint {path} does not fit preset {run['preset']} with "
-                 f"{dataset.num_classes} classes: {str(e).splitlines()[0]}")
-    return model, dataset
+    return run_model(path, ckpt, dataset, plain_ops), dataset
 
 
 def main(argv=None):

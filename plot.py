@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 import data
+import draw
 import evaluate
 from coco_json import is_numbers
 from flags import at_most, device_name, folder, fraction, output_file, positive_int, run_script
@@ -35,7 +36,6 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only, set before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
 
 COUNTS = ("images", "instances", "pixels")
 COLOURS = plt.get_cmap("tab10").colors
@@ -229,28 +229,13 @@ def plot_samples(counts, out):
     return bars
 
 
-def _draw_panel(ax, image, boxes, masks, label_ids, texts, title, mask_alpha=0.45):
-    """One image with xyxy boxes (D, 4), binary masks (D, H0, W0), contiguous label ids for colour and a caption."""
-    overlay = np.zeros((*image.shape[:2], 4))  # (H0, W0, RGBA): all masks of the panel, later ones on top
-    for mask, label_id in zip(masks, label_ids):
-        overlay[mask.astype(bool)] = (*COLOURS[label_id % len(COLOURS)], mask_alpha)
-    ax.imshow(image)
-    ax.imshow(overlay)
-    for (x1, y1, x2, y2), label_id, text in zip(boxes, label_ids, texts):
-        colour = COLOURS[label_id % len(COLOURS)]
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.2))
-        ax.text(x1, y1, text, fontsize=6, color="white", va="bottom",
-                bbox=dict(facecolor=colour, alpha=0.8, pad=0.5, edgecolor="none"))
-    ax.text(2, 2, title, fontsize=7, color="white", va="top", bbox=dict(facecolor="black", alpha=0.6, pad=1))
-    ax.set_axis_off()
-
-
 @torch.no_grad()
 def draw_predictions(checkpoint, out_dir, data_root=None, val_ann=None, val_images=None, num=8, score_thresh=0.5,
                      mask_thresh=0.5, device="cpu", zoom=1):
-    """For the first num validation images, one PNG of 2 x zoom x W0 by zoom x H0 pixels: the ground truth on the
-    left, the checkpoint's detections with score >= score_thresh on the right, masks thresholded at mask_thresh
-    (Mask R-CNN Sec. 3). Data flags default to the checkpoint's own run, as in evaluate.py.
+    """For the first num validation images, one PNG of 2 x zoom x W0 by zoom x H0 pixels under a title band of
+    draw.TITLE_PX: the ground truth on the left, the checkpoint's detections with score >= score_thresh on the right,
+    masks thresholded at mask_thresh (Mask R-CNN Sec. 3), keypoints joined by the data's skeleton (draw.py). Data
+    flags default to the checkpoint's own run, as in evaluate.py.
     Returns, per image, {"path": its PNG, "ground_truth": the boxes drawn left, "predictions": the boxes drawn right},
     boxes as [x1, y1, x2, y2] in original image pixels."""
     model, dataset = evaluate.load_run(checkpoint, data_root, val_ann, val_images)
@@ -266,28 +251,29 @@ def draw_predictions(checkpoint, out_dir, data_root=None, val_ann=None, val_imag
 
         anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
         gt_boxes = [(x, y, x + w, y + h) for x, y, w, h in (ann["bbox"] for ann in anns)]
-        gt_ids = [dataset.cat_ids.index(ann["category_id"]) for ann in anns]
-        gt_texts = [coco.cats[ann["category_id"]]["name"] + (" (crowd)" if ann.get("iscrowd") else "")
-                    for ann in anns]
+        gt_labels = [dataset.cat_ids.index(ann["category_id"]) + 1 for ann in anns]
+        gt_masks = np.stack([coco.annToMask(ann) for ann in anns]) if dataset.has_masks and anns else None  # VOC: none
+        J = dataset.num_keypoints  # (G, J, 3) as x, y, v; an object of a class without keypoints has none
+        gt_keypoints = np.reshape([ann.get("keypoints") or [0] * 3 * J for ann in anns], (len(anns), J, 3))
         keep = out["scores"] >= score_thresh
-        labels, scores = out["labels"][keep].tolist(), out["scores"][keep].tolist()
-        pred_masks = (out["masks"][keep, 0] > mask_thresh).cpu().numpy() if "masks" in out else []  # (D, H0, W0)
-        pred_texts = [f"{dataset.class_names[label - 1]} {score:.2f}" for label, score in zip(labels, scores)]
+        best = out["scores"].max().item() if len(out["scores"]) else None
+        out = {k: v[keep].cpu() for k, v in out.items()}  # one row per detection in each entry
+        pred_masks = out["masks"][:, 0] > mask_thresh if "masks" in out else None  # (D, H0, W0)
 
         h0, w0 = orig_size
-        dpi = 100
-        fig, axes = plt.subplots(1, 2, figsize=(2 * w0 * zoom / dpi, h0 * zoom / dpi), dpi=dpi)
-        fig.subplots_adjust(left=0, right=1, bottom=0, top=1, wspace=0)  # the two images fill the PNG exactly
-        gt_masks = [coco.annToMask(ann) for ann in anns] if dataset.has_masks else []  # VOC: boxes only
-        pred_boxes = out["boxes"][keep].tolist()
-        _draw_panel(axes[0], image, gt_boxes, gt_masks, gt_ids, gt_texts,
-                    f"ground truth: {len(anns)}")
-        _draw_panel(axes[1], image, pred_boxes, pred_masks, [label - 1 for label in labels],
-                    pred_texts, f"predictions, score >= {score_thresh:g}: {len(labels)}")
+        fig, axes = draw.figure(h0, w0, panels=2, zoom=zoom)
+        skeleton = dataset.keypoint_skeleton
+        draw.draw_instances(axes[0], image, gt_boxes, gt_labels, dataset.class_names, masks=gt_masks,
+                            keypoints=gt_keypoints if J else None,
+                            skeleton=skeleton, title=f"ground truth: {len(anns)}")
+        draw.draw_instances(axes[1], image, out["boxes"], out["labels"], dataset.class_names, scores=out["scores"],
+                            masks=pred_masks, keypoints=out.get("keypoints"), skeleton=skeleton,
+                            title=f"predictions, score >= {score_thresh:g}: {len(out['labels'])}",
+                            score_thresh=score_thresh, best_score=best)
         path = os.path.join(out_dir, f"predictions_{image_id:06d}.png")
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
-        drawn.append({"path": path, "ground_truth": [list(box) for box in gt_boxes], "predictions": pred_boxes})
+        draw.save(fig, path)
+        drawn.append({"path": path, "ground_truth": [list(box) for box in gt_boxes],
+                      "predictions": out["boxes"].tolist()})
     print(f"wrote {len(drawn)} images to {out_dir}")
     return drawn
 

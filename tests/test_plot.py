@@ -5,6 +5,7 @@ import re
 import pytest
 from PIL import Image
 
+import draw
 import plot
 import train
 from shapes import make_shapes
@@ -219,7 +220,7 @@ def test_draw_predictions_side_by_side(tmp_path):
     assert len(drawn) == 2                                                    # only 2 validation images exist
     for image in drawn:
         with Image.open(image["path"]) as png:
-            assert png.size == (2 * 160, 128)                                 # GT | predictions, each 160 x 128
+            assert png.size == (2 * 160, 128 + draw.TITLE_PX)                 # GT | predictions, each 160 x 128
     # per image: the GT boxes of the json on the left, the model's (all of them at threshold 0) on the right
     gt = json.loads((shapes / "annotations" / "instances_val.json").read_text())["annotations"]
     for image_id, image in zip((1, 2), drawn):
