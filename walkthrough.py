@@ -25,7 +25,7 @@ import checkpoint
 import data
 import evaluate
 import train
-from boxes import IGNORE, NEGATIVE, POSITIVE, clip_boxes
+from boxes import IGNORE, NEGATIVE, POSITIVE, batched_nms, clip_boxes
 from roi_align import bin_points, level_scales, map_levels, mask_targets, roi_align
 from rpn import flatten_predictions
 
@@ -36,6 +36,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 LEVEL_COLOURS = plt.get_cmap("tab10").colors  # P2..P6 and ground-truth object k get colour k
+RATIO_STYLES = {0.5: ":", 1.0: "-", 2.0: "--"}  # anchors of aspect ratio (h / w) 0.5, 1, 2; others dash-dotted
 LABEL_COLOURS = {POSITIVE: "#1a9850", IGNORE: "#fdae61", NEGATIVE: "#4575b4"}  # green / orange / blue
 DEMO_CHECKPOINT = os.path.join("runs", "demo", "model_0000400.pth")  # written by `make demo`
 
@@ -92,7 +93,11 @@ def gather(model, dataset, index=0, seed=0):
               for level_logits, start in zip(objectness[0].split(num_per_level), np.cumsum([0] + num_per_level))]
     before = torch.cat(before)
     before = before[objectness[0, before].argsort(descending=True)]  # by decreasing score, as the proposals come
-    proposals = rpn.select_proposals(boxes[None], objectness, image_sizes, num_per_level)  # [(R, 4)] after NMS
+    candidates = clip_boxes(boxes[before], image_sizes[0])  # (B, 4)
+    # which candidates survive NMS within their level (boxes.batched_nms, as select_proposals runs it)
+    level = torch.repeat_interleave(torch.arange(len(anchors)), torch.tensor(num_per_level))[before]  # (B,)
+    survivors = batched_nms(candidates, objectness[0, before], level, rpn.nms_thresh)
+    proposals = rpn.select_proposals(boxes[None], objectness, image_sizes, num_per_level)  # [(R, 4)] the model's
 
     # RoI heads (Fast R-CNN Sec. 2; Mask R-CNN Sec. 3): sampled RoIs and their targets, then the mask branch
     rois, roi_labels, matched, _ = heads.sample_rois(proposals, targets)  # [(S, 4)], (S,), [(S,)]
@@ -105,17 +110,17 @@ def gather(model, dataset, index=0, seed=0):
 
     detections = model(images, image_sizes)[0]  # the whole model in one call: boxes, labels, scores, masks
     return {
-        "image": as_uint8(image), "image_size": image_sizes[0], "image_shape": image_shape, "target": target,
+        "image": as_uint8(image), "image_shape": image_shape, "target": target,
         "class_names": dataset.class_names, "features": [f[0] for f in features], "strides": strides,
         "anchor_sizes": [s[0] for s in rpn.anchor_generator.sizes],
         "aspect_ratios": rpn.anchor_generator.aspect_ratios, "anchors": anchors, "anchor_labels": anchor_labels,
         "sampled_anchors": (sampled_pos, sampled_neg), "fg_iou": rpn.matcher.high_threshold,
         "bg_iou": rpn.matcher.low_threshold,
         "objectness": [torch.sigmoid(o[0]) for o in pred_objectness],  # L x (A, h, w) probabilities
-        "before_nms": clip_boxes(boxes[before], image_sizes[0]), "after_nms": proposals[0],
-        "nms_thresh": rpn.nms_thresh,
+        "before_nms": candidates, "nms_survivors": survivors, "after_nms": proposals[0],
+        "nms_thresh": rpn.nms_thresh, "post_nms_top_n": rpn.post_nms_top_n["test"],
         "rois": rois[0], "roi_labels": roi_labels, "roi_matched": matched[0],
-        "mask_rois": pos_rois, "mask_labels": pos_labels, "mask_gt": pos_gt, "mask_target": mask_target,
+        "mask_rois": pos_rois, "mask_labels": pos_labels, "mask_target": mask_target,
         "mask_pred": mask_pred, "detections": detections, "sampling_ratio": heads.sampling_ratio,
         "box_resolution": heads.box_resolution,
     }
@@ -148,7 +153,8 @@ def draw_anchors(ax, image, anchors, strides, sizes, aspect_ratios):
     anchors: L x (h*w*A, 4) as AnchorGenerator gives them. Returns per level {"level", "stride", "centre", "boxes"
     (A, 4), "sizes" (A,) sqrt(area), "ratios" (A,) h / w}."""
     h, w = image.shape[:2]
-    ax.imshow(image)
+    _faded(ax, image)
+    ax.set_axis_on()  # axes in image pixels
     drawn, extent = [], [0.0, 0.0, float(w), float(h)]
     A = len(aspect_ratios)
     for k, (level_anchors, stride, size) in enumerate(zip(anchors, strides, sizes)):
@@ -157,7 +163,7 @@ def draw_anchors(ax, image, anchors, strides, sizes, aspect_ratios):
         location = ((centres - centres.new_tensor([w / 2, h / 2])) ** 2).sum(1).argmin()  # nearest the image centre
         boxes = cells[location]  # (A, 4)
         for box, ratio in zip(boxes, aspect_ratios):
-            _box(ax, box, LEVEL_COLOURS[k], linewidth=1.6, linestyle={0.5: ":", 1.0: "-", 2.0: "--"}.get(ratio, "-."))
+            _box(ax, box, LEVEL_COLOURS[k], linewidth=1.6, linestyle=RATIO_STYLES.get(ratio, "-."))
         bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         drawn.append({"level": f"P{k + 2}", "stride": stride, "centre": centres[location].tolist(), "boxes": boxes,
                       "sizes": torch.sqrt(bw * bh), "ratios": bh / bw})
@@ -168,11 +174,12 @@ def draw_anchors(ax, image, anchors, strides, sizes, aspect_ratios):
     ax.set_ylim(extent[3] + 5, extent[1] - 5)  # y grows downwards, as in the image
     level_handles = [Line2D([], [], color=LEVEL_COLOURS[k], linewidth=2, label=f"{d['level']}: size {size}, "
                             f"stride {d['stride']}") for k, (d, size) in enumerate(zip(drawn, sizes))]
-    ratio_handles = [Line2D([], [], color="grey", linestyle={0.5: ":", 1.0: "-", 2.0: "--"}.get(r, "-."),
+    ratio_handles = [Line2D([], [], color="grey", linestyle=RATIO_STYLES.get(r, "-."),
                             label=f"h/w = {r:g}") for r in aspect_ratios]
     ax.legend(handles=level_handles + ratio_handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title(f"{len(sizes)} levels x {A} aspect ratios = {len(sizes) * A} anchor shapes at one centre\n"
-                 f"(the image is the black frame, {w}x{h} px; axes in image pixels)", fontsize=10)
+    ax.set_title(f"{len(sizes)} levels x {A} aspect ratios = {len(sizes) * A} anchor shapes, each level at its "
+                 f"location nearest the image centre\n(the image is the black frame, {w}x{h} px; axes in image pixels)",
+                 fontsize=10)
     return drawn
 
 
@@ -227,16 +234,25 @@ def draw_objectness(ax, probs, stride, gt_boxes, level):
     return heat, handle
 
 
-def draw_proposals(ax, image, boxes, title, top_k=25):
-    """Faster R-CNN Sec. 3.3: proposals (R, 4) by decreasing objectness, the top_k drawn (the best in red).
-    Returns the boxes drawn (min(R, top_k), 4)."""
+def draw_proposals(ax, image, boxes, title, top_k=25, survivors=None):
+    """Faster R-CNN Sec. 3.3: boxes (R, 4) by decreasing objectness, the top_k drawn (the best in red). With
+    survivors (indices into boxes of those NMS keeps), the others among the top_k are drawn as blue dashed outlines:
+    the near-copies NMS removes. Returns {"drawn": (min(R, top_k), 4), "suppressed": how many of them NMS removes}."""
     _faded(ax, image)
     drawn = boxes[:top_k]
+    kept = torch.ones(len(drawn), dtype=torch.bool)
+    if survivors is not None:
+        kept = torch.isin(torch.arange(len(drawn)), survivors)
     colours = plt.get_cmap("autumn")(np.linspace(0, 1, max(len(drawn), 1)))  # red = best .. yellow = worst drawn
-    for box, colour in reversed(list(zip(drawn, colours))):  # the best on top
-        _box(ax, box, colour, linewidth=1.2)
-    ax.set_title(f"{title}: {len(boxes)} boxes\n(the best {len(drawn)} drawn; red = highest objectness)", fontsize=9)
-    return drawn
+    for box, colour, keep in reversed(list(zip(drawn, colours, kept))):  # the best on top
+        if keep:
+            _box(ax, box, colour, linewidth=1.4)
+        else:
+            _box(ax, box, "#2166ac", linewidth=1.0, linestyle="--")
+    note = f"; blue dashed: {int((~kept).sum())} that NMS removes" if survivors is not None else ""
+    ax.set_title(f"{title}: {len(boxes)} boxes\n(the best {len(drawn)} drawn, red = highest objectness{note})",
+                 fontsize=9)
+    return {"drawn": drawn, "suppressed": int((~kept).sum())}
 
 
 def draw_sampled_rois(ax, image, rois, labels, matched, gt_boxes, class_names):
@@ -255,8 +271,10 @@ def draw_sampled_rois(ax, image, rois, labels, matched, gt_boxes, class_names):
     handles = [Line2D([], [], color="dimgrey", label=f"negative (background, IoU < 0.5): {int((~positive).sum())}")]
     for g in matched[positive].unique().tolist():
         _box(ax, gt_boxes[g], LEVEL_COLOURS[g % 10], linewidth=2.5, linestyle="--")
+        on_g = matched[positive] == g  # the positive RoIs of GT box g, which all learn its class
+        name = class_names[int(labels[positive][on_g][0]) - 1]
         handles.append(Line2D([], [], color=LEVEL_COLOURS[g % 10],
-                              label=f"positive for GT {g}: {int((matched[positive] == g).sum())} RoIs"))
+                              label=f"positive for GT {g} ({name}): {int(on_g.sum())} RoIs"))
     ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2)
     ax.set_title(f"{len(rois)} sampled RoIs: {int(positive.sum())} positive, {int((~positive).sum())} negative\n"
                  "(thick dashed: the GT box a positive RoI learns to regress to)", fontsize=9)
@@ -383,7 +401,7 @@ def draw_norm_statistics(axes, stats):
     axes[0].set_xlabel("group")
     axes[0].set_ylabel("image of the batch")
     axes[0].set_title(f"GN: a mean per image and group\n({N} images x {G} groups)", fontsize=9)
-    plt.colorbar(gn, ax=axes[0], fraction=0.046)
+    plt.colorbar(gn, ax=axes[0], fraction=0.046, label="mean")
     panels = []
     for ax, key, title, xlabel in ((axes[1], "gn_mean", "GN: image 0's mean per group", "group"),
                                    (axes[2], "bn_mean", "BN: the batch's mean per channel", "channel")):
@@ -403,28 +421,36 @@ def draw_norm_statistics(axes, stats):
 
 
 def draw_overview(stages, out):
-    """A 2x3 summary of the walkthrough for the README: anchors, anchor labels, objectness on the most confident
-    level, proposals after NMS, sampled RoIs, RoIAlign's sample points. Writes out (PNG) and returns its path."""
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8.5))
+    """A 2x3 summary of the walkthrough for the README, with short titles: anchors, anchor labels, objectness on the
+    most confident level, proposals before NMS, sampled RoIs, RoIAlign's sample points. Writes out (PNG) and returns
+    its path."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 9.5), layout="constrained")
     image, target, strides = stages["image"], stages["target"], stages["strides"]
     draw_anchors(axes[0, 0], image, stages["anchors"], strides, stages["anchor_sizes"], stages["aspect_ratios"])
-    draw_anchor_labels(axes[0, 1], image, stages["anchors"], stages["anchor_labels"], target["boxes"],
-                       fg_iou=stages["fg_iou"], bg_iou=stages["bg_iou"])
+    counts = draw_anchor_labels(axes[0, 1], image, stages["anchors"], stages["anchor_labels"], target["boxes"],
+                                fg_iou=stages["fg_iou"], bg_iou=stages["bg_iou"])
     k = int(torch.stack([p.max() for p in stages["objectness"]]).argmax())
     _, handle = draw_objectness(axes[0, 2], stages["objectness"][k], strides[k], target["boxes"], f"P{k + 2}")
     fig.colorbar(handle, ax=axes[0, 2], fraction=0.04, label="objectness")
-    draw_proposals(axes[1, 0], image, stages["after_nms"], f"proposals after NMS (IoU {stages['nms_thresh']:g})")
-    draw_sampled_rois(axes[1, 1], image, stages["rois"], stages["roi_labels"], stages["roi_matched"],
-                      target["boxes"], stages["class_names"])
-    roi = stages["mask_rois"][0]
-    draw_roi_align_points(axes[1, 2], roi_align_points(roi, stages["features"], strides))
-    titles = ["1. anchors (Faster R-CNN 3.1.1, FPN 4.1)", "2. anchor labels (Faster R-CNN 3.1.2)",
-              "3. RPN objectness", "4. proposals", "5. sampled RoIs (Fast R-CNN 2.3)", "6. RoIAlign (Mask R-CNN 3)"]
+    proposals = draw_proposals(axes[1, 0], image, stages["before_nms"], "proposals before NMS",
+                               survivors=stages["nms_survivors"])
+    rois = draw_sampled_rois(axes[1, 1], image, stages["rois"], stages["roi_labels"], stages["roi_matched"],
+                             target["boxes"], stages["class_names"])
+    points = roi_align_points(stages["mask_rois"][0], stages["features"], strides)
+    draw_roi_align_points(axes[1, 2], points)
+    titles = ["1. anchors of P2..P6 at one centre (FPN 4.1)",
+              f"2. anchor labels (Faster R-CNN 3.1.2): {counts['positive']} positive,\n{counts['ignored']} ignored, "
+              f"{counts['negative']} negative",
+              f"3. RPN objectness on P{k + 2} (Faster R-CNN 3.1)",
+              f"4. RPN proposals (Faster R-CNN 3.3): the best {len(proposals['drawn'])} of "
+              f"{len(stages['before_nms'])};\nblue dashed: removed by NMS",
+              f"5. sampled RoIs (Fast R-CNN 2.3): {rois['positive']} positive, {rois['negative']} negative;\n"
+              "thick dashed: the GT box of the positives",
+              f"6. RoIAlign (Mask R-CNN Fig. 3): 7x7 bins x 2x2 points on P{points['level']}"]
     for ax, title in zip(axes.flat, titles):
-        ax.set_title(f"{title}\n{ax.get_title()}", fontsize=9)
-    fig.suptitle("One image through Mask R-CNN (walkthrough.ipynb)", fontsize=12)
-    fig.tight_layout()
-    fig.savefig(out, dpi=70)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("One image through Mask R-CNN (walkthrough.ipynb)", fontsize=13)
+    fig.savefig(out, dpi=64)
     plt.close(fig)
     return out
 
@@ -434,7 +460,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("docs", "walkthrough.png"), help="the overview PNG to write")
     p.add_argument("--checkpoint", default=DEMO_CHECKPOINT, help="a train.py checkpoint; trains briefly if missing")
     p.add_argument("--iters", type=int, default=200, help="iterations of the short run when there is no checkpoint")
-    p.add_argument("--index", type=int, default=1, help="the validation image to follow")
+    p.add_argument("--index", type=int, default=3, help="the validation image to follow (the notebook's)")
     args = p.parse_args(argv)
     model, dataset = trained_model(args.checkpoint, args.iters)
     print(f"wrote {draw_overview(gather(model, dataset, args.index), args.out)}")

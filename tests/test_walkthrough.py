@@ -103,11 +103,16 @@ def test_proposals_after_nms_are_among_the_candidates_before(run):
     before, after = stages["before_nms"], stages["after_nms"]
     assert len(before) == 250 + 250 + 240 + 60 + 18  # the top 250 of each level, or all of a smaller level
     assert 0 < len(after) <= model.rpn.post_nms_top_n["test"] and len(after) < len(before)
-    assert (box_iou(after, before) > 1 - 1e-6).any(1).all()  # every proposal is a candidate
+    # the survivors of NMS drawn among the candidates are the model's proposals (the best post_nms_top_n of them)
+    survivors = before[stages["nms_survivors"]][:model.rpn.post_nms_top_n["test"]]
+    assert len(survivors) == len(after) and torch.allclose(survivors, after)
     fig, axes = _axes(1, 2)
-    drawn = wt.draw_proposals(axes[1], stages["image"], after, "after NMS", top_k=25)
+    drawn = wt.draw_proposals(axes[0], stages["image"], before, "before NMS", survivors=stages["nms_survivors"])
+    assert torch.equal(drawn["drawn"], before[:25])
+    assert drawn["suppressed"] == 25 - int((stages["nms_survivors"] < 25).sum())
+    drawn = wt.draw_proposals(axes[1], stages["image"], after, "after NMS", top_k=10)
     plt.close(fig)
-    assert torch.equal(drawn, after[:25])
+    assert torch.equal(drawn["drawn"], after[:10]) and drawn["suppressed"] == 0
 
 
 def test_sampled_rois_pair_positives_with_their_ground_truth(run):
