@@ -16,11 +16,8 @@ The panel's title goes above the image (the axes title): labels never cover it, 
 import numpy as np
 import torch
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: files only, set before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import matplotlib.pyplot as plt  # the caller's backend: plot.py's files (Agg), or a notebook's inline figures
+from matplotlib.patches import Rectangle
 
 # 20 colours that tell instances apart: tab20's ten strong ones, then its ten light ones; they repeat after 20.
 PALETTE = plt.get_cmap("tab20").colors[0::2] + plt.get_cmap("tab20").colors[1::2]
@@ -58,8 +55,7 @@ def empty_note(scores, score_thresh=None, best_score=None):
         return "no objects"
     if score_thresh is None or best_score is None:  # the model found nothing at all
         return "no detections"
-    best = "" if best_score is None else f"\n(best: {best_score:.2f})"
-    return f"no detection scored >= {score_thresh:.2f}{best}"
+    return f"no detection scored >= {score_thresh:.2f}\n(best: {best_score:.2f})"
 
 
 def figure(height, width, panels=1, zoom=1, dpi=100):

@@ -33,7 +33,7 @@ from schedule import BATCH_1X, ITERS_1X
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless: files only, set before pyplot is imported
+matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
