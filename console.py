@@ -67,13 +67,13 @@ class Progress:
         self.clock = TrainingClock(clock=clock)
         self.losses = collections.defaultdict(lambda: collections.deque(maxlen=LOSS_WINDOW))
         terminal = sys.stdout.isatty() and sys.stderr.isatty() if terminal is None else terminal
+        if enabled and start_iter < total:
+            print(f"progress: losses are medians of the last {LOSS_WINDOW} iterations (metrics.jsonl keeps each "
+                  f"logged iteration's); eta counts training iterations only", flush=True)
         self.bar = None
         if enabled and terminal and start_iter < total:  # tqdm's ETA counts evaluations: ours replaces it
             self.bar = tqdm(total=total, initial=start_iter, dynamic_ncols=True,
                             bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
-        if enabled and start_iter < total:
-            print(f"progress: losses are medians of the last {LOSS_WINDOW} iterations (metrics.jsonl keeps each "
-                  f"logged iteration's); eta counts training iterations only")
 
     def start(self):
         """At the start of an iteration."""
