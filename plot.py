@@ -155,7 +155,7 @@ def plot_curves(run_dirs, out, labels=None):
             for step in curve["lr_steps"]:  # the paper's curves jump at each LR drop
                 ax.axvline(step, color=colour, linestyle=":", linewidth=1)
         ax.set(title=title, xlabel="iterations", ylabel=f"{title} (%)")
-        ax.set_xlim(left=0)
+        ax.set_xlim(0, 1.08 * ax.get_xlim()[1])  # from iteration 0, with room for a lone dot's value
         ax.grid(alpha=0.3)
     axes[0, 0].legend()
     single = [label for label, curve in curves.items() if len(curve["iters"]) == 1]
