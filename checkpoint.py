@@ -209,8 +209,7 @@ def start_run(args, path, ckpt, model, optimizer, scaler, evaluation_due, rank, 
                  f"{_last_line(e)}")
     if scaler and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"][rank])
-    log(f"resumed from {path} at iteration {ckpt['iteration']}")
+    set_rng_state(ckpt["rng"][rank])  # train.py's plan has said "resumes PATH at iteration N"
     if ckpt["iteration"] >= args.max_iters:
         log(f"the run has ended (metrics.jsonl holds its rows); evaluate.py --checkpoint {path} evaluates it")
     return metrics, evaluation_due and _evaluation_missing(metrics, ckpt["iteration"], device, log)
