@@ -213,8 +213,7 @@ def start_run(args, path, ckpt, model, optimizer, scaler, evaluation_due, rank, 
                  f"{_last_line(e)}")
     if scaler and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"][rank])
-    log(f"resumed from {path} at iteration {ckpt['iteration']}")
+    set_rng_state(ckpt["rng"][rank])  # train.py's plan has said "resumes PATH at iteration N"
     if ckpt["iteration"] >= args.max_iters:
         log(f"the run has ended (metrics.jsonl holds its rows); evaluate.py --checkpoint {path} evaluates it")
     return metrics, evaluation_due and _evaluation_missing(metrics, ckpt["iteration"], device, log)
@@ -275,9 +274,11 @@ def set_rng_state(state):
 
 def data_identity(dataset):
     """What a checkpoint records of its training set: the classes [(category id, name)] its labels stand for, and a
-    digest of the image and annotation ids it trains on (the same json path may hold other data by now)."""
+    digest of the image and annotation ids it trains on (the same json path may hold other data by now); and, so that
+    predict.py can name and draw what the model finds without the data, its keypoint names and skeleton."""
     ids = repr((dataset.image_ids, sorted(dataset.coco.anns)))
-    return {"classes": dataset.classes, "digest": hashlib.sha256(ids.encode()).hexdigest()}
+    return {"classes": dataset.classes, "digest": hashlib.sha256(ids.encode()).hexdigest(),
+            "keypoint_names": dataset.keypoint_names, "keypoint_skeleton": dataset.keypoint_skeleton}
 
 
 def refuse_other_data(path, ckpt, identity):

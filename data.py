@@ -62,6 +62,12 @@ def _read_image(path, mode="RGB"):
         raise DataError(f"unreadable or corrupt image {path}: {e}") from None
 
 
+def load_image(path):
+    """The image file at path as (3, H0, W0) float32 RGB in [0, 1], as the model's input starts (then transform);
+    DataError names a file that cannot be read."""
+    return torch.from_numpy(_read_image(path)).permute(2, 0, 1).float() / 255  # (H0, W0, 3) -> (3, H0, W0)
+
+
 def resized_size(h, w, min_size=800, max_size=1333):
     """Mask R-CNN Sec. 3.1: shorter side -> min_size, unless the longer side would pass max_size (Detectron rule).
     Sizes are rounded to the nearest pixel, as Detectron2 does. Departure from torchvision, which floors: 1066 instead
@@ -196,6 +202,7 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
             raise DataError(f"{source}: categories name different keypoint lists; one list is supported")
         self.keypoint_names = list(names.pop()) if names else []
         self.num_keypoints = len(self.keypoint_names)  # 0: no keypoints, targets as before
+        self.keypoint_skeleton = self._read_skeleton(data, source)  # [[j1, j2]] 0-based, for drawing (draw.py)
         self._keypoints = {}  # annotation id -> (J, 3) float32
         if not self.num_keypoints:
             if keypoint_sigmas:
@@ -214,6 +221,19 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
             raise DataError(f"{source}: keypoint OKS sigmas {sigmas} for {self.num_keypoints} keypoints: expected one "
                             f"positive sigma per keypoint")
         self.keypoint_sigmas = sigmas
+
+    def _read_skeleton(self, data, source):
+        """The limbs a keypoint category's "skeleton" lists as 1-based pairs [j1, j2] (COCO person: 19 of them), as
+        0-based pairs; [] when no category gives one."""
+        category = next((c for c in data["categories"] if c.get("keypoints") and "skeleton" in c), None)
+        if category is None:
+            return []
+        skeleton, J = category["skeleton"], self.num_keypoints
+        if not (isinstance(skeleton, list) and all(isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(j, int) and not isinstance(j, bool) and 1 <= j <= J for j in pair) for pair in skeleton)):
+            raise DataError(f"{source}: category id {category['id']} has skeleton {str(skeleton)[:60]}: expected "
+                            f"pairs [j1, j2] of keypoint numbers 1..{J}")
+        return [[j1 - 1, j2 - 1] for j1, j2 in skeleton]
 
     def _read_keypoints(self, ann, culprit):
         """COCO "keypoints": [x1, y1, v1, x2, ...], 3J numbers, v in {0, 1, 2} -> (J, 3) float32."""
@@ -244,11 +264,10 @@ class _CocoStyleDataset(torch.utils.data.Dataset):
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         path = os.path.join(self.image_dir, info["file_name"])
-        pixels = _read_image(path)
-        h0, w0 = pixels.shape[:2]
+        image = load_image(path)  # (3, H0, W0) in [0, 1]
+        h0, w0 = image.shape[-2:]
         if (h0, w0) != (info["height"], info["width"]):
             raise DataError(f"{path} is {w0}x{h0} but image id {image_id} says {info['width']}x{info['height']}")
-        image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255  # (H0, W0, 3) -> (3, H0, W0) in [0, 1]
         anns = self._anns[image_id]
         boxes = torch.tensor([ann["bbox"] for ann in anns], dtype=torch.float32).reshape(-1, 4)  # (G, 4) xywh
         boxes[:, 2:] += boxes[:, :2]  # [x, y, w, h] -> [x1, y1, x2, y2]

@@ -40,6 +40,7 @@ from norm import NORM_KINDS
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 KEYPOINT_METRICS = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]  # COCOeval's order
+SUMMARY = {"bbox/AP": "box AP", "segm/AP": "mask AP", "keypoints/AP": "keypoint AP", "voc/mAP50": "VOC mAP50"}
 
 
 @torch.no_grad()
@@ -55,8 +56,9 @@ def predict(model, dataset, device, amp="none", workers=2, tta_scales=(), tta_fl
     results = []
     loader = data.make_eval_loader(dataset, 1, workers=workers, rank=distributed.get_rank(),  # an image at a time
                                    world_size=distributed.get_world_size())
+    # disable=None: no bar where stderr is not a terminal (a log file), and none on ranks > 0
     for images, image_sizes, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
-                                             disable=distributed.get_rank() != 0):
+                                             disable=None if distributed.get_rank() == 0 else True):
         original_sizes = [tuple(t["orig_size"]) for t in targets]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outputs = model(images.to(device), image_sizes, original_sizes=original_sizes)
@@ -91,18 +93,21 @@ def to_coco_results(out, image_id, cat_ids):
     return results
 
 
-def coco_eval(coco_gt, results, iou_types=("bbox", "segm"), image_ids=None, keypoint_sigmas=None):
-    """COCOeval summaries, printed as pycocotools prints them and returned as {'bbox/AP': ..., 'segm/AR100': ...};
-    iou_type "keypoints" scores OKS with the per-keypoint keypoint_sigmas (default pycocotools', COCO's)."""
+def coco_eval(coco_gt, results, iou_types=("bbox", "segm"), image_ids=None, keypoint_sigmas=None, out=None):
+    """COCOeval summaries, printed as pycocotools prints them into the stream out (None: stdout) and returned as
+    {'bbox/AP': ..., 'segm/AR100': ...}; iou_type "keypoints" scores OKS with the per-keypoint keypoint_sigmas
+    (default pycocotools', COCO's)."""
     metrics = {}
     for iou_type in iou_types:
         names = KEYPOINT_METRICS if iou_type == "keypoints" else METRICS
-        dets = [r for r in results if iou_type == "bbox" or "segmentation" in r]
+        # copies: loadRes adds fields in place, a box's polygon as "segmentation" among them, which would make box-only
+        # results look like masks to the next iou_type
+        dets = [dict(r) for r in results if iou_type == "bbox" or "segmentation" in r]
         if iou_type == "keypoints":  # copies without box and mask: loadRes then takes the area from the keypoints
             dets = [{k: v for k, v in r.items() if k not in ("bbox", "segmentation")}
                     for r in results if "keypoints" in r]
         if not dets:  # pycocotools cannot load an empty result list; nothing detected scores zero
-            print(f"{iou_type}: no detections, AP = 0")
+            print(f"{iou_type}: no detections, AP = 0", file=out)
             metrics.update({f"{iou_type}/{m}": 0.0 for m in names})
             continue
         with contextlib.redirect_stdout(io.StringIO()):
@@ -114,16 +119,24 @@ def coco_eval(coco_gt, results, iou_types=("bbox", "segm"), image_ids=None, keyp
                 evaluator.params.kpt_oks_sigmas = np.array(keypoint_sigmas)
             evaluator.evaluate()
             evaluator.accumulate()
-        print(f"--- {iou_type} ---")
-        evaluator.summarize()
+        print(f"--- {iou_type} ---", file=out)
+        with contextlib.redirect_stdout(out) if out else contextlib.nullcontext():  # summarize() print()s
+            evaluator.summarize()
         metrics.update({f"{iou_type}/{m}": float(v) for m, v in zip(names, evaluator.stats)})
     return metrics
 
 
+def summary_line(metrics):
+    """The headline numbers of an evaluation in one line, 'box AP 66.4 | mask AP 60.2' (x100; those present of box,
+    mask and keypoint AP and VOC mAP50), for train.py's console and the end of evaluate.py's tables."""
+    return " | ".join(f"{name} {100 * metrics[key]:.1f}" for key, name in SUMMARY.items() if key in metrics)
+
+
 def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, tta_scales=(), tta_flip=False,
-             tta_max_size=2000):
-    """COCO metrics of the model on the dataset. With several processes each predicts its shard of the images and
-    rank 0 scores them all; the other processes return None."""
+             tta_max_size=2000, tables=None):
+    """COCO metrics of the model on the dataset, its COCOeval (and VOC) tables printed into the stream tables (None:
+    stdout). With several processes each predicts its shard of the images and rank 0 scores them all; the other
+    processes return None."""
     shards = distributed.gather(predict(model, dataset, device, amp=amp, workers=workers, tta_scales=tta_scales,
                                         tta_flip=tta_flip, tta_max_size=tta_max_size))
     if shards is None:  # not rank 0
@@ -136,33 +149,41 @@ def evaluate(model, dataset, device, amp="none", workers=2, results_file=None, t
     heads = model.roi_heads  # Faster R-CNN: boxes only; keypoint R-CNN: boxes and keypoints
     iou_types = ["bbox"] + ["segm"] * (heads.mask_head is not None) + ["keypoints"] * (heads.keypoint_head is not None)
     metrics = coco_eval(dataset.coco, results, iou_types, image_ids=dataset.image_ids,
-                        keypoint_sigmas=dataset.keypoint_sigmas)
+                        keypoint_sigmas=dataset.keypoint_sigmas, out=tables)
     if isinstance(dataset, data.VOCDataset):  # Rethinking Sec. 5.2 reports PASCAL VOC mAP at IoU 0.5
-        metrics.update(voc.voc_metrics(dataset, results))
+        metrics.update(voc.voc_metrics(dataset, results, out=tables))
     return metrics
 
 
-def evaluate_and_log(model, dataset, device, iteration, metrics, amp="none", workers=2):
+def evaluate_and_log(model, dataset, device, iteration, metrics, amp="none", workers=2, tables=None, log=print):
     """train.py's evaluation at an iteration: every process predicts its shard of the images, rank 0 gathers them,
-    runs COCOeval and writes the row {"iter": iteration, metric: value, ...} into metrics (the run's open
-    metrics.jsonl on rank 0, None on the others); the model then goes back to training mode."""
+    runs COCOeval, writes the row {"iter": iteration, metric: value, ...} into metrics (the run's open
+    metrics.jsonl on rank 0, None on the others) and logs 'iter N: box AP .. | mask AP ..'; the model then goes back
+    to training mode. tables: the open stream that takes the COCOeval tables, under a header naming the iteration
+    (train.py: the run's eval_log.txt, or stdout with --coco-tables; None: stdout)."""
     distributed.broadcast_buffers(model)  # --norm bn: every shard evaluated with rank 0's statistics
     # the loader draws its workers' seeds from the torch RNG: forked, so that a resumed run takes the same draws
+    if metrics is not None:  # rank 0 alone scores, prints and writes
+        print(f"=== iteration {iteration} ===", file=tables)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
-            results = evaluate(model, dataset, device, amp=amp, workers=workers)
+            results = evaluate(model, dataset, device, amp=amp, workers=workers, tables=tables)
         except data.DataError as e:  # raised in a loader worker: the one line that names the culprit
             sys.exit(f"error: {e.line()}")
     if metrics is not None:
+        (tables or sys.stdout).flush()  # a killed run keeps the tables written before
         checkpoint.write_row(metrics, {"iter": iteration, **results})
+        log(f"iter {iteration}: {summary_line(results)}")
     model.train()
 
 
-def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None, plain_ops=None):
-    """The model of a train.py checkpoint (path) and its validation set; data flags and plain_ops (--plain-ops)
-    default to the run's own. Problems end the program with a one-line error naming the checkpoint or the data."""
-    ckpt = checkpoint.read(path, keys=("model", "args.preset", "args.norm", "args.data", "args.min_size",
-                                       "args.max_size", "args.val_ann", "args.val_images"))
+RUN_KEYS = ("model", "args.preset", "args.norm", "args.data", "args.min_size", "args.max_size", "args.val_ann",
+            "args.val_images")  # what load_run and predict.py read of a train.py checkpoint
+
+
+def read_run(path):
+    """A train.py checkpoint whose flags this code can rebuild the model from, or a one-line error naming it."""
+    ckpt = checkpoint.read(path, keys=RUN_KEYS)
     run = ckpt["args"]
     sizes = (run["min_size"], run["max_size"])
     if not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SIDE for s in sizes):
@@ -171,6 +192,30 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
     if run["preset"] not in PRESETS or run["norm"] not in (None, *NORM_KINDS):
         sys.exit(f"error: checkpoint {path} names preset {run['preset']!r} and norm {run['norm']!r}; this code knows "
                  f"the presets {', '.join(PRESETS)} and the norms {', '.join(NORM_KINDS)}")
+    return ckpt
+
+
+def run_model(path, ckpt, heads, plain_ops=None):
+    """The model of checkpoint ckpt (read from path by read_run) as train.py built it, with its weights:
+    build_for_data for heads (what the data decides: num_classes, has_masks, num_keypoints; a dataset, or predict.py's
+    record of one) with the run's norm, cascade and plain_ops (unless given). A one-line error when they do not fit."""
+    run = ckpt["args"]
+    model = build_for_data(run["preset"], heads, norm=run["norm"], cascade=run.get("cascade", False),
+                           plain_ops=run.get("plain_ops", False) if plain_ops is None else plain_ops,
+                           attention=run.get("attention"))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        sys.exit(f"error: checkpoint {path} does not fit preset {run['preset']} with "
+                 f"{heads.num_classes} classes: {str(e).splitlines()[0]}")
+    return model
+
+
+def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None, plain_ops=None):
+    """The model of a train.py checkpoint (path) and its validation set; data flags and plain_ops (--plain-ops)
+    default to the run's own. Problems end the program with a one-line error naming the checkpoint or the data."""
+    ckpt = read_run(path)
+    run = ckpt["args"]
     try:
         with distributed.rank_zero_first():  # under torchrun, rank 0 writes the synthetic set if it is missing
             dataset = data.build_dataset(data_root or run["data"], "val", train=False,
@@ -187,15 +232,7 @@ def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None,
     if PRESETS[run["preset"]]["num_keypoints"] and not dataset.num_keypoints:  # found before inference, not by COCOeval
         sys.exit(f"error: preset {run['preset']} predicts keypoints, but {dataset.source} names none; evaluate it on a "
                  f"COCO person-keypoints json")
-    model = build_for_data(run["preset"], dataset, norm=run["norm"], cascade=run.get("cascade", False),
-                           plain_ops=run.get("plain_ops", False) if plain_ops is None else plain_ops,
-                           attention=run.get("attention"))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        sys.exit(f"error: checkpoint {path} does not fit preset {run['preset']} with "
-                 f"{dataset.num_classes} classes: {str(e).splitlines()[0]}")
-    return model, dataset
+    return run_model(path, ckpt, dataset, plain_ops), dataset
 
 
 def print_slimming_report(model, threshold):
@@ -264,6 +301,8 @@ def main(argv=None):
                            tta_max_size=args.tta_max_size)
     except data.DataError as e:  # raised in a loader worker: the one line that names the culprit
         sys.exit(f"error: {e.line()}")
+    if metrics is not None:  # rank 0: the headline under the tables
+        print(summary_line(metrics))
     distributed.cleanup()
     return metrics
 

@@ -2,12 +2,14 @@
 
     curves       Figs. 3-5 and 7: box AP and mask AP against iterations, one line per run (scratch and pre-trained on
                  one figure), the LR drops of each run marked by dotted lines in its colour.
+    losses       the training losses (the total and each term) and the LR against iterations, one panel each.
     samples      Fig. 2 / Sec. 3.2: images, instances and pixels seen in pre-training + fine-tuning vs. from random
                  initialization (log scale), also printed as a table.
     predictions  ground truth (left) and a checkpoint's detections (right) on validation images: boxes, masks,
                  class names and scores.
 
     python plot.py curves runs/scratch_6x runs/pretrained_2x --out ap.png
+    python plot.py losses runs/demo --smooth 5 --out losses.png
     python plot.py samples --out fig2.png                                 # the paper's 2x vs 6x COCO arithmetic
     python plot.py samples --out fig2.png runs/pretrained_2x runs/scratch_6x   # counts measured in two runs
     python plot.py predictions --checkpoint runs/demo/model_0000400.pth --out-dir runs/demo/predictions
@@ -25,6 +27,7 @@ import torch
 from PIL import Image
 
 import data
+import draw
 import evaluate
 from coco_json import is_numbers
 from flags import at_most, device_name, folder, fraction, output_file, positive_int, run_script
@@ -32,14 +35,14 @@ from schedule import BATCH_1X, ITERS_1X
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless: files only, set before pyplot is imported
+matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
 
 COUNTS = ("images", "instances", "pixels")
 COLOURS = plt.get_cmap("tab10").colors
 PANELS = {"bbox/AP": "box AP", "segm/AP": "mask AP", "keypoints/AP": "keypoint AP"}  # metric -> panel title
+LOSS_TERMS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask", "loss_keypoint")  # panel order
 PRETRAINED_COLOUR, SCRATCH_COLOUR = "#4daf4a", "#984ea3"  # Fig. 2: green bars vs. purple bars
 
 
@@ -105,6 +108,22 @@ def _run_label(run_dir, args):
     return " ".join(words) or os.path.basename(os.path.normpath(run_dir))
 
 
+def _read_runs(run_dirs, labels=None):
+    """[(label, args, rows)] of each run (_read_run): labels given, else _run_label's; two runs of the same recipe,
+    e.g. two seeds, are told apart by their folder."""
+    labels = labels or [None] * len(run_dirs)
+    assert len(labels) == len(run_dirs), f"{len(labels)} labels for {len(run_dirs)} runs"
+    runs, taken = [], set()
+    for run_dir, label in zip(run_dirs, labels):
+        args, rows = _read_run(run_dir)
+        label = label or _run_label(run_dir, args)
+        if label in taken:
+            label = f"{label} ({os.path.basename(os.path.normpath(run_dir))})"
+        taken.add(label)
+        runs.append((label, args, rows))
+    return runs
+
+
 def plot_curves(run_dirs, out, labels=None):
     """Figs. 3-5, 7: box and mask AP (x100) of each run's evaluation rows against the iteration, LR drops dotted.
     Box-only runs (Faster R-CNN, VOC) have no mask panel; keypoint runs add a keypoint AP panel (Fig. 6).
@@ -112,18 +131,12 @@ def plot_curves(run_dirs, out, labels=None):
     Returns {label: {"iters": [...], "bbox/AP": [...], "segm/AP": [...], "keypoints/AP": [...], "lr_steps": [...]}},
     with empty lists for the metrics a run does not have.
     """
-    labels = labels or [None] * len(run_dirs)
-    assert len(labels) == len(run_dirs), f"{len(labels)} labels for {len(run_dirs)} runs"
     curves = {}
-    for run_dir, label in zip(run_dirs, labels):
-        args, rows = _read_run(run_dir)
+    for run_dir, (label, args, rows) in zip(run_dirs, _read_runs(run_dirs, labels)):
         evals = _last_per_iter([row for row in rows if "bbox/AP" in row])
         for key in PANELS:  # train.py's evaluation rows of one run all have the same metrics
             if 0 < sum(key in row for row in evals) < len(evals):
                 sys.exit(f"error: {run_dir}/metrics.jsonl: some evaluation rows have {key} and others do not")
-        label = label or _run_label(run_dir, args)
-        if label in curves:  # two runs of the same recipe, e.g. two seeds: tell them apart by folder
-            label = f"{label} ({os.path.basename(os.path.normpath(run_dir))})"
         curves[label] = {"iters": [row["iter"] for row in evals], "lr_steps": list(args.get("lr_steps") or []),
                          **{key: [100 * row[key] for row in evals if key in row] for key in PANELS}}
 
@@ -134,14 +147,24 @@ def plot_curves(run_dirs, out, labels=None):
     for ax, (key, title) in zip(axes[0], panels.items()):
         for (label, curve), colour in zip(curves.items(), itertools.cycle(COLOURS)):
             if curve[key]:
-                ax.plot(curve["iters"], curve[key], "o-", color=colour, markersize=3, label=label)
+                ax.plot(curve["iters"], curve[key], "o-", color=colour, markersize=3 if len(curve[key]) > 1 else 7,
+                        label=label)
+            if len(curve[key]) == 1:  # one evaluation (the demo evaluates only at its end): a dot, its value written
+                ax.annotate(f"{curve[key][0]:.1f}", (curve["iters"][0], curve[key][0]), xytext=(8, 0),
+                            textcoords="offset points", va="center", color=colour)
             for step in curve["lr_steps"]:  # the paper's curves jump at each LR drop
                 ax.axvline(step, color=colour, linestyle=":", linewidth=1)
         ax.set(title=title, xlabel="iterations", ylabel=f"{title} (%)")
+        ax.set_xlim(0, 1.08 * ax.get_xlim()[1])  # from iteration 0, with room for a lone dot's value
         ax.grid(alpha=0.3)
     axes[0, 0].legend()
+    single = [label for label, curve in curves.items() if len(curve["iters"]) == 1]
+    if single:
+        note = "one evaluation: train with --eval-period N for a curve"
+        fig.text(0.5, 0.01, f"{', '.join(single)}: {note}", ha="center", fontsize=8)
+        print(f"note: {', '.join(single)}: {note}")
     fig.suptitle("AP vs. iterations, LR drops dotted (Rethinking ImageNet Pre-training Figs. 3-5, 7)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 if single else 0, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     for label, curve in curves.items():
@@ -150,6 +173,61 @@ def plot_curves(run_dirs, out, labels=None):
         print(f"{label}: {final}")
     print(f"wrote {out}")
     return curves
+
+
+def trailing_mean(values, n):
+    """Each value replaced by the mean of it and the n - 1 before it (fewer at the start): --smooth n."""
+    return [float(np.mean(values[max(0, i - n + 1):i + 1])) for i in range(len(values))]
+
+
+def plot_losses(run_dirs, out, labels=None, smooth=1):
+    """The training rows of each run against the iteration: the total loss and each loss term the runs have
+    (loss_rpn_cls, loss_rpn_box, loss_cls, loss_box, loss_mask, loss_keypoint, then any other, e.g. the cascade's
+    stages) in a panel each, and the LR (log scale) in the last; one colour per run, its LR drops dotted.
+    A row holds one iteration's losses (train.py writes one every --log-period iterations); smooth: each loss drawn
+    as the trailing mean of that many rows.
+
+    Returns {label: {"iters": [...], "loss": [...], "loss_rpn_cls": [...], ..., "lr": [...], "lr_steps": [...]}},
+    the values drawn (losses smoothed); a run's terms only.
+    """
+    runs = {}
+    for run_dir, (label, args, rows) in zip(run_dirs, _read_runs(run_dirs, labels)):
+        rows = _last_per_iter([row for row in rows if "loss" in row])
+        names = sorted({k for row in rows for k in row if k.startswith("loss")})
+        runs[label] = {"iters": [row["iter"] for row in rows], "lr_steps": list(args.get("lr_steps") or []),
+                       "lr": [row.get("lr", float("nan")) for row in rows],
+                       **{k: trailing_mean([row.get(k, float("nan")) for row in rows], smooth) for k in names}}
+    if not any(run["iters"] for run in runs.values()):
+        sys.exit(f"error: no training rows (with a loss) in the metrics.jsonl of {', '.join(run_dirs)}")
+    present = {k for run in runs.values() for k in run if k.startswith("loss_")}
+    panels = ["loss", *[k for k in LOSS_TERMS if k in present], *sorted(present - set(LOSS_TERMS)), "lr"]
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)  # ceil
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    for ax, key in itertools.zip_longest(axes.flat, panels):
+        if key is None:  # the grid's spare cells
+            ax.set_axis_off()
+            continue
+        for (label, run), colour in zip(runs.items(), itertools.cycle(COLOURS)):
+            if key in run:
+                ax.plot(run["iters"], run[key], "-", color=colour, linewidth=1.2, label=label)
+            for step in run["lr_steps"]:
+                ax.axvline(step, color=colour, linestyle=":", linewidth=1)
+        title = {"loss": "total loss", "lr": "learning rate"}.get(key, key)
+        ax.set(title=title, xlabel="iterations", yscale="log" if key == "lr" else "linear")
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend()
+    smoothing = f", each the mean of {smooth} logged rows" if smooth > 1 else ""
+    fig.suptitle(f"Training losses and LR vs. iterations{smoothing}, LR drops dotted")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    for label, run in runs.items():
+        print(f"{label}: loss {run['loss'][-1]:.3f} at {run['iters'][-1]}" if run["iters"] else
+              f"{label}: no training rows")
+    print(f"wrote {out}")
+    return runs
 
 
 def sample_counts(run_dirs=None, imagenet_images=1_281_167, imagenet_epochs=100, imagenet_size=224,
@@ -229,28 +307,13 @@ def plot_samples(counts, out):
     return bars
 
 
-def _draw_panel(ax, image, boxes, masks, label_ids, texts, title, mask_alpha=0.45):
-    """One image with xyxy boxes (D, 4), binary masks (D, H0, W0), contiguous label ids for colour and a caption."""
-    overlay = np.zeros((*image.shape[:2], 4))  # (H0, W0, RGBA): all masks of the panel, later ones on top
-    for mask, label_id in zip(masks, label_ids):
-        overlay[mask.astype(bool)] = (*COLOURS[label_id % len(COLOURS)], mask_alpha)
-    ax.imshow(image)
-    ax.imshow(overlay)
-    for (x1, y1, x2, y2), label_id, text in zip(boxes, label_ids, texts):
-        colour = COLOURS[label_id % len(COLOURS)]
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.2))
-        ax.text(x1, y1, text, fontsize=6, color="white", va="bottom",
-                bbox=dict(facecolor=colour, alpha=0.8, pad=0.5, edgecolor="none"))
-    ax.text(2, 2, title, fontsize=7, color="white", va="top", bbox=dict(facecolor="black", alpha=0.6, pad=1))
-    ax.set_axis_off()
-
-
 @torch.no_grad()
 def draw_predictions(checkpoint, out_dir, data_root=None, val_ann=None, val_images=None, num=8, score_thresh=0.5,
                      mask_thresh=0.5, device="cpu", zoom=1):
-    """For the first num validation images, one PNG of 2 x zoom x W0 by zoom x H0 pixels: the ground truth on the
-    left, the checkpoint's detections with score >= score_thresh on the right, masks thresholded at mask_thresh
-    (Mask R-CNN Sec. 3). Data flags default to the checkpoint's own run, as in evaluate.py.
+    """For the first num validation images, one PNG of 2 x zoom x W0 by zoom x H0 pixels under a title band of
+    draw.TITLE_PX: the ground truth on the left, the checkpoint's detections with score >= score_thresh on the right,
+    masks thresholded at mask_thresh (Mask R-CNN Sec. 3), keypoints joined by the data's skeleton (draw.py). Data
+    flags default to the checkpoint's own run, as in evaluate.py.
     Returns, per image, {"path": its PNG, "ground_truth": the boxes drawn left, "predictions": the boxes drawn right},
     boxes as [x1, y1, x2, y2] in original image pixels."""
     model, dataset = evaluate.load_run(checkpoint, data_root, val_ann, val_images)
@@ -266,28 +329,29 @@ def draw_predictions(checkpoint, out_dir, data_root=None, val_ann=None, val_imag
 
         anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
         gt_boxes = [(x, y, x + w, y + h) for x, y, w, h in (ann["bbox"] for ann in anns)]
-        gt_ids = [dataset.cat_ids.index(ann["category_id"]) for ann in anns]
-        gt_texts = [coco.cats[ann["category_id"]]["name"] + (" (crowd)" if ann.get("iscrowd") else "")
-                    for ann in anns]
+        gt_labels = [dataset.cat_ids.index(ann["category_id"]) + 1 for ann in anns]
+        gt_masks = np.stack([coco.annToMask(ann) for ann in anns]) if dataset.has_masks and anns else None  # VOC: none
+        J = dataset.num_keypoints  # (G, J, 3) as x, y, v; an object of a class without keypoints has none
+        gt_keypoints = np.reshape([ann.get("keypoints") or [0] * 3 * J for ann in anns], (len(anns), J, 3))
         keep = out["scores"] >= score_thresh
-        labels, scores = out["labels"][keep].tolist(), out["scores"][keep].tolist()
-        pred_masks = (out["masks"][keep, 0] > mask_thresh).cpu().numpy() if "masks" in out else []  # (D, H0, W0)
-        pred_texts = [f"{dataset.class_names[label - 1]} {score:.2f}" for label, score in zip(labels, scores)]
+        best = out["scores"].max().item() if len(out["scores"]) else None
+        out = {k: v[keep].cpu() for k, v in out.items()}  # one row per detection in each entry
+        pred_masks = out["masks"][:, 0] > mask_thresh if "masks" in out else None  # (D, H0, W0)
 
         h0, w0 = orig_size
-        dpi = 100
-        fig, axes = plt.subplots(1, 2, figsize=(2 * w0 * zoom / dpi, h0 * zoom / dpi), dpi=dpi)
-        fig.subplots_adjust(left=0, right=1, bottom=0, top=1, wspace=0)  # the two images fill the PNG exactly
-        gt_masks = [coco.annToMask(ann) for ann in anns] if dataset.has_masks else []  # VOC: boxes only
-        pred_boxes = out["boxes"][keep].tolist()
-        _draw_panel(axes[0], image, gt_boxes, gt_masks, gt_ids, gt_texts,
-                    f"ground truth: {len(anns)}")
-        _draw_panel(axes[1], image, pred_boxes, pred_masks, [label - 1 for label in labels],
-                    pred_texts, f"predictions, score >= {score_thresh:g}: {len(labels)}")
+        fig, axes = draw.figure(h0, w0, panels=2, zoom=zoom)
+        skeleton = dataset.keypoint_skeleton
+        draw.draw_instances(axes[0], image, gt_boxes, gt_labels, dataset.class_names, masks=gt_masks,
+                            keypoints=gt_keypoints if J else None,
+                            skeleton=skeleton, title=f"ground truth: {len(anns)}")
+        draw.draw_instances(axes[1], image, out["boxes"], out["labels"], dataset.class_names, scores=out["scores"],
+                            masks=pred_masks, keypoints=out.get("keypoints"), skeleton=skeleton,
+                            title=f"predictions, score >= {score_thresh:g}: {len(out['labels'])}",
+                            score_thresh=score_thresh, best_score=best)
         path = os.path.join(out_dir, f"predictions_{image_id:06d}.png")
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
-        drawn.append({"path": path, "ground_truth": [list(box) for box in gt_boxes], "predictions": pred_boxes})
+        draw.save(fig, path)
+        drawn.append({"path": path, "ground_truth": [list(box) for box in gt_boxes],
+                      "predictions": out["boxes"].tolist()})
     print(f"wrote {len(drawn)} images to {out_dir}")
     return drawn
 
@@ -300,6 +364,13 @@ def main(argv=None):
     c.add_argument("run_dirs", nargs="+", help="train.py --output-dir folders (args.json + metrics.jsonl)")
     c.add_argument("--out", type=figure_path, default="ap.png", help="output image (.png, .pdf, .svg, ...)")
     c.add_argument("--labels", nargs="+", help="one legend label per run (default: init, preset, schedule)")
+
+    c = sub.add_parser("losses", help="the training losses and the LR vs. iterations of one or more runs")
+    c.add_argument("run_dirs", nargs="+", help="train.py --output-dir folders (args.json + metrics.jsonl)")
+    c.add_argument("--out", type=figure_path, default="losses.png", help="output image (.png, .pdf, .svg, ...)")
+    c.add_argument("--labels", nargs="+", help="one legend label per run (default: init, preset, schedule)")
+    c.add_argument("--smooth", type=positive_int, default=1,
+                   help="draw each loss as the mean of the last N logged rows (default 1: as logged)")
 
     s = sub.add_parser("samples", help="Fig. 2: images, instances, pixels seen, pre-trained vs. from scratch")
     s.add_argument("run_dirs", nargs="*", help="optional: PRETRAINED_RUN SCRATCH_RUN, to count what they saw")
@@ -332,10 +403,12 @@ def main(argv=None):
     r.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
 
+    if args.command in ("curves", "losses") and args.labels and len(args.labels) != len(args.run_dirs):
+        p.error(f"--labels: {len(args.labels)} labels for {len(args.run_dirs)} runs")
     if args.command == "curves":
-        if args.labels and len(args.labels) != len(args.run_dirs):
-            p.error(f"--labels: {len(args.labels)} labels for {len(args.run_dirs)} runs")
         return plot_curves(args.run_dirs, args.out, labels=args.labels)
+    if args.command == "losses":
+        return plot_losses(args.run_dirs, args.out, labels=args.labels, smooth=args.smooth)
     if args.command == "samples":
         if len(args.run_dirs) not in (0, 2):
             p.error("samples takes no run dirs, or two: PRETRAINED_RUN SCRATCH_RUN")

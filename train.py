@@ -12,15 +12,16 @@ Detectron's 1x proportions), horizontal flip only, shorter side 800.
 """
 import argparse
 import os
+import shlex
 import sys
 import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import augment
 import checkpoint
+import console
 import data
 import distributed
 import evaluate
@@ -28,7 +29,7 @@ import related_work
 import schedule
 from flags import (MAX_SIDE, amp_dtype, at_most, device_name, folder, non_negative_float, non_negative_int,
                    positive_float, positive_int, run_script, scale_range, seed_value, output_file, schedule_name)
-from model import PRESETS, build_for_data
+from model import IMAGE_SIZE_KEYS, PRESETS, build_for_data
 from norm import NORM_KINDS, GroupNorm, SyncBatchNorm
 
 
@@ -44,8 +45,11 @@ def get_args(argv=None):
     g.add_argument("--val-ann", help="COCO json for evaluation (overrides --data)")
     g.add_argument("--val-images", help="image folder for --val-ann")
     g.add_argument("--min-size", type=at_most(MAX_SIDE),
-                   help="shorter image side (paper: 800; default 800, or the native size of the synthetic shapes)")
-    g.add_argument("--max-size", type=at_most(MAX_SIDE), default=1333, help="cap on the longer side (Detectron: 1333)")
+                   help="shorter image side (paper: 800; default: the preset's, 800, or 320 for tiny; the synthetic "
+                        "shapes keep their native 128)")
+    g.add_argument("--max-size", type=at_most(MAX_SIDE),
+                   help="cap on the longer side (Detectron: 1333; default: the preset's, 1333, or 533 for tiny, "
+                        "raised in the same proportion when --min-size or --train-scales ask for larger images)")
     g.add_argument("--train-scales", type=scale_range,
                    help="LO,HI: training shorter side drawn from [LO, HI] (Sec. 5: 640,800 enhanced baselines; "
                         "512,800 for 35k images); default: --min-size only")
@@ -106,10 +110,15 @@ def get_args(argv=None):
     g.add_argument("--eval-period", type=non_negative_int, default=0,
                    help="evaluate every N iterations (0: only at the end)")
     g.add_argument("--ckpt-period", type=positive_int, default=500, help="checkpoint every N iterations")
-    g.add_argument("--log-period", type=positive_int, default=20, help="write a metrics row every N iterations")
+    g.add_argument("--log-period", type=positive_int, default=20,
+                   help="write a metrics row every N iterations, and a progress line when the output is not a "
+                        "terminal (a terminal gets a progress bar)")
+    g.add_argument("--coco-tables", action="store_true",
+                   help="print each evaluation's COCOeval tables on the console (default: append them to "
+                        "OUTPUT_DIR/eval_log.txt; the console gets one line of AP)")
     g.add_argument("--output-dir", type=folder,
-                   help="where checkpoints, metrics.jsonl and args.json go; a folder holding another run is refused "
-                        "(default: runs/demo for the shapes demo, else runs/PRESET-DATA)")
+                   help="where checkpoints, metrics.jsonl, args.json and eval_log.txt go; a folder holding another "
+                        "run is refused (default: runs/demo for the shapes demo, else runs/PRESET-DATA)")
     g.add_argument("--resume", help="checkpoint path, or 'auto' for the latest one in --output-dir")
     g.add_argument("--seed", type=seed_value, default=0, help="seed for init, sampling and augmentation")
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -173,7 +182,14 @@ def resolve(args, world_size=1):
     # Detectron's 500 warm-up iterations are at batch 16: scaled like the schedule, they cover the same images
     args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else (
         50 if demo else round(schedule.WARMUP_1X * schedule.BATCH_1X / batch))
-    args.min_size = args.min_size or (128 if demo else 800)
+    # The preset's image size (tiny: smaller on real data); a larger --min-size or --train-scales raises the cap on
+    # the longer side in the preset's proportion (tiny with --min-size 800 gets the paper's 1333). The demo's
+    # 128x160 images never reach a cap; 1333 keeps its flags those of earlier runs (--resume compares them).
+    preset_min, preset_max = (PRESETS[args.preset][k] for k in IMAGE_SIZE_KEYS)
+    args.min_size = args.min_size or (128 if demo else preset_min)
+    largest = max([args.min_size, *(args.train_scales or ())])
+    raised = -(-largest * preset_max // preset_min)  # rounded up: tiny's 533 / 320 at 800 gives 1333
+    args.max_size = args.max_size or (1333 if demo else max(preset_max, raised))
     data_name = os.path.splitext(os.path.basename(os.path.normpath(args.train_ann or args.data)))[0]
     args.output_dir = args.output_dir or ("runs/demo" if demo else os.path.join("runs", f"{args.preset}-{data_name}"))
     if bool(args.train_ann) != bool(args.val_ann):
@@ -269,20 +285,81 @@ def make_model(args, train_set, device, log=print):
     return model
 
 
-def print_plan(args, model, train_set, val_set, log=print):
-    """The resolved model, data and schedule in a few lines, and a warning for a warm-up as long as the run."""
+MAX_EPOCHS = 150  # a plan beyond this warns: the paper's longest COCO run (VGG-16, 11x) is 134 epochs
+
+
+def print_plan(args, model, train_set, val_set, resume=None, start_iter=0, log=print):
+    """The resolved model, data, schedule and output folder in a few lines (args.json keeps every flag), then one
+    line per warning of plan_warnings. resume: the checkpoint the run continues from, at iteration start_iter."""
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     epochs = args.max_iters * args.batch_size * args.world_size / len(train_set)
+    scales = f"{args.train_scales[0]}..{args.train_scales[1]} in training, " if args.train_scales else ""
+    evaluations = (f"every {args.eval_period} iterations" + (" and at the end" if not args.no_eval else "")
+                   if args.eval_period else "never" if args.no_eval else "at the end")
+    start = f"resumes {resume} at iteration {start_iter}" if resume else "a new run"
     log(f"plan: {args.preset}{' + cascade' if args.cascade else ''} ({n_params / 1e6:.2f}M trainable parameters), "
         f"norm {args.norm or PRESETS[args.preset]['norm']}, init {args.init}\n"
         f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
-        f"{len(val_set)} validation images, {train_set.num_classes - 1} classes\n"
+        f"{len(val_set)} validation images, {train_set.num_classes - 1} classes; shorter side {scales}"
+        f"{args.min_size}, longer side at most {args.max_size}\n"
         f"      batch {args.batch_size * args.world_size} ({args.world_size} process(es) x {args.batch_size}), "
         f"LR {args.lr:g}, {args.max_iters} iterations ({epochs:.1f} epochs), "
-        f"LR x{args.lr_gamma:g} at {args.lr_steps}, warm-up {args.warmup_iters} from x{args.warmup_factor:.3g}")
+        f"LR x{args.lr_gamma:g} at {args.lr_steps}, warm-up {args.warmup_iters} from x{args.warmup_factor:.3g}\n"
+        f"      evaluates {evaluations}, checkpoints every {args.ckpt_period} iterations\n"
+        f"      output {args.output_dir}: {start}")
+    for warning in plan_warnings(args, len(train_set)):
+        log(f"warning: {warning}")
+
+
+def plan_warnings(args, num_train_images):
+    """What in a resolved plan is likely not meant, one line each naming the flag to set: a run of more than
+    MAX_EPOCHS epochs, a warm-up as long as the run, an LR drop beyond the run or before the warm-up ends."""
+    warnings = []
+    epochs = args.max_iters * args.batch_size * args.world_size / num_train_images
+    if epochs > MAX_EPOCHS:
+        warnings.append(f"{args.max_iters} iterations are {epochs:,.0f} epochs of the {num_train_images} training "
+                        f"images (the paper's longest COCO run: 134); set --max-iters or --schedule")
     if args.warmup_iters >= args.max_iters:
-        log(f"warning: the warm-up ({args.warmup_iters} iterations) is as long as the run: the LR never reaches "
-            f"{args.lr:g}; see --warmup-iters")
+        warnings.append(f"the warm-up ({args.warmup_iters} iterations) is as long as the run: the LR never reaches "
+                        f"{args.lr:g}; see --warmup-iters")
+    beyond = [step for step in args.lr_steps if step >= args.max_iters]
+    if beyond:
+        warnings.append(f"the LR drop(s) at {beyond} come at or after the run's end ({args.max_iters} iterations): "
+                        f"the LR never drops there; set --lr-steps")
+    early = [step for step in args.lr_steps if step < min(args.warmup_iters, args.max_iters)]
+    if early:
+        warnings.append(f"the LR drop(s) at {early} come before the warm-up ends ({args.warmup_iters} iterations); "
+                        f"set --lr-steps or --warmup-iters")
+    return warnings
+
+
+def evaluates(args):
+    """Whether the run evaluates at all (evaluation_due says when)."""
+    return bool(args.eval_period) or not args.no_eval
+
+
+def eval_log_path(args):
+    """Where the run appends its COCOeval tables: OUTPUT_DIR/eval_log.txt; None when they go to the console
+    (--coco-tables) or the run never evaluates."""
+    return os.path.join(args.output_dir, "eval_log.txt") if evaluates(args) and not args.coco_tables else None
+
+
+def print_outputs(args, log=print):
+    """At the end of a run: the files it wrote and the commands that look at them."""
+    last = checkpoint.latest(args.output_dir)
+    written = [f"{last} (the last checkpoint)" if last else None,
+               f"{os.path.join(args.output_dir, 'metrics.jsonl')} (losses and AP)",
+               f"{os.path.join(args.output_dir, 'args.json')} (the flags)",
+               f"{eval_log_path(args)} (the COCOeval tables)" if eval_log_path(args) else None,
+               f"{args.save_backbone} (the backbone, --save-backbone)" if args.save_backbone else None]
+    log("wrote " + "\n      ".join(w for w in written if w))
+    run = shlex.quote(args.output_dir)
+    commands = [f"python plot.py curves {run}    # AP against iterations"] if evaluates(args) else []
+    commands.append(f"python plot.py losses {run}    # the losses and the LR against iterations")
+    if last:
+        commands += [f"python predict.py --checkpoint {shlex.quote(last)} --input IMAGE_OR_DIR",
+                     f"python evaluate.py --checkpoint {shlex.quote(last)}"]
+    log("next: " + "\n      ".join(commands))
 
 
 def next_batch(batches, device, channels_last=False):
@@ -322,7 +399,6 @@ def main(argv=None):
     log = print if main_process else (lambda *_: None)
     checkpoint.seed(args.seed)  # the same seed everywhere: every process builds the same initial model
     resume, ckpt = checkpoint.find_resume(args)  # refuses another run's flags, and a folder holding another run
-    log("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
     train_set, val_set = load_data(args)  # resizing, flipping and normalization happen in data.py, in plain view
     data_identity = checkpoint.data_identity(train_set)  # its classes and images, kept in every checkpoint
     if ckpt:
@@ -330,11 +406,11 @@ def main(argv=None):
     model = make_model(args, train_set, device, log)
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    print_plan(args, model, train_set, val_set, log)
+    start_iter = ckpt["iteration"] if ckpt else 0
+    print_plan(args, model, train_set, val_set, resume, start_iter, log)  # the flags: in args.json (start_run)
     if args.dry_run:
         distributed.cleanup()
         return
-    start_iter = ckpt["iteration"] if ckpt else 0
     # Rank r reads items r, r + W, ... of one global stream: the shards of iteration k form the joint batch k.
     batches = data.make_train_loader(augmented(args, train_set), args.batch_size, seed=args.seed,
                                      start_iter=start_iter, workers=args.workers, rank=rank, world_size=world_size)
@@ -342,17 +418,22 @@ def main(argv=None):
     # evaluation at start_iter is missing (a run killed while evaluating): evaluate it first
     metrics, catch_up = checkpoint.start_run(args, resume, ckpt, model, optimizer, scaler,
                                              evaluation_due(args, start_iter), rank, device, log)
+    # the COCOeval tables: appended to eval_log.txt (started anew with metrics.jsonl), or on the console
+    tables = None
+    if main_process:
+        tables = open(eval_log_path(args), "a" if ckpt else "w") if eval_log_path(args) else sys.stdout
+    progress = console.Progress(start_iter, args.max_iters, args.log_period, enabled=main_process)
     if catch_up:
-        evaluate.evaluate_and_log(model, val_set, device, start_iter, metrics, amp=args.amp, workers=args.workers)
+        evaluate.evaluate_and_log(model, val_set, device, start_iter, metrics, amp=args.amp, workers=args.workers,
+                                  tables=tables, log=progress.write)
     # DDP averages the gradients over the processes during backward (after the identical init above)
     net = model if world_size == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.index
                                                                  is not None else None)
 
     seen = dict(ckpt["seen"]) if ckpt else {"images": 0, "instances": 0, "pixels": 0}
-    bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, dynamic_ncols=True,
-               disable=not main_process)
     tic, tic_iter = time.perf_counter(), start_iter  # sec_per_iter: the time since tic over the iterations since
-    for it in bar:
+    for it in range(start_iter, args.max_iters):
+        progress.start()  # the ETA's clock: from here to the optimizer step (not evaluations, not checkpoints)
         lr = schedule.lr_at(it, args.lr, args.lr_steps, args.lr_gamma, args.warmup_iters, args.warmup_factor)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -382,9 +463,8 @@ def main(argv=None):
         for key, count in zip(("images", "instances", "pixels"), distributed.sum_over_processes(counts, device)):
             seen[key] += count
         terms = {k: v.item() for k, v in terms.items()}
-        bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{lr:.2g}", **{k[5:]: f"{v:.3f}" for k, v in terms.items()})
-
         done = it + 1
+        progress.step(done, terms, lr)  # smoothed losses, LR and ETA on the bar, or a plain line every --log-period
         if main_process and (done % args.log_period == 0 or done == args.max_iters):
             row = {"iter": done, "lr": lr, "loss": total.item(), **terms,
                    "sec_per_iter": (time.perf_counter() - tic) / (done - tic_iter),
@@ -396,12 +476,17 @@ def main(argv=None):
         if done % args.ckpt_period == 0 or done == args.max_iters:  # every process: each one's RNG state is saved
             checkpoint.save(args.output_dir, done, model, optimizer, scaler, args, seen, data_identity)
         if evaluation_due(args, done):
-            evaluate.evaluate_and_log(model, val_set, device, done, metrics, amp=args.amp, workers=args.workers)
+            evaluate.evaluate_and_log(model, val_set, device, done, metrics, amp=args.amp, workers=args.workers,
+                                      tables=tables, log=progress.write)
             tic, tic_iter = time.perf_counter(), done  # the evaluation is not training time
+    progress.close()
     if main_process:
         metrics.close()
+        if tables is not sys.stdout:
+            tables.close()
         if args.save_backbone:  # torchvision key names: conv1, bn1, layer1..4
             checkpoint.atomic_save(model.backbone.state_dict(), args.save_backbone, "--save-backbone")
+        print_outputs(args, log)
     distributed.cleanup()
 
 

@@ -103,20 +103,21 @@ def voc_eval(annotations, results, categories, iou_threshold=0.5, use_07_metric=
     return aps, float(np.mean(defined)) if defined else float("nan")
 
 
-def voc_metrics(dataset, results, iou_threshold=0.5):
+def voc_metrics(dataset, results, iou_threshold=0.5, out=None):
     """evaluate.py's VOC numbers for a VOCDataset: {"voc/mAP50" (VOC2010+ area), "voc/mAP50_11pt" (VOC2007),
-    "voc/AP50/<class>"}, printed as a per-class table. Classes without ground truth are left out."""
+    "voc/AP50/<class>"}, printed as a per-class table into the stream out (None: stdout). Classes without ground
+    truth are left out."""
     image_ids = set(dataset.image_ids)
     annotations = [a for a in dataset.coco.dataset["annotations"] if a["image_id"] in image_ids]
     results = [r for r in results if r["image_id"] in image_ids]
     categories = dataset.coco.dataset["categories"]
     aps, mean = voc_eval(annotations, results, categories, iou_threshold)
     aps_07, mean_07 = voc_eval(annotations, results, categories, iou_threshold, use_07_metric=True)
-    print(f"--- VOC AP at IoU {iou_threshold:g} (area / 11-point) ---")
+    print(f"--- VOC AP at IoU {iou_threshold:g} (area / 11-point) ---", file=out)
     for name, ap in aps.items():
         if not np.isnan(ap):
-            print(f"{name:>12s}  {100 * ap:5.1f} / {100 * aps_07[name]:5.1f}")
-    print(f"{'mAP':>12s}  {100 * mean:5.1f} / {100 * mean_07:5.1f}")
+            print(f"{name:>12s}  {100 * ap:5.1f} / {100 * aps_07[name]:5.1f}", file=out)
+    print(f"{'mAP':>12s}  {100 * mean:5.1f} / {100 * mean_07:5.1f}", file=out)
     tag = f"{round(100 * iou_threshold)}"
     metrics = {f"voc/mAP{tag}": mean, f"voc/mAP{tag}_11pt": mean_07}
     metrics.update({f"voc/AP{tag}/{name}": ap for name, ap in aps.items() if not np.isnan(ap)})

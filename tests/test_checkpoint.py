@@ -142,3 +142,18 @@ def test_a_failed_write_leaves_the_previous_file_and_no_partial_one(tmp_path, mo
     with pytest.raises(SystemExit, match="cannot write --save-backbone .*: .*file write failed; nothing partial"):
         checkpoint.atomic_save({}, str(tmp_path / "backbone.pth"), "--save-backbone")
     assert sorted(os.listdir(tmp_path)) == ["model_0000002.pth"]
+
+
+def test_data_identity_keeps_the_names_predict_py_draws_and_resume_compares_classes_and_digest(tmp_path):
+    from shapes import make_shapes
+    import data
+    make_shapes(str(tmp_path), num_train=2, num_val=1, seed=0)
+    dataset = data.CocoDataset(str(tmp_path / "annotations" / "instances_train.json"), str(tmp_path / "train"))
+    identity = checkpoint.data_identity(dataset)
+    assert identity["classes"] == [[1, "circle"], [3, "square"], [7, "triangle"]]
+    assert identity["keypoint_names"] == [] and identity["keypoint_skeleton"] == []
+    # an older checkpoint's record (no keypoint entries) or other keypoint names: the same data for --resume
+    older = {"data": {"classes": identity["classes"], "digest": identity["digest"]}}
+    checkpoint.refuse_other_data("old.pth", older, dict(identity, keypoint_names=["nose"]))
+    with pytest.raises(SystemExit, match="the training data changed since checkpoint old.pth"):
+        checkpoint.refuse_other_data("old.pth", older, dict(identity, digest="0"))

@@ -180,6 +180,8 @@ def test_torchrun_train_evaluate_and_resume(shapes_dir, tmp_path, monkeypatch, c
     common = ["--device", "cpu", "--batch-size", "2", "--workers", "0", "--log-period", "2", "--ckpt-period", "2"]
     stdout = _torchrun("train.py", *common, "--max-iters", "4", "--output-dir", str(out), cwd=shapes_dir)
     assert stdout.count("plan:") == 1  # rank 0 alone prints
+    assert stdout.count("iter 4: box AP") == 1 and stdout.count("iter 4/4  loss") == 1  # off a terminal: plain lines
+    assert (out / "eval_log.txt").read_text().count("=== iteration 4 ===") == 1  # and rank 0 alone writes the tables
     assert "batch 4 (2 process(es) x 2)" in stdout
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["iter"] for r in rows] == [2, 4, 4]  # two training rows and one evaluation row, written once

@@ -221,6 +221,26 @@ def test_keypoint_sigmas_required_for_non_coco_keypoints(tmp_path):
         data.CocoDataset(ann_file, str(tmp_path), keypoint_sigmas=[0.1, 0.2])
 
 
+@pytest.mark.parametrize("skeleton, expected", [(None, []), ([[1, 2], [1, 3]], [[0, 1], [0, 2]]),
+                                               ([[1, 4]], "skeleton"), ([[1, 2, 3]], "skeleton"),
+                                               ([[1, True]], "skeleton"), ("1-2", "skeleton")])
+def test_the_skeleton_is_kept_0_based_or_refused_naming_the_json(tmp_path, skeleton, expected):
+    """COCO's person category lists its limbs as 1-based keypoint pairs; predict.py draws them (draw.py)."""
+    ann_file = write_keypoints_set(str(tmp_path), [5, 4, 2, 3, 2, 2, 0, 0, 0])
+    if skeleton is not None:
+        with open(ann_file) as f:
+            raw = json.load(f)
+        raw["categories"][0]["skeleton"] = skeleton
+        with open(ann_file, "w") as f:
+            json.dump(raw, f)
+    if expected == "skeleton":
+        with pytest.raises(data.DataError, match=r"kp\.json: category id 1 has skeleton .*: expected pairs \[j1, j2\] "
+                                                 r"of keypoint numbers 1\.\.3"):
+            data.CocoDataset(ann_file, str(tmp_path), keypoint_sigmas=[0.1, 0.2, 0.3])
+    else:
+        assert data.CocoDataset(ann_file, str(tmp_path), keypoint_sigmas=[0.1, 0.2, 0.3]).keypoint_skeleton == expected
+
+
 @needs_data
 @pytest.mark.parametrize("root,split", [(COCO_SUBSET, "train2017"), (COCO_SUBSET, "val2017"),
                                         (COCO_KEYPOINTS_SUBSET, "train2017"), (COCO_KEYPOINTS_SUBSET, "val2017")])
@@ -232,6 +252,7 @@ def test_reads_coco_person_keypoints(root, split):
     assert dataset.num_keypoints == 17 and dataset.keypoint_sigmas == list(data.COCO_KEYPOINT_SIGMAS)
     names = raw["categories"][0]["keypoints"]
     assert [names[j] for j in dataset.flip_index][1:5] == ["right_eye", "left_eye", "right_ear", "left_ear"]
+    assert len(dataset.keypoint_skeleton) == 19 and dataset.keypoint_skeleton[0] == [15, 13]  # left ankle-knee
     anns = {}
     for ann in raw["annotations"]:
         anns.setdefault(ann["image_id"], []).append(ann)

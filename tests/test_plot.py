@@ -5,6 +5,7 @@ import re
 import pytest
 from PIL import Image
 
+import draw
 import plot
 import train
 from shapes import make_shapes
@@ -66,6 +67,61 @@ def test_curves_of_box_only_and_keypoint_runs(tmp_path, capsys):
     assert curves["kp"]["keypoints/AP"] == pytest.approx([30.0])
     printed = capsys.readouterr().out
     assert "faster: box AP 50.0 at 50" in printed and "kp: box AP 40.0, keypoint AP 30.0 at 50" in printed
+
+
+def test_one_evaluation_is_a_dot_with_a_note(tmp_path, capsys, monkeypatch):
+    """The demo evaluates only at its end: one dot, its value written beside it, and a note how to get a curve."""
+    demo = write_run(tmp_path / "demo", {"lr_steps": [320]}, [eval_row(400, 0.664, 0.602)])
+    saved = []
+    monkeypatch.setattr(plot.plt, "close", saved.append)
+    curves = plot.plot_curves([str(demo)], str(tmp_path / "ap.png"))
+    assert curves["demo"]["iters"] == [400] and curves["demo"]["bbox/AP"] == pytest.approx([66.4])
+    box = saved[0].axes[0]
+    assert [t.get_text() for t in box.texts] == ["66.4"] and box.get_xlim()[0] == 0
+    assert "note: demo: one evaluation: train with --eval-period N for a curve" in capsys.readouterr().out
+
+
+def loss_row(it, lr, cls, mask=None):
+    row = {"iter": it, "lr": lr, "loss_rpn_cls": 0.5, "loss_cls": cls, "sec_per_iter": 0.3}
+    if mask is not None:
+        row["loss_mask"] = mask
+    row["loss"] = sum(v for k, v in row.items() if k.startswith("loss_"))
+    return row
+
+
+def test_losses_one_panel_per_term_and_the_lr(tmp_path, capsys):
+    """The total and each term of the training rows (evaluation rows left out, a resumed run's last rows win), the LR
+    in its own panel; two runs overlaid, the one without a mask head drawn in the panels it has."""
+    a = write_run(tmp_path / "a", {"init": "scratch", "preset": "tiny", "lr_steps": [30]},
+                  [loss_row(10, 0.02, 1.0, 0.8), loss_row(20, 0.02, 3.0, 0.6), eval_row(20, 0.1, 0.1),
+                   loss_row(20, 0.02, 2.0, 0.6),                                     # resumed from iteration 10
+                   loss_row(30, 0.002, 0.5, 0.4)])
+    b = write_run(tmp_path / "b", None, [loss_row(10, 0.01, 2.0), loss_row(20, 0.01, 1.0)])
+    runs = plot.main(["losses", str(a), str(b), "--out", str(tmp_path / "losses.png")])
+    assert (tmp_path / "losses.png").stat().st_size > 0
+    assert list(runs) == ["scratch tiny", "b"]
+    ra, rb = runs["scratch tiny"], runs["b"]
+    assert ra["iters"] == [10, 20, 30] and ra["lr"] == [0.02, 0.02, 0.002] and ra["lr_steps"] == [30]
+    assert ra["loss_cls"] == [1.0, 2.0, 0.5] and ra["loss_mask"] == [0.8, 0.6, 0.4]
+    assert ra["loss"] == pytest.approx([2.3, 3.1, 1.4])
+    assert "loss_mask" not in rb and rb["loss_cls"] == [2.0, 1.0] and rb["lr_steps"] == []
+    assert "scratch tiny: loss 1.400 at 30" in capsys.readouterr().out
+    smoothed = plot.plot_losses([str(a)], str(tmp_path / "smooth.png"), labels=["a"], smooth=2)["a"]
+    assert smoothed["loss_cls"] == pytest.approx([1.0, 1.5, 1.25])  # the trailing mean of 2 rows
+    assert smoothed["lr"] == [0.02, 0.02, 0.002]                     # the LR as logged
+
+
+def test_losses_panels_and_errors(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run", None, [loss_row(10, 0.02, 1.0, 0.8)])
+    saved = []
+    monkeypatch.setattr(plot.plt, "close", saved.append)
+    plot.plot_losses([str(run)], str(tmp_path / "losses.png"))
+    titles = [ax.get_title() for ax in saved[0].axes if ax.axison]
+    assert titles == ["total loss", "loss_rpn_cls", "loss_cls", "loss_mask", "learning rate"]
+    assert saved[0].axes[titles.index("learning rate")].get_yscale() == "log"
+    evals_only = write_run(tmp_path / "evals", None, [eval_row(10, 0.1, 0.1)])
+    with pytest.raises(SystemExit, match="no training rows"):
+        plot.plot_losses([str(evals_only)], str(tmp_path / "losses.png"))
 
 
 def test_curves_labels_from_the_command_line(runs, tmp_path):
@@ -219,7 +275,7 @@ def test_draw_predictions_side_by_side(tmp_path):
     assert len(drawn) == 2                                                    # only 2 validation images exist
     for image in drawn:
         with Image.open(image["path"]) as png:
-            assert png.size == (2 * 160, 128)                                 # GT | predictions, each 160 x 128
+            assert png.size == (2 * 160, 128 + draw.TITLE_PX)                 # GT | predictions, each 160 x 128
     # per image: the GT boxes of the json on the left, the model's (all of them at threshold 0) on the right
     gt = json.loads((shapes / "annotations" / "instances_val.json").read_text())["annotations"]
     for image_id, image in zip((1, 2), drawn):

@@ -223,7 +223,49 @@ def test_dry_run_prints_the_plan_and_trains_nothing(shapes, tmp_path, capsys):
     assert "1440000 iterations" in out and "[960000, 1280000]" in out        # 2x at batch 2
     assert "warm-up 4000 " in out  # Detectron's 500 at batch 16 cover 8000 images: 4000 iterations at batch 2
     assert "8 training images" in out and "norm gn" in out
+    assert f"output {tmp_path}: a new run" in out and "shorter side 96, longer side at most 533" in out
+    assert "flags:" not in out and "--weight-decay" not in out  # every flag is in args.json, not on the console
     assert not [n for n in os.listdir(tmp_path) if n.endswith((".pth", ".json", ".jsonl"))]  # args.json neither
+
+
+def test_the_console_off_a_terminal_and_the_eval_log(shapes, tmp_path, capsys):
+    """Off a terminal (pytest captures the output): plain progress lines every --log-period iterations, one line per
+    evaluation, and the COCOeval tables in eval_log.txt, appended to on resume; the end names the files and the next
+    commands."""
+    train.main(run_args(shapes, tmp_path, "--max-iters", "4", "--log-period", "2", "--eval-period", "2",
+                        "--ckpt-period", "2"))
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "\r" not in out + err  # no bar, no escape codes
+    lines = out.splitlines()
+    assert [line.split("  ")[0] for line in lines if line.startswith("iter ") and "/" in line] == ["iter 2/4",
+                                                                                                   "iter 4/4"]
+    assert re.search(r"^iter 2/4  loss \d+\.\d{3} \(rpn_cls \S+ rpn_box \S+ cls \S+ box \S+ mask \S+\)  lr \S+  "
+                     r"eta \S+$", out, re.MULTILINE)
+    assert re.search(r"^iter 2: box AP \d+\.\d \| mask AP \d+\.\d$", out, re.MULTILINE)
+    assert not [line for line in lines if line.startswith(" Average")]  # the tables went into the log
+    log = (tmp_path / "eval_log.txt").read_text()
+    assert log.count("=== iteration") == 2 and log.count(" Average Precision") == 2 * 12
+    assert f"wrote {tmp_path / 'model_0000004.pth'} (the last checkpoint)" in out
+    assert f"python predict.py --checkpoint {tmp_path / 'model_0000004.pth'} --input IMAGE_OR_DIR" in out
+    assert f"python plot.py losses {tmp_path}" in out
+    # resumed from iteration 2 (a copy of the run's folder as it was then): the log grows by the evaluation at 4
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(tmp_path / "model_0000002.pth", resumed)
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (resumed / "metrics.jsonl").write_text("".join(rows[:2]))  # the training row and the evaluation of iteration 2
+    (resumed / "eval_log.txt").write_text(log[:log.index("=== iteration 4")])
+    train.main(run_args(shapes, resumed, "--max-iters", "4", "--log-period", "2", "--eval-period", "2",
+                        "--ckpt-period", "2", "--resume", "auto"))
+    assert (resumed / "eval_log.txt").read_text() == log
+    assert "iter 4/4" in capsys.readouterr().out
+
+
+def test_coco_tables_on_the_console_with_the_flag(shapes, tmp_path, capsys):
+    train.main(run_args(shapes, tmp_path, "--max-iters", "1", "--coco-tables"))
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith(" Average")]) == 24
+    assert "=== iteration 1 ===" in out and not (tmp_path / "eval_log.txt").exists()
 
 
 def test_bf16_subset_and_lr_flags_reach_the_run(shapes, tmp_path, capsys):
@@ -385,16 +427,18 @@ def test_cuda_without_a_gpu_is_a_usage_error(capsys):
 
 def test_resolved_defaults_follow_the_paper_and_the_effective_batch(tmp_path):
     # 4 processes x 2 images = batch 8: LR 0.02 x 8 / 16, the 1x schedule and Detectron's 500-iteration warm-up
-    # both scaled by 16 / 8; the paper's 800-pixel shorter side.
+    # both scaled by 16 / 8.
     a = train.resolve(train.get_args(["--device", "cpu", "--data", str(tmp_path / "coco"), "--batch-size", "2"]),
                       world_size=4)
     assert a.lr == pytest.approx(0.01) and a.batch_size == 2
-    assert (a.max_iters, a.lr_steps, a.warmup_iters, a.min_size) == (180_000, [120_000, 160_000], 1000, 800)
+    assert (a.max_iters, a.lr_steps, a.warmup_iters) == (180_000, [120_000, 160_000], 1000)
+    assert (a.min_size, a.max_size) == (320, 533)  # the tiny preset's default on CPU: smaller images
     # On GPUs the default batch is 16 images in all: 2 per process on 8 processes, LR 0.02
     args = train.get_args(["--data", str(tmp_path / "coco")])
     args.device = "cuda"
     a = train.resolve(args, world_size=8)
-    assert (a.batch_size, a.lr, a.max_iters, a.preset) == (2, 0.02, 90_000, "r50_fpn_gn")
+    assert (a.batch_size, a.lr, a.max_iters, a.preset, a.min_size, a.max_size) == (2, 0.02, 90_000, "r50_fpn_gn",
+                                                                                 800, 1333)
     # The CPU demo: 400 iterations, one LR drop at 80%, a 50-iteration warm-up, 128-pixel images
     a = train.resolve(train.get_args(["--device", "cpu"]))
     assert (a.max_iters, a.lr_steps, a.warmup_iters, a.min_size, a.lr) == (400, [320], 50, 128, 0.02)
@@ -439,7 +483,7 @@ def test_resume_auto_falls_back_from_a_damaged_checkpoint(shapes, tmp_path, caps
     train.main(run_args(shapes, tmp_path, "--max-iters", "3", "--no-eval", "--ckpt-period", "1", "--resume", "auto"))
     out = capsys.readouterr().out
     assert f"warning: checkpoint {tmp_path / 'model_0000002.pth'} is not a PyTorch checkpoint" in out
-    assert f"resumed from {tmp_path / 'model_0000001.pth'} at iteration 1" in out
+    assert f"output {tmp_path}: resumes {tmp_path / 'model_0000001.pth'} at iteration 1" in out
     assert torch.load(tmp_path / "model_0000003.pth", weights_only=False)["iteration"] == 3
     edited = torch.load(tmp_path / "model_0000003.pth", weights_only=False)  # a hand-edited file: no count of seen
     del edited["seen"]
@@ -447,7 +491,7 @@ def test_resume_auto_falls_back_from_a_damaged_checkpoint(shapes, tmp_path, caps
     train.main(run_args(shapes, tmp_path, "--max-iters", "4", "--no-eval", "--ckpt-period", "1", "--resume", "auto"))
     out = capsys.readouterr().out
     assert f"warning: checkpoint {tmp_path / 'model_0000004.pth'} has no seen: not a model_*.pth" in out
-    assert f"resumed from {tmp_path / 'model_0000003.pth'} at iteration 3" in out
+    assert f"output {tmp_path}: resumes {tmp_path / 'model_0000003.pth'} at iteration 3" in out
     for name in ("model_0000001.pth", "model_0000002.pth", "model_0000003.pth", "model_0000004.pth"):
         (tmp_path / name).write_bytes(b"damaged")
     with pytest.raises(SystemExit, match="none of its checkpoints can be read"):
