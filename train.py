@@ -297,8 +297,11 @@ def print_plan(args, model, train_set, val_set, resume=None, start_iter=0, log=p
     evaluations = (f"every {args.eval_period} iterations" + (" and at the end" if not args.no_eval else "")
                    if args.eval_period else "never" if args.no_eval else "at the end")
     start = f"resumes {resume} at iteration {start_iter}" if resume else "a new run"
+    extras = [f"--{k.replace('_', '-')}" + ("" if getattr(args, k) is True else f" {getattr(args, k)}")
+              for k, off in checkpoint.RELATED_WORK_FLAGS.items() if getattr(args, k) != off]  # not the paper's
     log(f"plan: {args.preset}{' + cascade' if args.cascade else ''} ({n_params / 1e6:.2f}M trainable parameters), "
-        f"norm {args.norm or PRESETS[args.preset]['norm']}, init {args.init}\n"
+        f"norm {args.norm or PRESETS[args.preset]['norm']}, init {args.init}"
+        f"{', related work: ' + ' '.join(extras) if extras else ''}\n"
         f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
         f"{len(val_set)} validation images, {train_set.num_classes - 1} classes; shorter side {scales}"
         f"{args.min_size}, longer side at most {args.max_size}\n"

@@ -226,6 +226,10 @@ def test_dry_run_prints_the_plan_and_trains_nothing(shapes, tmp_path, capsys):
     assert f"output {tmp_path}: a new run" in out and "shorter side 96, longer side at most 533" in out
     assert "flags:" not in out and "--weight-decay" not in out  # every flag is in args.json, not on the console
     assert not [n for n in os.listdir(tmp_path) if n.endswith((".pth", ".json", ".jsonl"))]  # args.json neither
+    assert "related work" not in out  # the paper's recipe
+    train.main(run_args(shapes, tmp_path, "--dry-run", "--cutmix", "--attention", "cbam"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith("related work: --cutmix --attention cbam")  # a departure from the recipe is said at once
 
 
 def test_the_console_off_a_terminal_and_the_eval_log(shapes, tmp_path, capsys):
