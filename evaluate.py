@@ -198,7 +198,8 @@ def read_run(path):
 def run_model(path, ckpt, heads, plain_ops=None):
     """The model of checkpoint ckpt (read from path by read_run) as train.py built it, with its weights:
     build_for_data for heads (what the data decides: num_classes, has_masks, num_keypoints; a dataset, or predict.py's
-    record of one) with the run's norm, cascade and plain_ops (unless given). A one-line error when they do not fit."""
+    record of one) with the run's norm, cascade, attention and plain_ops (unless given). A one-line error when they
+    do not fit."""
     run = ckpt["args"]
     model = build_for_data(run["preset"], heads, norm=run["norm"], cascade=run.get("cascade", False),
                            plain_ops=run.get("plain_ops", False) if plain_ops is None else plain_ops,
