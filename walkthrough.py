@@ -16,13 +16,16 @@ Shapes: L pyramid levels (P2..P6), A anchors per location, T anchors of the imag
 R proposals, S sampled RoIs, P positive RoIs, M mask side (28), (h, w) the image, (H, W) the padded batch.
 """
 import argparse
+import io
 import os
 
 import numpy as np
 import torch
+from PIL import Image
 
 import checkpoint
 import data
+import draw
 import evaluate
 import train
 from boxes import IGNORE, NEGATIVE, POSITIVE, batched_nms, clip_boxes
@@ -420,25 +423,33 @@ def draw_norm_statistics(axes, stats):
     return panels
 
 
-def draw_overview(stages, out):
-    """A 2x3 summary of the walkthrough for the README, with short titles: anchors, anchor labels, objectness on the
-    most confident level, proposals before NMS, sampled RoIs, RoIAlign's sample points. Writes out (PNG) and returns
-    its path."""
-    fig, axes = plt.subplots(2, 3, figsize=(15, 9.5), layout="constrained")
+def draw_overview(stages, out, score_thresh=0.5):
+    """A 2x4 summary of the walkthrough for the README, with short titles: the ground truth, anchors, anchor labels,
+    objectness on the most confident level; proposals before NMS, sampled RoIs, RoIAlign's sample points, and the
+    detections scoring at least score_thresh. Writes out (PNG) and returns its path."""
+    fig, axes = plt.subplots(2, 4, figsize=(20, 9.5), layout="constrained")
     image, target, strides = stages["image"], stages["target"], stages["strides"]
-    draw_anchors(axes[0, 0], image, stages["anchors"], strides, stages["anchor_sizes"], stages["aspect_ratios"])
-    counts = draw_anchor_labels(axes[0, 1], image, stages["anchors"], stages["anchor_labels"], target["boxes"],
+    names = stages["class_names"]
+    draw.draw_instances(axes[0, 0], image, target["boxes"], target["labels"], names, masks=target["masks"])
+    draw_anchors(axes[0, 1], image, stages["anchors"], strides, stages["anchor_sizes"], stages["aspect_ratios"])
+    counts = draw_anchor_labels(axes[0, 2], image, stages["anchors"], stages["anchor_labels"], target["boxes"],
                                 fg_iou=stages["fg_iou"], bg_iou=stages["bg_iou"])
     k = int(torch.stack([p.max() for p in stages["objectness"]]).argmax())
-    _, handle = draw_objectness(axes[0, 2], stages["objectness"][k], strides[k], target["boxes"], f"P{k + 2}")
-    fig.colorbar(handle, ax=axes[0, 2], fraction=0.04, label="objectness")
+    _, handle = draw_objectness(axes[0, 3], stages["objectness"][k], strides[k], target["boxes"], f"P{k + 2}")
+    fig.colorbar(handle, ax=axes[0, 3], fraction=0.04, label="objectness")
     proposals = draw_proposals(axes[1, 0], image, stages["before_nms"], "proposals before NMS",
                                survivors=stages["nms_survivors"])
     rois = draw_sampled_rois(axes[1, 1], image, stages["rois"], stages["roi_labels"], stages["roi_matched"],
-                             target["boxes"], stages["class_names"])
+                             target["boxes"], names)
     points = roi_align_points(stages["mask_rois"][0], stages["features"], strides)
     draw_roi_align_points(axes[1, 2], points)
-    titles = ["1. anchors of P2..P6 at one centre (FPN 4.1)",
+    det = stages["detections"]
+    keep = det["scores"] >= score_thresh
+    draw.draw_instances(axes[1, 3], image, det["boxes"][keep], det["labels"][keep], names,
+                        scores=det["scores"][keep], masks=det["masks"][keep, 0] > 0.5, score_thresh=score_thresh,
+                        best_score=det["scores"].max().item() if len(keep) else None)
+    titles = [f"0. the input and its ground truth: {len(target['boxes'])} objects",
+              "1. anchors of P2..P6 at one centre (FPN 4.1)",
               f"2. anchor labels (Faster R-CNN 3.1.2): {counts['positive']} positive,\n{counts['ignored']} ignored, "
               f"{counts['negative']} negative",
               f"3. RPN objectness on P{k + 2} (Faster R-CNN 3.1)",
@@ -446,12 +457,17 @@ def draw_overview(stages, out):
               f"{len(stages['before_nms'])};\nblue dashed: removed by NMS",
               f"5. sampled RoIs (Fast R-CNN 2.3): {rois['positive']} positive, {rois['negative']} negative;\n"
               "thick dashed: the GT box of the positives",
-              f"6. RoIAlign (Mask R-CNN Fig. 3): 7x7 bins x 2x2 points on P{points['level']}"]
+              f"6. RoIAlign (Mask R-CNN Fig. 3): 7x7 bins x 2x2 points on P{points['level']}",
+              f"7. detections scoring >= {score_thresh:g}: {int(keep.sum())} of {len(keep)},\nmasks pasted "
+              "(Mask R-CNN 3.1)"]
     for ax, title in zip(axes.flat, titles):
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=10, loc="center")
     fig.suptitle("One image through Mask R-CNN (walkthrough.ipynb)", fontsize=13)
-    fig.savefig(out, dpi=64)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=64)
     plt.close(fig)
+    # 256 colours: a third of the bytes, for a figure committed to the repository
+    Image.open(buffer).convert("RGB").quantize(colors=256).save(out, optimize=True)
     return out
 
 
