@@ -303,7 +303,7 @@ def print_plan(args, model, train_set, val_set, resume=None, start_iter=0, log=p
         f"norm {args.norm or PRESETS[args.preset]['norm']}, init {args.init}"
         f"{', related work: ' + ' '.join(extras) if extras else ''}\n"
         f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
-        f"{len(val_set)} validation images, {train_set.num_classes - 1} classes; shorter side {scales}"
+        f"{len(val_set)} validation images, {train_set.num_classes - 1} class{'es' * (train_set.num_classes != 2)}; shorter side {scales}"
         f"{args.min_size}, longer side at most {args.max_size}\n"
         f"      batch {args.batch_size * args.world_size} ({args.world_size} process(es) x {args.batch_size}), "
         f"LR {args.lr:g}, {args.max_iters} iterations ({epochs:.1f} epochs), "
