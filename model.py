@@ -29,6 +29,7 @@ from rpn import RPN
 # IMAGE_SIZE_KEYS: the image size a preset is trained and tested at by default, which train.py hands to data.py
 # (resizing happens there, not in the model).
 IMAGE_SIZE_KEYS = ("min_size", "max_size")
+PAPER_MIN_SIZE, PAPER_MAX_SIZE = 800, 1333  # Sec. 4: shorter side 800; Detectron's cap on the longer side
 _PAPER = dict(
     backbone="resnet",                                  # or "vgg16"
     depth=50, groups=1, width_per_group=64, stem_channels=64, base_planes=64,
@@ -44,7 +45,7 @@ _PAPER = dict(
     num_keypoints=0, kp_num_convs=8, kp_conv_dim=512,  # Mask R-CNN Sec. 5 keypoint head; 0 keypoints: none
     aligned=False,                                      # Detectron's RoIAlign (not D2's ROIAlignV2)
     cascade=False,                                      # True: Cascade R-CNN's 3 box stages (Sec. 5, cascade.py)
-    min_size=800, max_size=1333,                        # Sec. 4: shorter side 800; Detectron's cap on the longer
+    min_size=PAPER_MIN_SIZE, max_size=PAPER_MAX_SIZE,   # Sec. 4: shorter side 800; Detectron's cap on the longer
 )
 
 PRESETS = {

@@ -11,6 +11,7 @@ Detectron's 1x proportions), horizontal flip only, shorter side 800.
     torchrun --nproc_per_node=8 train.py --data /datasets/coco --schedule 3x --batch-size 2 --amp bf16  # 8 GPUs x 2
 """
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -29,7 +30,7 @@ import related_work
 import schedule
 from flags import (MAX_SIDE, amp_dtype, at_most, device_name, folder, non_negative_float, non_negative_int,
                    positive_float, positive_int, run_script, scale_range, seed_value, output_file, schedule_name)
-from model import IMAGE_SIZE_KEYS, PRESETS, build_for_data
+from model import IMAGE_SIZE_KEYS, PAPER_MAX_SIZE, PRESETS, build_for_data
 from norm import NORM_KINDS, GroupNorm, SyncBatchNorm
 
 
@@ -182,14 +183,15 @@ def resolve(args, world_size=1):
     # Detectron's 500 warm-up iterations are at batch 16: scaled like the schedule, they cover the same images
     args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else (
         50 if demo else round(schedule.WARMUP_1X * schedule.BATCH_1X / batch))
-    # The preset's image size (tiny: smaller on real data); a larger --min-size or --train-scales raises the cap on
-    # the longer side in the preset's proportion (tiny with --min-size 800 gets the paper's 1333). The demo's
-    # 128x160 images never reach a cap; 1333 keeps its flags those of earlier runs (--resume compares them).
+    # The preset's image size (tiny: smaller on real data). With --train-scales the test side is the top of the
+    # training range (the paper: 640..800 in training, 800 at test). A larger side than the preset's raises tiny's cap
+    # on the longer side in its proportion, up to the paper's 1333 (tiny with --min-size 800 gets 1333); the paper's
+    # presets keep Detectron's 1333 whatever the side. The demo's 128x160 images never reach a cap.
     preset_min, preset_max = (PRESETS[args.preset][k] for k in IMAGE_SIZE_KEYS)
-    args.min_size = args.min_size or (128 if demo else preset_min)
+    args.min_size = args.min_size or (128 if demo else args.train_scales[1] if args.train_scales else preset_min)
     largest = max([args.min_size, *(args.train_scales or ())])
-    raised = -(-largest * preset_max // preset_min)  # rounded up: tiny's 533 / 320 at 800 gives 1333
-    args.max_size = args.max_size or (1333 if demo else max(preset_max, raised))
+    raised = min(math.ceil(largest * preset_max / preset_min), PAPER_MAX_SIZE)  # tiny at 800: 533 / 320 x 800
+    args.max_size = args.max_size or (PAPER_MAX_SIZE if demo else max(preset_max, raised))
     data_name = os.path.splitext(os.path.basename(os.path.normpath(args.train_ann or args.data)))[0]
     args.output_dir = args.output_dir or ("runs/demo" if demo else os.path.join("runs", f"{args.preset}-{data_name}"))
     if bool(args.train_ann) != bool(args.val_ann):

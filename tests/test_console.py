@@ -110,7 +110,10 @@ def test_the_demo_and_the_readme_runs_plan_without_warnings():
     (["--data", "PennFudanPed", "--preset", "r50_fpn_gn"], (800, 1333)),        # the paper's
     (["--data", "PennFudanPed", "--min-size", "800"], (800, 1333)),             # the cap grows with the side
     (["--data", "PennFudanPed", "--min-size", "256"], (256, 533)),
-    (["--data", "PennFudanPed", "--train-scales", "640,800"], (320, 1333)),
+    (["--data", "PennFudanPed", "--train-scales", "640,800"], (800, 1333)),     # tested at the range's top
+    (["--data", "PennFudanPed", "--train-scales", "192,256"], (256, 533)),
+    (["--data", "PennFudanPed", "--min-size", "2000"], (2000, 1333)),            # never beyond the paper's cap
+    (["--data", "PennFudanPed", "--preset", "r50_fpn_gn", "--min-size", "1024"], (1024, 1333)),  # Detectron's
     (["--data", "PennFudanPed", "--max-size", "600"], (320, 600)),
     ([], (128, 1333)),                                                          # the demo, as before
     (["--preset", "r50_fpn_gn"], (128, 1333)),
