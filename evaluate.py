@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import sys
+import types
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -212,6 +213,27 @@ def run_model(path, ckpt, heads, plain_ops=None):
     return model
 
 
+def describe_data(path, ckpt):
+    """What the data told train.py, from the checkpoint alone: (heads for run_model, [[category id, name]],
+    keypoint skeleton). A checkpoint written before train.py recorded its data gets numbered classes, as many as
+    its box predictor's class scores (background included) and its keypoint head's outputs say."""
+    state, recorded = ckpt["model"], ckpt.get("data") or {}
+    classes = recorded.get("classes")
+    if classes is None:
+        scores = next((v for k, v in state.items() if k.endswith("box_predictor.cls_score.weight")), None)  # (K, C)
+        if scores is None:
+            sys.exit(f"error: checkpoint {path} holds no box predictor (roi_heads...cls_score.weight): not a model "
+                     f"train.py wrote")
+        classes = [[c, f"class {c}"] for c in range(1, len(scores))]
+        print(f"note: checkpoint {path} records no class names (written before train.py kept them): the classes are "
+              f"numbered class 1..class {len(classes)}")
+    keypoints = state.get("roi_heads.keypoint_head.deconv.bias")  # (J,): one heatmap per keypoint
+    heads = types.SimpleNamespace(num_classes=len(classes) + 1,
+                                  has_masks=any(k.startswith("roi_heads.mask_head.") for k in state),
+                                  num_keypoints=0 if keypoints is None else len(keypoints))
+    return heads, classes, recorded.get("keypoint_skeleton") or []
+
+
 def load_run(path, data_root=None, val_ann=None, val_images=None, min_size=None, max_size=None, plain_ops=None):
     """The model of a train.py checkpoint (path) and its validation set; data flags and plain_ops (--plain-ops)
     default to the run's own. Problems end the program with a one-line error naming the checkpoint or the data."""
@@ -284,13 +306,13 @@ def main(argv=None):
                         "Sec. 3.2 prune with a global threshold, a percentile of all the scales)")
     args = p.parse_args(argv)
 
+    if args.slim_report:  # the checkpoint alone: no data set, no processes
+        ckpt = read_run(args.checkpoint)
+        return print_slimming_report(run_model(args.checkpoint, ckpt, describe_data(args.checkpoint, ckpt)[0]),
+                                     args.slim_threshold)
     _, _, device = distributed.init(args.device)  # under torchrun, each process evaluates a shard of the images
     model, dataset = load_run(args.checkpoint, args.data, args.val_ann, args.val_images, args.min_size,
                               args.max_size, plain_ops=args.plain_ops)
-    if args.slim_report:
-        report = print_slimming_report(model, args.slim_threshold)
-        distributed.cleanup()
-        return report
     if (args.tta_scales or args.tta_flip) and model.roi_heads.keypoint_head is not None:
         sys.exit("error: --tta-scales/--tta-flip merge boxes and masks; evaluate keypoint models without them")
     if dataset.min_size in args.tta_scales:

@@ -22,7 +22,6 @@ import collections
 import json
 import os
 import sys
-import types
 
 import torch
 
@@ -52,27 +51,6 @@ def picture_names(paths):
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     shared = collections.Counter(stems)
     return [(stem if shared[stem] == 1 else os.path.basename(p)) + ".png" for p, stem in zip(paths, stems)]
-
-
-def describe_data(path, ckpt):
-    """What the data told train.py, from the checkpoint alone: (heads for evaluate.run_model, [[category id, name]],
-    keypoint skeleton). A checkpoint written before train.py recorded its data gets numbered classes, as many as
-    its box predictor's class scores (background included) and its keypoint head's outputs say."""
-    state, recorded = ckpt["model"], ckpt.get("data") or {}
-    classes = recorded.get("classes")
-    if classes is None:
-        scores = next((v for k, v in state.items() if k.endswith("box_predictor.cls_score.weight")), None)  # (K, C)
-        if scores is None:
-            sys.exit(f"error: checkpoint {path} holds no box predictor (roi_heads...cls_score.weight): not a model "
-                     f"train.py wrote")
-        classes = [[c, f"class {c}"] for c in range(1, len(scores))]
-        print(f"note: checkpoint {path} records no class names (written before train.py kept them): the classes are "
-              f"numbered class 1..class {len(classes)}")
-    keypoints = state.get("roi_heads.keypoint_head.deconv.bias")  # (J,): one heatmap per keypoint
-    heads = types.SimpleNamespace(num_classes=len(classes) + 1,
-                                  has_masks=any(k.startswith("roi_heads.mask_head.") for k in state),
-                                  num_keypoints=0 if keypoints is None else len(keypoints))
-    return heads, classes, recorded.get("keypoint_skeleton") or []
 
 
 @torch.no_grad()
@@ -118,7 +96,7 @@ def main(argv=None):
 
     paths = find_images(args.input)
     ckpt = evaluate.read_run(args.checkpoint)
-    heads, classes, skeleton = describe_data(args.checkpoint, ckpt)
+    heads, classes, skeleton = evaluate.describe_data(args.checkpoint, ckpt)
     class_names = [name for _, name in classes]
     device = torch.device(args.device)
     model = evaluate.run_model(args.checkpoint, ckpt, heads).to(device).eval()

@@ -274,6 +274,9 @@ def make_model(args, train_set, device, log=print):
     --weights; then the speed flags, which change how it computes, not what."""
     model = build_for_data(args.preset, train_set, norm=args.norm, cascade=args.cascade, plain_ops=args.plain_ops,
                            attention=args.attention).to(device)
+    if args.slim and not any(p.requires_grad for p in related_work.scale_factors(model).values()):
+        sys.exit(f"error: --slim: preset {args.preset} with norm {args.norm or PRESETS[args.preset]['norm']} has no "
+                 f"trainable norm scales (gamma) to penalize; use a GN or SyncBN preset")
     if args.init == "imagenet":
         checkpoint.load_pretrained(model.backbone, args.pretrained, log)
     if args.weights:

@@ -88,7 +88,7 @@ def test_the_heads_and_the_skeleton_come_from_the_checkpoint():
     state = {"roi_heads.box_predictor.cls_score.weight": torch.zeros(2, 8),     # 1 class + background
              "roi_heads.keypoint_head.deconv.bias": torch.zeros(5)}             # 5 keypoints, no mask head
     ckpt = {"model": state, "data": {"classes": [[1, "person"]], "keypoint_skeleton": [[0, 1], [1, 4]]}}
-    heads, classes, skeleton = predict.describe_data("kp.pth", ckpt)
+    heads, classes, skeleton = evaluate.describe_data("kp.pth", ckpt)
     assert (heads.num_classes, heads.has_masks, heads.num_keypoints) == (2, False, 5)
     assert classes == [[1, "person"]] and skeleton == [[0, 1], [1, 4]]
 

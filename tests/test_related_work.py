@@ -229,6 +229,16 @@ def test_all_related_work_trains_is_recorded_and_a_changed_flag_on_resume_is_ref
     report = evaluate.main(["--checkpoint", str(tmp_path / "model_0000002.pth"), "--device", "cpu", "--workers", "0",
                             "--slim-report"])  # rebuilds the CBAM, gn_ws model from the run's flags
     assert report["channels"] > 0 and "all norm layers:" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "model_0000002.pth", weights_only=False)
+    ckpt["args"].update(train_ann="/gone/train.json", val_ann="/gone/val.json", data="/gone")
+    torch.save(ckpt, tmp_path / "moved.pth")  # the data set is not needed for the report
+    assert evaluate.main(["--checkpoint", str(tmp_path / "moved.pth"), "--slim-report"]) == report
+
+
+@pytest.mark.parametrize("preset_flags", [["--preset", "vgg16_faster"], ["--norm", "none"]])
+def test_slim_without_trainable_norm_scales_is_refused(shapes, tmp_path, preset_flags):
+    with pytest.raises(SystemExit, match="--slim: preset .* has no trainable norm scales"):
+        train.main(run_args(shapes, tmp_path, "--max-iters", "1", "--slim", "1e-4", *preset_flags))
 
 
 def test_resume_with_related_work_is_exact(shapes, tmp_path):
