@@ -70,8 +70,8 @@ def predict_image(model, path, min_size, max_size, device):
 
 
 def draw_picture(png, pixels, out, class_names, skeleton, score_thresh, best_score, title):
-    """One PNG of the image with its detections (out, already thresholded), at least 640 pixels on its longer side
-    (small images are enlarged by a whole factor, up to 4)."""
+    """One PNG of the image with its detections (out, already thresholded); an image under 320 pixels on its longer
+    side is enlarged by a whole factor (up to 4) towards 640."""
     h0, w0 = pixels.shape[:2]
     fig, (ax,) = draw.figure(h0, w0, zoom=min(4, max(1, 640 // max(h0, w0))))
     draw.draw_instances(ax, pixels, out["boxes"], out["labels"], class_names, scores=out["scores"],
@@ -97,12 +97,23 @@ def main(argv=None):
     paths = find_images(args.input)
     ckpt = evaluate.read_run(args.checkpoint)
     heads, classes, skeleton = evaluate.describe_data(args.checkpoint, ckpt)
+    keypoint_fields = {}  # --json's categories of a keypoint model: COCO's keypoint names and 1-based skeleton
+    if heads.num_keypoints:
+        names = ((ckpt.get("data") or {}).get("keypoint_names")
+                 or [f"keypoint {j + 1}" for j in range(heads.num_keypoints)])  # a checkpoint that records none
+        keypoint_fields = {"keypoints": names, "skeleton": [[a + 1, b + 1] for a, b in skeleton]}
     class_names = [name for _, name in classes]
     device = torch.device(args.device)
     model = evaluate.run_model(args.checkpoint, ckpt, heads).to(device).eval()
     min_size, max_size = args.min_size or ckpt["args"]["min_size"], args.max_size or ckpt["args"]["max_size"]
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "predictions")
-    os.makedirs(out_dir, exist_ok=True)
+    if any(os.path.realpath(os.path.dirname(path)) == os.path.realpath(out_dir) for path in paths):
+        sys.exit(f"error: --out {out_dir} holds the input images: their pictures would overwrite them; give another "
+                 f"--out")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --out {out_dir}: cannot create it ({e.strerror})")
 
     drawn, results = [], []
     for image_id, (path, name) in enumerate(zip(paths, picture_names(paths))):
@@ -137,7 +148,8 @@ def main(argv=None):
         sys.exit(f"error: none of the {len(paths)} image(s) of --input {args.input} could be read")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"categories": [{"id": c, "name": n} for c, n in classes], "results": results}, f)
+            json.dump({"categories": [dict(id=c, name=n, **keypoint_fields) for c, n in classes], "results": results},
+                      f)
     skipped = f" ({len(paths) - len(drawn)} skipped)" if len(drawn) < len(paths) else ""
     print(f"wrote {len(drawn)} picture(s) to {out_dir}{skipped}" + (f" and {len(results)} results to {args.json}"
                                                                    if args.json else ""))

@@ -117,6 +117,8 @@ def test_an_unreadable_image_is_skipped_with_a_warning(run, tmp_path, capsys):
     ("not a checkpoint", r"^error: checkpoint .*notes\.txt is not a PyTorch checkpoint"),
     ("not train.py's", r"^error: checkpoint .*other\.pth has no model, args\.preset.*: not a model_\*\.pth written "
                        r"by train\.py$"),
+    ("out is the input", r"^error: --out .* holds the input images: their pictures would overwrite them"),
+    ("out under a file", r"^error: --out .*notes\.txt/sub: cannot create it \(Not a directory\)$"),
 ])
 def test_bad_input_is_a_one_line_error(run, tmp_path, case, error):
     ckpt, images = run
@@ -126,10 +128,14 @@ def test_bad_input_is_a_one_line_error(run, tmp_path, case, error):
     flags = {"missing input": ["--input", str(tmp_path / "missing")],
              "empty folder": ["--input", str(tmp_path / "empty")],
              "not a checkpoint": ["--checkpoint", str(tmp_path / "notes.txt")],
-             "not train.py's": ["--checkpoint", str(tmp_path / "other.pth")]}[case]
+             "not train.py's": ["--checkpoint", str(tmp_path / "other.pth")],
+             "out is the input": ["--out", str(images)],
+             "out under a file": ["--out", str(tmp_path / "notes.txt" / "sub")]}[case]
     argv = ["--checkpoint", str(ckpt), "--input", str(images), "--out", str(tmp_path / "out"), *flags]
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in images.iterdir())
     with pytest.raises(SystemExit, match=error):
         predict.main(argv)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in images.iterdir()) == before  # nothing written there
 
 
 @pytest.mark.parametrize("flags, error", [
