@@ -18,6 +18,7 @@ R proposals, S sampled RoIs, P positive RoIs, M mask side (28), (h, w) the image
 import argparse
 import io
 import os
+import sys
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ import draw
 import evaluate
 import train
 from boxes import IGNORE, NEGATIVE, POSITIVE, batched_nms, clip_boxes
+from flags import non_negative_int, output_file, positive_int, run_script
 from roi_align import bin_points, level_scales, map_levels, mask_targets, roi_align
 from rpn import flatten_predictions
 
@@ -473,14 +475,23 @@ def draw_overview(stages, out, score_thresh=0.5):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join("docs", "walkthrough.png"), help="the overview PNG to write")
-    p.add_argument("--checkpoint", default=DEMO_CHECKPOINT, help="a train.py checkpoint; trains briefly if missing")
-    p.add_argument("--iters", type=int, default=200, help="iterations of the short run when there is no checkpoint")
-    p.add_argument("--index", type=int, default=3, help="the validation image to follow (the notebook's)")
+    p.add_argument("--out", type=output_file, default=os.path.join("docs", "walkthrough.png"),
+                   help="the overview PNG to write")
+    p.add_argument("--checkpoint", help=f"a train.py checkpoint (default: {DEMO_CHECKPOINT} when `make demo` has "
+                                        f"run, else a short run of --iters iterations)")
+    p.add_argument("--iters", type=positive_int, default=200,
+                   help="iterations of the short run when there is no checkpoint")
+    p.add_argument("--index", type=non_negative_int, default=3, help="the validation image to follow (the notebook's)")
     args = p.parse_args(argv)
-    model, dataset = trained_model(args.checkpoint, args.iters)
+    if not args.out.lower().endswith(".png"):
+        p.error(f"argument --out: {args.out}: the overview is a PNG file (.png)")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        sys.exit(f"error: --checkpoint {args.checkpoint} does not exist")
+    model, dataset = trained_model(args.checkpoint or DEMO_CHECKPOINT, args.iters)
+    if args.index >= len(dataset):
+        sys.exit(f"error: --index {args.index}: the validation set has {len(dataset)} images")
     print(f"wrote {draw_overview(gather(model, dataset, args.index), args.out)}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
