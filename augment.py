@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from data import IMAGE_MEAN, IMAGE_STD, _seed
+from data import IMAGE_MEAN, IMAGE_STD, mix_seed
 
 STREAM = 20  # mixed into aug_seed: this module's generator differs from data.py's for the same item
 MEAN, STD = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]  # (3, 1, 1)
@@ -61,7 +61,7 @@ def erase(image, region, generator, p=0.5, s_l=0.02, s_h=0.4, r_1=0.3, attempts=
         H_e, W_e = round(math.sqrt(S_e * r_e)), round(math.sqrt(S_e / r_e))  # Alg. 1: H_e, W_e
         x_e = int(torch.randint(W + 1, (), generator=generator))  # Alg. 1: x_e <- Rand(0, W)
         y_e = int(torch.randint(H + 1, (), generator=generator))  # Alg. 1: y_e <- Rand(0, H)
-        if x_e + W_e <= W and y_e + H_e <= H:
+        if 0 < W_e and x_e + W_e <= W and 0 < H_e and y_e + H_e <= H:  # a rectangle of at least one pixel
             x, y = x0 + x_e, y0 + y_e
             # Sec. 3: "each pixel in I_e is assigned to a random value in [0, 255]": [0, 1] here, then normalized
             values = torch.rand((3, H_e, W_e), generator=generator)
@@ -210,7 +210,7 @@ class RelatedWorkAugment(torch.utils.data.Dataset):
     def __getitem__(self, item):
         _, aug_seed = item
         image, target = self.dataset[item]
-        generator = torch.Generator().manual_seed(_seed(aug_seed, STREAM))
+        generator = torch.Generator().manual_seed(mix_seed(aug_seed, STREAM))
         if self.cutmix:
             other = int(torch.randint(len(self.dataset), (), generator=generator))
             other_seed = int(torch.randint(2 ** 31, (), generator=generator))

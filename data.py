@@ -452,7 +452,7 @@ def collate(batch, size_divisible=32):
     return padded, [(int(image.shape[1]), int(image.shape[2])) for image in images], list(targets)
 
 
-def _seed(*keys):
+def mix_seed(*keys):
     """A well-mixed 32-bit seed from integers (numpy SeedSequence): the same in every process and worker."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
@@ -475,9 +475,9 @@ class TrainSampler(torch.utils.data.Sampler):
         while True:
             e, i = divmod(position, self.size)
             if e != epoch:
-                epoch, generator = e, torch.Generator().manual_seed(_seed(self.seed, e))
+                epoch, generator = e, torch.Generator().manual_seed(mix_seed(self.seed, e))
                 order = torch.randperm(self.size, generator=generator)
-            yield int(order[i]), _seed(self.seed, e, i)
+            yield int(order[i]), mix_seed(self.seed, e, i)
             position += self.world_size
 
 

@@ -61,6 +61,9 @@ def test_erase_follows_algorithm_1_inside_its_region():
         assert values.min() >= -1e-6 and values.max() <= 1 + 1e-6
     untouched = image.clone()
     assert erase(untouched, (0, 0, 60, 40), torch.Generator().manual_seed(0), p=0.0) is None
+    for seed in range(20):  # a 3x3 object: a rectangle of at least one pixel, or nothing
+        rect = erase(image.clone(), (20, 20, 23, 23), torch.Generator().manual_seed(seed), p=1.0)
+        assert rect is None or (rect[2] > rect[0] and rect[3] > rect[1])
     assert torch.equal(untouched, image)
 
 
