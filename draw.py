@@ -96,9 +96,10 @@ def _add_label(ax, text, box, image_size, colour, taken):
 
 
 def draw_instances(ax, image, boxes, labels, class_names, scores=None, masks=None, keypoints=None,
-                   skeleton=None, title=None, score_thresh=None, best_score=None):
+                   skeleton=None, title=None, score_thresh=None, best_score=None, notes=None):
     """Draw D instances on image (H, W, 3) uint8 in ax. boxes (D, 4) xyxy; labels (D,) contiguous 1..K-1, named
-    class_names[label - 1]; scores (D,) for detections, None for ground truth; masks (D, H, W) binary; keypoints
+    class_names[label - 1]; scores (D,) for detections, None for ground truth; notes (D,) words added to each
+    instance's label, e.g. "(crowd)", or None; masks (D, H, W) binary; keypoints
     (D, J, 3) as (x, y, v) drawn where v > 0 (ground truth: the labelled ones; the model's detections carry v = 1,
     so all of them are drawn, as Detectron does), joined by the skeleton's 0-based pairs (j1, j2).
     With D == 0 a note on the image says so, for detections with score_thresh and best_score (empty_note).
@@ -136,6 +137,7 @@ def draw_instances(ax, image, boxes, labels, class_names, scores=None, masks=Non
     for d, ((x1, y1, x2, y2), label, colour) in enumerate(zip(boxes, labels, colours)):
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5))
         text = class_names[label - 1] + ("" if scores is None else f" {float(scores[d]):.2f}")
+        text += f" {notes[d]}" if notes is not None and notes[d] else ""
         placed.append((text, _add_label(ax, text, (x1, y1, x2, y2), (H, W), colour, [r for _, r in placed])))
     note = None
     if not len(boxes):

@@ -343,7 +343,8 @@ def draw_predictions(checkpoint, out_dir, data_root=None, val_ann=None, val_imag
         skeleton = dataset.keypoint_skeleton
         draw.draw_instances(axes[0], image, gt_boxes, gt_labels, dataset.class_names, masks=gt_masks,
                             keypoints=gt_keypoints if J else None,
-                            skeleton=skeleton, title=f"ground truth: {len(anns)}")
+                            skeleton=skeleton, title=f"ground truth: {len(anns)}",
+                            notes=["(crowd)" if ann.get("iscrowd") else "" for ann in anns])
         draw.draw_instances(axes[1], image, out["boxes"], out["labels"], dataset.class_names, scores=out["scores"],
                             masks=pred_masks, keypoints=out.get("keypoints"), skeleton=skeleton,
                             title=f"predictions, score >= {score_thresh:g}: {len(out['labels'])}",

@@ -79,3 +79,10 @@ def test_masks_are_filled_and_outlined_in_their_instance_colour():
     assert tuple(overlay[10, 10, :3]) == pytest.approx(drawn["colours"][0])
     assert tuple(overlay[50, 70, :3]) == pytest.approx(drawn["colours"][1]) and overlay[0, 40, 3] == 0
     assert len(ax.collections) == 2                                          # one outline (contour) per mask
+
+
+def test_labels_name_the_class_the_score_and_a_note():
+    drawn, _ = panel(boxes=[[5, 5, 20, 20], [30, 30, 50, 50]], labels=[1, 2], notes=["(crowd)", ""])
+    assert [text for text, _ in drawn["labels"]] == ["cat (crowd)", "dog"]           # ground truth: no scores
+    drawn, _ = panel(boxes=[[5, 5, 20, 20]], labels=[2], scores=[0.934])
+    assert [text for text, _ in drawn["labels"]] == ["dog 0.93"]
