@@ -282,8 +282,9 @@ def data_identity(dataset):
 
 
 def refuse_other_data(path, ckpt, identity):
-    """--resume: the training set must be the checkpoint's (a checkpoint written before data_identity passes)."""
-    recorded = ckpt.get("data")
+    """--resume: the training set must be the checkpoint's (a checkpoint written before data_identity passes; no
+    checkpoint, a new run, too)."""
+    recorded = ckpt and ckpt.get("data")
     if recorded and recorded["classes"] != identity["classes"]:
         sys.exit(f"error: checkpoint {path} was trained on the classes {recorded['classes']}, the data now has "
                  f"{identity['classes']}; start a new run (--weights {path} to start from its weights)")

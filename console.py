@@ -1,4 +1,6 @@
-"""What train.py shows while it trains: smoothed losses, the LR and the time left, on a bar or in plain lines.
+"""What train.py shows: its plan before the first iteration (with warnings for a plan that is likely not meant),
+smoothed losses, the LR and the time left while it trains, on a bar or in plain lines, and at the end the files it
+wrote and the commands that look at them.
 
 - Losses: each term's median over the last 20 iterations, as detectron2's console (SmoothedValue, window 20); a
   single iteration's loss jumps with the images it drew. metrics.jsonl keeps every logged iteration's raw values.
@@ -9,11 +11,16 @@
   every --log-period iterations, without the bar's carriage returns and escape codes.
 """
 import collections
+import os
+import shlex
 import statistics
 import sys
 import time
 
 from tqdm import tqdm
+
+import checkpoint
+from model import PRESETS
 
 LOSS_WINDOW = 20    # iterations; detectron2's console smooths over 20
 TIME_WINDOW = 100   # iterations whose median time gives the ETA
@@ -103,3 +110,95 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+MAX_EPOCHS = 150  # a plan beyond this warns: the paper's longest COCO run (VGG-16, 11x) is 134 epochs
+
+
+def print_plan(args, model, train_set, val_set, resume=None, start_iter=0, log=print):
+    """The resolved model, data, schedule and output folder in a few lines (args.json keeps every flag), then one
+    line per warning of plan_warnings. resume: the checkpoint the run continues from, at iteration start_iter."""
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    epochs = args.max_iters * args.batch_size * args.world_size / len(train_set)
+    scales = f"{args.train_scales[0]}..{args.train_scales[1]} in training, " if args.train_scales else ""
+    evaluations = (f"every {args.eval_period} iterations" + (" and at the end" if not args.no_eval else "")
+                   if args.eval_period else "never" if args.no_eval else "at the end")
+    start = f"resumes {resume} at iteration {start_iter}" if resume else "a new run"
+    extras = [f"--{k.replace('_', '-')}" + ("" if getattr(args, k) is True else f" {getattr(args, k)}")
+              for k, off in checkpoint.RELATED_WORK_FLAGS.items() if getattr(args, k) != off]  # not the paper's
+    log(f"plan: {args.preset}{' + cascade' if args.cascade else ''} ({n_params / 1e6:.2f}M trainable parameters), "
+        f"norm {args.norm or PRESETS[args.preset]['norm']}, init {args.init}"
+        f"{', related work: ' + ' '.join(extras) if extras else ''}\n"
+        f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
+        f"{len(val_set)} validation images, {train_set.num_classes - 1} class{'es' * (train_set.num_classes != 2)}; "
+        f"shorter side {scales}{args.min_size}, longer side at most {args.max_size}\n"
+        f"      batch {args.batch_size * args.world_size} ({args.world_size} process(es) x {args.batch_size}), "
+        f"LR {args.lr:g}, {args.max_iters} iterations ({epochs:.1f} epochs), "
+        f"LR x{args.lr_gamma:g} at {args.lr_steps}, warm-up {args.warmup_iters} from x{args.warmup_factor:.3g}\n"
+        f"      evaluates {evaluations}, checkpoints every {args.ckpt_period} iterations\n"
+        f"      output {args.output_dir}: {start}")
+    for warning in plan_warnings(args, len(train_set)):
+        log(f"warning: {warning}")
+
+
+def plan_warnings(args, num_train_images):
+    """What in a resolved plan is likely not meant, one line each naming the flag to set: a run of more than
+    MAX_EPOCHS epochs, a warm-up as long as the run, an LR drop beyond the run or before the warm-up ends."""
+    warnings = []
+    epochs = args.max_iters * args.batch_size * args.world_size / num_train_images
+    if epochs > MAX_EPOCHS:
+        warnings.append(f"{args.max_iters} iterations are {epochs:,.0f} epochs of the {num_train_images} training "
+                        f"images (the paper's longest COCO run: 134); set --max-iters or --schedule")
+    if args.warmup_iters >= args.max_iters:
+        warnings.append(f"the warm-up ({args.warmup_iters} iterations) is as long as the run: the LR never reaches "
+                        f"{args.lr:g}; see --warmup-iters")
+    beyond = [step for step in args.lr_steps if step >= args.max_iters]
+    if beyond:
+        warnings.append(f"the LR drop(s) at {beyond} come at or after the run's end ({args.max_iters} iterations): "
+                        f"the LR never drops there; set --lr-steps")
+    early = [step for step in args.lr_steps if step < min(args.warmup_iters, args.max_iters)]
+    if early:
+        warnings.append(f"the LR drop(s) at {early} come before the warm-up ends ({args.warmup_iters} iterations); "
+                        f"set --lr-steps or --warmup-iters")
+    return warnings
+
+
+def evaluates(args):
+    """Whether the run evaluates at all (evaluation_due says when)."""
+    return bool(args.eval_period) or not args.no_eval
+
+
+def eval_log_path(args):
+    """Where the run appends its COCOeval tables: OUTPUT_DIR/eval_log.txt; None when they go to the console
+    (--coco-tables) or the run never evaluates."""
+    return os.path.join(args.output_dir, "eval_log.txt") if evaluates(args) and not args.coco_tables else None
+
+
+def open_eval_log(args, resumed):
+    """Where the evaluations' COCOeval tables go: OUTPUT_DIR/eval_log.txt, appended to when the run resumes (started
+    anew with metrics.jsonl otherwise), or the console (--coco-tables, or a run that never evaluates)."""
+    path = eval_log_path(args)
+    return open(path, "a" if resumed else "w") if path else sys.stdout
+
+
+def close_eval_log(tables):
+    if tables is not sys.stdout:
+        tables.close()
+
+
+def print_outputs(args, log=print):
+    """At the end of a run: the files it wrote and the commands that look at them."""
+    last = checkpoint.latest(args.output_dir)
+    written = [f"{last} (the last checkpoint)" if last else None,
+               f"{os.path.join(args.output_dir, 'metrics.jsonl')} (losses and AP)",
+               f"{os.path.join(args.output_dir, 'args.json')} (the flags)",
+               f"{eval_log_path(args)} (the COCOeval tables)" if eval_log_path(args) else None,
+               f"{args.save_backbone} (the backbone, --save-backbone)" if args.save_backbone else None]
+    log("wrote " + "\n      ".join(w for w in written if w))
+    run = shlex.quote(args.output_dir)
+    commands = [f"python plot.py curves {run}    # AP against iterations"] if evaluates(args) else []
+    commands.append(f"python plot.py losses {run}    # the losses and the LR against iterations")
+    if last:
+        commands += [f"python predict.py --checkpoint {shlex.quote(last)} --input IMAGE_OR_DIR",
+                     f"python evaluate.py --checkpoint {shlex.quote(last)}"]
+    log("next: " + "\n      ".join(commands))

@@ -13,7 +13,6 @@ Detectron's 1x proportions), horizontal flip only, shorter side 800.
 import argparse
 import math
 import os
-import shlex
 import sys
 import time
 
@@ -290,86 +289,6 @@ def make_model(args, train_set, device, log=print):
     return model
 
 
-MAX_EPOCHS = 150  # a plan beyond this warns: the paper's longest COCO run (VGG-16, 11x) is 134 epochs
-
-
-def print_plan(args, model, train_set, val_set, resume=None, start_iter=0, log=print):
-    """The resolved model, data, schedule and output folder in a few lines (args.json keeps every flag), then one
-    line per warning of plan_warnings. resume: the checkpoint the run continues from, at iteration start_iter."""
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    epochs = args.max_iters * args.batch_size * args.world_size / len(train_set)
-    scales = f"{args.train_scales[0]}..{args.train_scales[1]} in training, " if args.train_scales else ""
-    evaluations = (f"every {args.eval_period} iterations" + (" and at the end" if not args.no_eval else "")
-                   if args.eval_period else "never" if args.no_eval else "at the end")
-    start = f"resumes {resume} at iteration {start_iter}" if resume else "a new run"
-    extras = [f"--{k.replace('_', '-')}" + ("" if getattr(args, k) is True else f" {getattr(args, k)}")
-              for k, off in checkpoint.RELATED_WORK_FLAGS.items() if getattr(args, k) != off]  # not the paper's
-    log(f"plan: {args.preset}{' + cascade' if args.cascade else ''} ({n_params / 1e6:.2f}M trainable parameters), "
-        f"norm {args.norm or PRESETS[args.preset]['norm']}, init {args.init}"
-        f"{', related work: ' + ' '.join(extras) if extras else ''}\n"
-        f"      data {args.data if not args.train_ann else args.train_ann}: {len(train_set)} training images, "
-        f"{len(val_set)} validation images, {train_set.num_classes - 1} class{'es' * (train_set.num_classes != 2)}; "
-        f"shorter side {scales}{args.min_size}, longer side at most {args.max_size}\n"
-        f"      batch {args.batch_size * args.world_size} ({args.world_size} process(es) x {args.batch_size}), "
-        f"LR {args.lr:g}, {args.max_iters} iterations ({epochs:.1f} epochs), "
-        f"LR x{args.lr_gamma:g} at {args.lr_steps}, warm-up {args.warmup_iters} from x{args.warmup_factor:.3g}\n"
-        f"      evaluates {evaluations}, checkpoints every {args.ckpt_period} iterations\n"
-        f"      output {args.output_dir}: {start}")
-    for warning in plan_warnings(args, len(train_set)):
-        log(f"warning: {warning}")
-
-
-def plan_warnings(args, num_train_images):
-    """What in a resolved plan is likely not meant, one line each naming the flag to set: a run of more than
-    MAX_EPOCHS epochs, a warm-up as long as the run, an LR drop beyond the run or before the warm-up ends."""
-    warnings = []
-    epochs = args.max_iters * args.batch_size * args.world_size / num_train_images
-    if epochs > MAX_EPOCHS:
-        warnings.append(f"{args.max_iters} iterations are {epochs:,.0f} epochs of the {num_train_images} training "
-                        f"images (the paper's longest COCO run: 134); set --max-iters or --schedule")
-    if args.warmup_iters >= args.max_iters:
-        warnings.append(f"the warm-up ({args.warmup_iters} iterations) is as long as the run: the LR never reaches "
-                        f"{args.lr:g}; see --warmup-iters")
-    beyond = [step for step in args.lr_steps if step >= args.max_iters]
-    if beyond:
-        warnings.append(f"the LR drop(s) at {beyond} come at or after the run's end ({args.max_iters} iterations): "
-                        f"the LR never drops there; set --lr-steps")
-    early = [step for step in args.lr_steps if step < min(args.warmup_iters, args.max_iters)]
-    if early:
-        warnings.append(f"the LR drop(s) at {early} come before the warm-up ends ({args.warmup_iters} iterations); "
-                        f"set --lr-steps or --warmup-iters")
-    return warnings
-
-
-def evaluates(args):
-    """Whether the run evaluates at all (evaluation_due says when)."""
-    return bool(args.eval_period) or not args.no_eval
-
-
-def eval_log_path(args):
-    """Where the run appends its COCOeval tables: OUTPUT_DIR/eval_log.txt; None when they go to the console
-    (--coco-tables) or the run never evaluates."""
-    return os.path.join(args.output_dir, "eval_log.txt") if evaluates(args) and not args.coco_tables else None
-
-
-def print_outputs(args, log=print):
-    """At the end of a run: the files it wrote and the commands that look at them."""
-    last = checkpoint.latest(args.output_dir)
-    written = [f"{last} (the last checkpoint)" if last else None,
-               f"{os.path.join(args.output_dir, 'metrics.jsonl')} (losses and AP)",
-               f"{os.path.join(args.output_dir, 'args.json')} (the flags)",
-               f"{eval_log_path(args)} (the COCOeval tables)" if eval_log_path(args) else None,
-               f"{args.save_backbone} (the backbone, --save-backbone)" if args.save_backbone else None]
-    log("wrote " + "\n      ".join(w for w in written if w))
-    run = shlex.quote(args.output_dir)
-    commands = [f"python plot.py curves {run}    # AP against iterations"] if evaluates(args) else []
-    commands.append(f"python plot.py losses {run}    # the losses and the LR against iterations")
-    if last:
-        commands += [f"python predict.py --checkpoint {shlex.quote(last)} --input IMAGE_OR_DIR",
-                     f"python evaluate.py --checkpoint {shlex.quote(last)}"]
-    log("next: " + "\n      ".join(commands))
-
-
 def next_batch(batches, device, channels_last=False):
     """The next training batch (images (N, 3, H, W), [(h, w)], [target]) on the device."""
     try:
@@ -398,6 +317,24 @@ def evaluation_due(args, done):
     return (args.eval_period and done % args.eval_period == 0) or (done == args.max_iters and not args.no_eval)
 
 
+def count_seen(seen, targets, image_sizes, device):
+    """Rethinking Sec. 3.2 / Fig. 2: add the images, instances and pixels (resized, unpadded) of this iteration's joint
+    batch, all processes', to the counts in seen."""
+    counts = [len(targets), sum(len(t["boxes"]) for t in targets), sum(h * w for h, w in image_sizes)]
+    for key, count in zip(("images", "instances", "pixels"), distributed.sum_over_processes(counts, device)):
+        seen[key] += count
+
+
+def training_row(done, lr, loss, terms, sec_per_iter, seen, device):
+    """metrics.jsonl's row after iteration `done`: the LR, the total loss and its terms, the seconds per iteration,
+    the samples seen so far, and on a GPU the peak memory."""
+    row = {"iter": done, "lr": lr, "loss": loss, **terms, "sec_per_iter": sec_per_iter,
+           **{f"seen_{k}": v for k, v in seen.items()}}
+    if device.type == "cuda":
+        row["max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
 def main(argv=None):
     args = get_args(argv)
     # One process per GPU under torchrun (see distributed.py); rank 0 alone prints and writes files.
@@ -409,13 +346,12 @@ def main(argv=None):
     resume, ckpt = checkpoint.find_resume(args)  # refuses another run's flags, and a folder holding another run
     train_set, val_set = load_data(args)  # resizing, flipping and normalization happen in data.py, in plain view
     data_identity = checkpoint.data_identity(train_set)  # its classes and images, kept in every checkpoint
-    if ckpt:
-        checkpoint.refuse_other_data(resume, ckpt, data_identity)
+    checkpoint.refuse_other_data(resume, ckpt, data_identity)  # a resumed run must read the same data
     model = make_model(args, train_set, device, log)
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     start_iter = ckpt["iteration"] if ckpt else 0
-    print_plan(args, model, train_set, val_set, resume, start_iter, log)  # the flags: in args.json (start_run)
+    console.print_plan(args, model, train_set, val_set, resume, start_iter, log)  # the flags: in args.json (start_run)
     if args.dry_run:
         distributed.cleanup()
         return
@@ -426,10 +362,7 @@ def main(argv=None):
     # evaluation at start_iter is missing (a run killed while evaluating): evaluate it first
     metrics, catch_up = checkpoint.start_run(args, resume, ckpt, model, optimizer, scaler,
                                              evaluation_due(args, start_iter), rank, device, log)
-    # the COCOeval tables: appended to eval_log.txt (started anew with metrics.jsonl), or on the console
-    tables = None
-    if main_process:
-        tables = open(eval_log_path(args), "a" if ckpt else "w") if eval_log_path(args) else sys.stdout
+    tables = console.open_eval_log(args, resumed=bool(ckpt)) if main_process else None  # COCOeval's tables
     progress = console.Progress(start_iter, args.max_iters, args.log_period, enabled=main_process)
     if catch_up:
         evaluate.evaluate_and_log(model, val_set, device, start_iter, metrics, amp=args.amp, workers=args.workers,
@@ -466,20 +399,13 @@ def main(argv=None):
             loss.backward()
             optimizer.step()
 
-        # Rethinking Sec. 3.2 / Fig. 2: count the images, instances and pixels the model has seen (all processes).
-        counts = [len(targets), sum(len(t["boxes"]) for t in targets), sum(h * w for h, w in image_sizes)]
-        for key, count in zip(("images", "instances", "pixels"), distributed.sum_over_processes(counts, device)):
-            seen[key] += count
+        count_seen(seen, targets, image_sizes, device)  # Rethinking Sec. 3.2 / Fig. 2
         terms = {k: v.item() for k, v in terms.items()}
         done = it + 1
         progress.step(done, terms, lr)  # smoothed losses, LR and ETA on the bar, or a plain line every --log-period
         if main_process and (done % args.log_period == 0 or done == args.max_iters):
-            row = {"iter": done, "lr": lr, "loss": total.item(), **terms,
-                   "sec_per_iter": (time.perf_counter() - tic) / (done - tic_iter),
-                   **{f"seen_{k}": v for k, v in seen.items()}}
-            if device.type == "cuda":
-                row["max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            checkpoint.write_row(metrics, row)
+            sec_per_iter = (time.perf_counter() - tic) / (done - tic_iter)
+            checkpoint.write_row(metrics, training_row(done, lr, total.item(), terms, sec_per_iter, seen, device))
             tic, tic_iter = time.perf_counter(), done
         if done % args.ckpt_period == 0 or done == args.max_iters:  # every process: each one's RNG state is saved
             checkpoint.save(args.output_dir, done, model, optimizer, scaler, args, seen, data_identity)
@@ -490,11 +416,10 @@ def main(argv=None):
     progress.close()
     if main_process:
         metrics.close()
-        if tables is not sys.stdout:
-            tables.close()
+        console.close_eval_log(tables)
         if args.save_backbone:  # torchvision key names: conv1, bn1, layer1..4
             checkpoint.atomic_save(model.backbone.state_dict(), args.save_backbone, "--save-backbone")
-        print_outputs(args, log)
+        console.print_outputs(args, log)
     distributed.cleanup()
 
 

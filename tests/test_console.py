@@ -83,26 +83,26 @@ def plan(**flags):
 
 
 def test_plan_warnings_name_the_flag_to_set():
-    assert train.plan_warnings(plan(), 300) == []
+    assert console.plan_warnings(plan(), 300) == []
     # PennFudanPed's 127 training images and r50_fpn_gn's default 1x at batch 4: 360,000 iterations
-    (epochs,) = train.plan_warnings(plan(max_iters=360_000, lr_steps=[240_000, 320_000], warmup_iters=2000), 127)
+    (epochs,) = console.plan_warnings(plan(max_iters=360_000, lr_steps=[240_000, 320_000], warmup_iters=2000), 127)
     assert epochs.startswith("360000 iterations are 11,339 epochs of the 127 training images") and \
         epochs.endswith("set --max-iters or --schedule")
-    (warmup,) = train.plan_warnings(plan(warmup_iters=400, lr_steps=[]), 300)
+    (warmup,) = console.plan_warnings(plan(warmup_iters=400, lr_steps=[]), 300)
     assert "the warm-up (400 iterations) is as long as the run" in warmup
-    (beyond,) = train.plan_warnings(plan(lr_steps=[320, 400, 500]), 300)
+    (beyond,) = console.plan_warnings(plan(lr_steps=[320, 400, 500]), 300)
     assert "LR drop(s) at [400, 500] come at or after the run's end" in beyond and beyond.endswith("--lr-steps")
-    (early,) = train.plan_warnings(plan(lr_steps=[30, 320]), 300)
+    (early,) = console.plan_warnings(plan(lr_steps=[30, 320]), 300)
     assert "LR drop(s) at [30] come before the warm-up ends (50 iterations)" in early and "--lr-steps" in early
 
 
 def test_the_demo_and_the_readme_runs_plan_without_warnings():
     demo = train.resolve(train.get_args(["--device", "cpu"]))
-    assert train.plan_warnings(demo, 300) == []  # the shapes set's 300 training images
+    assert console.plan_warnings(demo, 300) == []  # the shapes set's 300 training images
     penn = train.resolve(train.get_args(["--device", "cpu", "--data", "PennFudanPed", "--preset", "r50_fpn_gn",
                                          "--batch-size", "8", "--lr", "0.01", "--max-iters", "2000",
                                          "--warmup-iters", "500"]))  # the README's PennFudanPed command
-    assert train.plan_warnings(penn, 127) == []
+    assert console.plan_warnings(penn, 127) == []
 
 
 @pytest.mark.parametrize("flags, sizes", [
